@@ -1,0 +1,51 @@
+"""jadam: the Adam family as pure Optax GradientTransformations.
+
+Module map:
+
+* ``_rule``: the Adam rule on one array (Kingma & Ba, Algorithm 1) and its
+  variant flags. The only place the arithmetic lives.
+* ``_storage``: how moments are stored between steps (dtypes, compression).
+* ``_validation``: hyperparameter and gradient checks with clear errors.
+* ``_transform``: the rule walked over a pytree (``scale_by_*``).
+* ``_alias``: complete optimizers (``adam``, ``adamw``, ...).
+"""
+
+from jadam._alias import adam
+from jadam._alias import adamax
+from jadam._alias import adamaxw
+from jadam._alias import adamw
+from jadam._alias import amsgrad
+from jadam._alias import nadam
+from jadam._alias import nadamw
+from jadam._alias import radam
+from jadam._rule import AdamRule
+from jadam._rule import Moments
+from jadam._rule import adam_step
+from jadam._transform import ScaleByAdamState
+from jadam._transform import ScaleByAmsgradState
+from jadam._transform import scale_by_adam
+from jadam._transform import scale_by_adamax
+from jadam._transform import scale_by_amsgrad
+from jadam._transform import scale_by_radam
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdamRule",
+    "Moments",
+    "ScaleByAdamState",
+    "ScaleByAmsgradState",
+    "adam",
+    "adam_step",
+    "adamax",
+    "adamaxw",
+    "adamw",
+    "amsgrad",
+    "nadam",
+    "nadamw",
+    "radam",
+    "scale_by_adam",
+    "scale_by_adamax",
+    "scale_by_amsgrad",
+    "scale_by_radam",
+]

@@ -1,0 +1,307 @@
+"""Complete optimizers: a jadam scaling, optional weight decay, and the step.
+
+Each alias keeps the keyword names and defaults of its optax namesake, so
+``optax.adam`` → ``jadam.adam`` is a one-word change.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Union
+
+import jax
+import optax
+
+from jadam import _transform
+from jadam import _validation
+
+ArrayLike = jax.typing.ArrayLike
+ScalarOrSchedule = Union[float, jax.Array, optax.Schedule]
+MaskOrFn = Optional[Union[Any, Callable[[optax.Params], Any]]]
+
+
+def _optimizer(scaling: optax.GradientTransformation,
+               learning_rate: ScalarOrSchedule,
+               weight_decay: Optional[ScalarOrSchedule] = None,
+               mask: MaskOrFn = None) -> optax.GradientTransformationExtraArgs:
+  """``scaling``, then decoupled weight decay if given, then ``−learning_rate``."""
+  _validation.check_learning_rate(learning_rate)
+  parts = [scaling]
+  if weight_decay is not None:
+    _validation.check_nonnegative("weight_decay", weight_decay)
+    parts.append(optax.add_decayed_weights(weight_decay, mask))
+  parts.append(optax.scale_by_learning_rate(learning_rate))
+  return optax.chain(*parts)
+
+
+def adam(
+    learning_rate: ScalarOrSchedule,
+    b1: ArrayLike = 0.9,
+    b2: ArrayLike = 0.999,
+    eps: ArrayLike = 1e-8,
+    eps_root: ArrayLike = 0.0,
+    mu_dtype: Optional[Any] = None,
+    *,
+    nesterov: bool = False,
+    nu_dtype: Optional[Any] = None,
+) -> optax.GradientTransformationExtraArgs:
+  """The Adam optimizer (Kingma & Ba, 2015).
+
+  Args:
+    learning_rate: α, a float, a jax scalar or an optax schedule.
+    b1, b2, eps, eps_root, mu_dtype, nu_dtype, nesterov: see
+      :func:`jadam.scale_by_adam`.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, jadam
+    >>> params = {"w": jnp.array([1.0, -2.0])}
+    >>> opt = jadam.adam(learning_rate=0.1)
+    >>> state = opt.init(params)
+    >>> grads = jax.grad(lambda p: jnp.sum(p["w"] ** 2))(params)
+    >>> updates, state = opt.update(grads, state, params)
+    >>> optax.apply_updates(params, updates)["w"]
+    Array([ 0.9, -1.9], dtype=float32)
+
+  References:
+    Kingma & Ba, "Adam: A Method for Stochastic Optimization", ICLR 2015.
+  """
+  return _optimizer(
+      _transform.scale_by_adam(b1, b2, eps, eps_root, mu_dtype=mu_dtype,
+                               nu_dtype=nu_dtype, nesterov=nesterov),
+      learning_rate)
+
+
+def adamw(
+    learning_rate: ScalarOrSchedule,
+    b1: ArrayLike = 0.9,
+    b2: ArrayLike = 0.999,
+    eps: ArrayLike = 1e-8,
+    eps_root: ArrayLike = 0.0,
+    mu_dtype: Optional[Any] = None,
+    weight_decay: ScalarOrSchedule = 1e-4,
+    mask: MaskOrFn = None,
+    *,
+    nesterov: bool = False,
+    nu_dtype: Optional[Any] = None,
+) -> optax.GradientTransformationExtraArgs:
+  """Adam with decoupled weight decay (Loshchilov & Hutter, 2019).
+
+  The update is ``−α·(m̂/(√v̂ + ε) + λ·θ)``: the decay is not passed through
+  the moments, unlike L2 regularisation added to the loss.
+
+  Args:
+    learning_rate: α, a float, a jax scalar or an optax schedule.
+    b1, b2, eps, eps_root, mu_dtype, nu_dtype, nesterov: see
+      :func:`jadam.scale_by_adam`.
+    weight_decay: λ, >= 0 (a float or a schedule).
+    mask: a pytree of booleans with the parameters' structure, or a callable
+      from parameters to one; True where decay applies (for example not on
+      biases and norm scales).
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+
+  Example:
+    >>> import jax, jadam
+    >>> no_bias = lambda p: jax.tree_util.tree_map_with_path(
+    ...     lambda path, _: "bias" not in jax.tree_util.keystr(path), p)
+    >>> opt = jadam.adamw(1e-3, weight_decay=0.01, mask=no_bias)
+
+  References:
+    Loshchilov & Hutter, "Decoupled Weight Decay Regularization", ICLR 2019.
+  """
+  return _optimizer(
+      _transform.scale_by_adam(b1, b2, eps, eps_root, mu_dtype=mu_dtype,
+                               nu_dtype=nu_dtype, nesterov=nesterov),
+      learning_rate, weight_decay, mask)
+
+
+def nadam(
+    learning_rate: ScalarOrSchedule,
+    b1: ArrayLike = 0.9,
+    b2: ArrayLike = 0.999,
+    eps: ArrayLike = 1e-8,
+    eps_root: ArrayLike = 0.0,
+    mu_dtype: Optional[Any] = None,
+    *,
+    nu_dtype: Optional[Any] = None,
+) -> optax.GradientTransformationExtraArgs:
+  """Adam with Nesterov momentum: :func:`adam` with ``nesterov=True``.
+
+  Args:
+    learning_rate, b1, b2, eps, eps_root, mu_dtype, nu_dtype: see :func:`adam`.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+
+  Example:
+    >>> import jadam
+    >>> opt = jadam.nadam(1e-3)
+
+  References:
+    Dozat, "Incorporating Nesterov Momentum into Adam", ICLR workshop 2016.
+  """
+  return adam(learning_rate, b1, b2, eps, eps_root, mu_dtype,
+              nesterov=True, nu_dtype=nu_dtype)
+
+
+def nadamw(
+    learning_rate: ScalarOrSchedule,
+    b1: ArrayLike = 0.9,
+    b2: ArrayLike = 0.999,
+    eps: ArrayLike = 1e-8,
+    eps_root: ArrayLike = 0.0,
+    mu_dtype: Optional[Any] = None,
+    weight_decay: ScalarOrSchedule = 1e-4,
+    mask: MaskOrFn = None,
+    *,
+    nu_dtype: Optional[Any] = None,
+) -> optax.GradientTransformationExtraArgs:
+  """NAdam with decoupled weight decay: :func:`adamw` with ``nesterov=True``.
+
+  Args:
+    learning_rate, b1, b2, eps, eps_root, mu_dtype, weight_decay, mask,
+      nu_dtype: see :func:`adamw`.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+
+  Example:
+    >>> import jadam
+    >>> opt = jadam.nadamw(1e-3, weight_decay=0.01)
+
+  References:
+    Dozat (2016); Loshchilov & Hutter (2019).
+  """
+  return adamw(learning_rate, b1, b2, eps, eps_root, mu_dtype, weight_decay,
+               mask, nesterov=True, nu_dtype=nu_dtype)
+
+
+def amsgrad(
+    learning_rate: ScalarOrSchedule,
+    b1: ArrayLike = 0.9,
+    b2: ArrayLike = 0.999,
+    eps: ArrayLike = 1e-8,
+    eps_root: ArrayLike = 0.0,
+    mu_dtype: Optional[Any] = None,
+    *,
+    nu_dtype: Optional[Any] = None,
+) -> optax.GradientTransformationExtraArgs:
+  """AMSGrad: Adam dividing by the running maximum of v̂.
+
+  Args:
+    learning_rate, b1, b2, eps, eps_root, mu_dtype, nu_dtype: see :func:`adam`.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+
+  Example:
+    >>> import jadam
+    >>> opt = jadam.amsgrad(1e-3)
+
+  References:
+    Reddi, Kale & Kumar, "On the Convergence of Adam and Beyond", ICLR 2018.
+  """
+  return _optimizer(
+      _transform.scale_by_amsgrad(b1, b2, eps, eps_root, mu_dtype=mu_dtype,
+                                  nu_dtype=nu_dtype), learning_rate)
+
+
+def adamax(
+    learning_rate: ScalarOrSchedule,
+    b1: ArrayLike = 0.9,
+    b2: ArrayLike = 0.999,
+    eps: ArrayLike = 1e-8,
+    *,
+    mu_dtype: Optional[Any] = None,
+    nu_dtype: Optional[Any] = None,
+) -> optax.GradientTransformationExtraArgs:
+  """AdaMax: Adam with the infinity norm in place of v.
+
+  Args:
+    learning_rate, b1, b2, eps, mu_dtype, nu_dtype: see :func:`adam`.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+
+  Example:
+    >>> import jadam
+    >>> opt = jadam.adamax(2e-3)
+
+  References:
+    Kingma & Ba (2015), Section 7.1.
+  """
+  return _optimizer(
+      _transform.scale_by_adamax(b1, b2, eps, mu_dtype=mu_dtype,
+                                 nu_dtype=nu_dtype), learning_rate)
+
+
+def adamaxw(
+    learning_rate: ScalarOrSchedule,
+    b1: ArrayLike = 0.9,
+    b2: ArrayLike = 0.999,
+    eps: ArrayLike = 1e-8,
+    weight_decay: ScalarOrSchedule = 1e-4,
+    mask: MaskOrFn = None,
+    *,
+    mu_dtype: Optional[Any] = None,
+    nu_dtype: Optional[Any] = None,
+) -> optax.GradientTransformationExtraArgs:
+  """AdaMax with decoupled weight decay.
+
+  Args:
+    learning_rate, b1, b2, eps, mu_dtype, nu_dtype: see :func:`adamax`.
+    weight_decay, mask: see :func:`adamw`.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+
+  Example:
+    >>> import jadam
+    >>> opt = jadam.adamaxw(2e-3, weight_decay=0.01)
+
+  References:
+    Kingma & Ba (2015); Loshchilov & Hutter (2019).
+  """
+  return _optimizer(
+      _transform.scale_by_adamax(b1, b2, eps, mu_dtype=mu_dtype,
+                                 nu_dtype=nu_dtype),
+      learning_rate, weight_decay, mask)
+
+
+def radam(
+    learning_rate: ScalarOrSchedule,
+    b1: ArrayLike = 0.9,
+    b2: ArrayLike = 0.999,
+    eps: ArrayLike = 1e-8,
+    eps_root: ArrayLike = 0.0,
+    threshold: ArrayLike = 5.0,
+    *,
+    nesterov: bool = False,
+    mu_dtype: Optional[Any] = None,
+    nu_dtype: Optional[Any] = None,
+) -> optax.GradientTransformationExtraArgs:
+  """RAdam: Adam with the variance of its adaptive step rectified.
+
+  Args:
+    learning_rate, b1, b2, eps, eps_root, nesterov, mu_dtype, nu_dtype: see
+      :func:`adam`.
+    threshold: see :func:`jadam.scale_by_radam`.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+
+  Example:
+    >>> import jadam
+    >>> opt = jadam.radam(1e-3)
+
+  References:
+    Liu et al., "On the Variance of the Adaptive Learning Rate and Beyond",
+    ICLR 2020.
+  """
+  return _optimizer(
+      _transform.scale_by_radam(b1, b2, eps, eps_root, threshold,
+                                nesterov=nesterov, mu_dtype=mu_dtype,
+                                nu_dtype=nu_dtype), learning_rate)

@@ -1,0 +1,152 @@
+"""The Adam rule on one array, and nothing else.
+
+This module is the single home of Adam's arithmetic. Everything else in jadam
+(the pytree transformation, the aliases, the flat fast path, compressed moment
+storage, sharded state) decides *where* the arrays live and *how* they are
+stored, then calls :func:`adam_step` on plain arrays in the compute dtype.
+
+Notation follows Kingma & Ba (2015), "Adam: A Method for Stochastic
+Optimization", Algorithm 1::
+
+    m_t = β1·m_{t-1} + (1 − β1)·g_t           # line 7: first moment
+    v_t = β2·v_{t-1} + (1 − β2)·g_t²          # line 8: second moment
+    m̂_t = m_t / (1 − β1^t)                    # line 9: bias correction
+    v̂_t = v_t / (1 − β2^t)                    # line 10
+    θ_t = θ_{t-1} − α·m̂_t / (√v̂_t + ε)        # line 11
+
+:func:`adam_step` returns the direction ``m̂_t / (√(v̂_t + ε_root) + ε)``;
+multiplying by ``−α`` is left to ``optax.scale_by_learning_rate`` so that
+schedules, clipping and weight decay compose around it.
+
+The family members are flags on :class:`AdamRule`:
+
+* ``nesterov``: NAdam, Dozat (2016): the first moment looks one step ahead.
+* ``amsgrad``: Reddi et al. (2018): divide by the running maximum of v̂.
+* ``infinity_norm``: AdaMax, Kingma & Ba (2015) Algorithm 2: u_t replaces v_t.
+* ``rectify_threshold``: RAdam, Liu et al. (2020): variance rectification.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+ArrayLike = jax.typing.ArrayLike
+
+
+class AdamRule(NamedTuple):
+  """Hyperparameters and flags that select one member of the Adam family.
+
+  Attributes:
+    b1: β1, decay of the first moment.
+    b2: β2, decay of the second moment (of the infinity norm for AdaMax).
+    eps: ε, added to the denominator.
+    eps_root: added to v̂ inside the square root (keeps the derivative of the
+      update finite when v̂ is zero, for meta-learning).
+    nesterov: use Nesterov momentum (NAdam).
+    amsgrad: divide by the running maximum of v̂ (AMSGrad).
+    infinity_norm: replace v_t by u_t = max(β2·u_{t-1}, |g_t| + ε) (AdaMax).
+    rectify_threshold: if not None, apply RAdam's variance rectification and
+      fall back to momentum SGD while ρ_t is below this threshold.
+  """
+
+  b1: ArrayLike = 0.9
+  b2: ArrayLike = 0.999
+  eps: ArrayLike = 1e-8
+  eps_root: ArrayLike = 0.0
+  nesterov: bool = False
+  amsgrad: bool = False
+  infinity_norm: bool = False
+  rectify_threshold: Optional[ArrayLike] = None
+
+
+class Moments(NamedTuple):
+  """The per-array optimizer memory, in the compute dtype.
+
+  Attributes:
+    mu: m, the first moment (same dtype as the gradient, complex included).
+    nu: v, the second moment of |g| (real), or u for AdaMax.
+    nu_max: max over time of v̂ (AMSGrad only, otherwise None).
+  """
+
+  mu: Array
+  nu: Array
+  nu_max: Optional[Array] = None
+
+
+def abs_sq(g: Array) -> Array:
+  """|g|², real for complex g (the second moment of a complex parameter)."""
+  if jnp.iscomplexobj(g):
+    return jnp.real(g * jnp.conj(g))
+  return g * g
+
+
+def ema(new: Array, old: Array, decay: ArrayLike) -> Array:
+  """Exponential moving average ``decay·old + (1 − decay)·new``."""
+  return (1 - decay) * new + decay * old
+
+
+def bias_correction(decay: ArrayLike, t: Array) -> Array:
+  """``1 − decay^t``: the mass an EMA started at zero has gathered by step t."""
+  return 1 - decay**t
+
+
+def adam_step(
+    g: Array, moments: Moments, t: Array, rule: AdamRule
+) -> tuple[Array, Moments]:
+  """One step of Algorithm 1 on one array.
+
+  Args:
+    g: the gradient g_t, already in the compute dtype (float32 or wider).
+    moments: m_{t-1}, v_{t-1} (and max v̂ for AMSGrad) in the compute dtype.
+    t: the step number, counting from 1 for the first update (int32 scalar).
+    rule: hyperparameters and variant flags.
+
+  Returns:
+    ``(direction, new_moments)``: the direction is to be scaled by ``−α``.
+  """
+  b1, b2, eps = rule.b1, rule.b2, rule.eps
+  m = ema(g, moments.mu, b1)                                      # line 7
+  if rule.infinity_norm:
+    # Algorithm 2: u_t = max(β2·u_{t-1}, |g_t|), with ε inside as optax does,
+    # so that u_t > 0 and no separate ε is needed in the denominator.
+    v = jnp.maximum(jnp.abs(g) + eps, b2 * moments.nu)
+  else:
+    v = ema(abs_sq(g), moments.nu, b2)                            # line 8
+  if rule.nesterov:
+    # Dozat (2016): β1·m̂_{t+1} + (1 − β1)·ĝ_t, with t+1 saturating like t.
+    t_next = jnp.where(t < jnp.iinfo(jnp.int32).max, t + 1, t)
+    m_hat = (b1 * (m / bias_correction(b1, t_next).astype(m.dtype))
+             + (1 - b1) * (g / bias_correction(b1, t).astype(g.dtype)))
+  else:
+    m_hat = m / bias_correction(b1, t).astype(m.dtype)            # line 9
+  if rule.infinity_norm:
+    return m_hat / v, Moments(m, v)                               # Alg. 2
+  v_hat = v / bias_correction(b2, t).astype(v.dtype)              # line 10
+  nu_max = None
+  if rule.amsgrad:
+    nu_max = jnp.maximum(moments.nu_max, v_hat)
+    v_hat = nu_max
+  direction = m_hat / (jnp.sqrt(v_hat + rule.eps_root) + eps)     # line 11
+  if rule.rectify_threshold is not None:
+    direction = _rectify(direction, m_hat, t, b2, rule.rectify_threshold)
+  return direction, Moments(m, v, nu_max)
+
+
+def _rectify(direction: Array, m_hat: Array, t: Array, b2: ArrayLike,
+             threshold: ArrayLike) -> Array:
+  """RAdam (Liu et al., 2020, Algorithm 2): scale by r_t once ρ_t is large.
+
+  While the approximated length of the SMA ρ_t is below ``threshold`` the
+  variance of v̂ is intractable and the step is plain momentum, m̂_t.
+  """
+  rho_inf = 2 / (1 - b2) - 1
+  b2_t = b2**t
+  rho = rho_inf - 2 * t * b2_t / (1 - b2_t)
+  r = jnp.sqrt((rho - 4) * (rho - 2) * rho_inf
+               / ((rho_inf - 4) * (rho_inf - 2) * rho))
+  return jnp.where(rho >= threshold, r.astype(direction.dtype) * direction,
+                   m_hat)

@@ -1,0 +1,238 @@
+"""The Adam rule walked over a pytree, as Optax GradientTransformations.
+
+Each public function here is a thin choice of :class:`jadam._rule.AdamRule`
+flags; :func:`_scale_by_rule` is the one place that walks the tree, checks the
+gradients, and keeps the state.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jadam import _rule
+from jadam import _storage
+from jadam import _validation
+
+ArrayLike = jax.typing.ArrayLike
+
+
+class ScaleByAdamState(NamedTuple):
+  """State of :func:`scale_by_adam` (and of AdaMax, RAdam and NAdam).
+
+  Attributes:
+    count: number of updates taken, an int32 that saturates instead of wrapping.
+    mu: first moments m, one per parameter, in their storage format.
+    nu: second moments v (u for AdaMax), one per parameter.
+  """
+
+  count: jax.Array
+  mu: Any
+  nu: Any
+
+
+class ScaleByAmsgradState(NamedTuple):
+  """State of :func:`scale_by_amsgrad`: Adam's plus the running max of v̂."""
+
+  count: jax.Array
+  mu: Any
+  nu: Any
+  nu_max: Any
+
+
+def _check_rule(rule: _rule.AdamRule) -> None:
+  _validation.check_decay("b1", rule.b1)
+  _validation.check_decay("b2", rule.b2)
+  _validation.check_nonnegative("eps", rule.eps)
+  _validation.check_nonnegative("eps_root", rule.eps_root)
+  if rule.rectify_threshold is not None:
+    _validation.check_nonnegative("threshold", rule.rectify_threshold)
+
+
+def _scale_by_rule(rule: _rule.AdamRule, mu_dtype: Any,
+                   nu_dtype: Any) -> optax.GradientTransformation:
+  """A GradientTransformation applying ``rule`` leaf by leaf."""
+  _check_rule(rule)
+  mu_storage = _validation.canonical_storage("mu_dtype", mu_dtype)
+  nu_storage = _validation.canonical_storage("nu_dtype", nu_dtype)
+
+  def init_fn(params):
+    mu = jax.tree.map(
+        lambda p: _storage.init_moment(p, mu_storage, real=False), params)
+    nu = jax.tree.map(
+        lambda p: _storage.init_moment(p, nu_storage, real=True), params)
+    count = jnp.zeros([], jnp.int32)
+    if rule.amsgrad:
+      nu_max = jax.tree.map(
+          lambda p: _storage.init_moment(p, nu_storage, real=True), params)
+      return ScaleByAmsgradState(count, mu, nu, nu_max)
+    return ScaleByAdamState(count, mu, nu)
+
+  def update_fn(updates, state, params=None):
+    del params
+    _validation.check_same_tree(updates, state.mu, what="optimizer state")
+    _validation.check_float_leaves(updates)
+    count = optax.safe_increment(state.count)
+    grads, treedef = jax.tree.flatten(updates)
+    mus = treedef.flatten_up_to(state.mu)
+    nus = treedef.flatten_up_to(state.nu)
+    nu_maxes = (treedef.flatten_up_to(state.nu_max) if rule.amsgrad
+                else [None] * len(grads))
+    directions, new_moments = [], []
+    for g, mu, nu, nu_max in zip(grads, mus, nus, nu_maxes):
+      direction, moments = _storage.step_leaf(
+          g, _rule.Moments(mu, nu, nu_max), count, rule)
+      directions.append(direction)
+      new_moments.append(moments)
+    moment_trees = [treedef.unflatten(list(column))
+                    for column in zip(*new_moments)] if grads else [
+                        state.mu, state.nu, getattr(state, "nu_max", None)]
+    out = treedef.unflatten(directions)
+    if rule.amsgrad:
+      return out, ScaleByAmsgradState(count, *moment_trees[:3])
+    return out, ScaleByAdamState(count, *moment_trees[:2])
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def scale_by_adam(
+    b1: ArrayLike = 0.9,
+    b2: ArrayLike = 0.999,
+    eps: ArrayLike = 1e-8,
+    eps_root: ArrayLike = 0.0,
+    *,
+    mu_dtype: Optional[Any] = None,
+    nu_dtype: Optional[Any] = None,
+    nesterov: bool = False,
+) -> optax.GradientTransformation:
+  """Rescale gradients by Adam's bias-corrected moments.
+
+  The transformation returns ``m̂_t / (√(v̂_t + eps_root) + eps)``; chain it
+  with ``optax.scale_by_learning_rate`` (or use :func:`jadam.adam`) to get the
+  parameter update.
+
+  Args:
+    b1: decay of the first moment, in [0, 1).
+    b2: decay of the second moment, in [0, 1).
+    eps: added to the denominator, >= 0.
+    eps_root: added to v̂ inside the square root, >= 0.
+    mu_dtype: storage dtype of the first moment (None: the parameter's).
+    nu_dtype: storage dtype of the second moment (None: the parameter's).
+      Arithmetic always runs in float32 or wider whatever the storage.
+    nesterov: use Nesterov momentum (NAdam, Dozat 2016).
+
+  Returns:
+    An ``optax.GradientTransformation`` with state :class:`ScaleByAdamState`.
+
+  Raises:
+    ValueError: at construction, naming the argument that is out of range.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, jadam
+    >>> tx = optax.chain(jadam.scale_by_adam(), optax.scale_by_learning_rate(1e-3))
+    >>> params = {"w": jnp.ones(3)}
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update({"w": jnp.array([1., -2., 0.])}, state)
+    >>> updates["w"]
+    Array([-0.001,  0.001,  0.   ], dtype=float32)
+
+  References:
+    Kingma & Ba, "Adam: A Method for Stochastic Optimization", ICLR 2015.
+  """
+  return _scale_by_rule(
+      _rule.AdamRule(b1, b2, eps, eps_root, nesterov=nesterov),
+      mu_dtype, nu_dtype)
+
+
+def scale_by_amsgrad(
+    b1: ArrayLike = 0.9,
+    b2: ArrayLike = 0.999,
+    eps: ArrayLike = 1e-8,
+    eps_root: ArrayLike = 0.0,
+    *,
+    mu_dtype: Optional[Any] = None,
+    nu_dtype: Optional[Any] = None,
+) -> optax.GradientTransformation:
+  """Adam dividing by the running maximum of the bias-corrected v̂.
+
+  Args:
+    b1, b2, eps, eps_root, mu_dtype, nu_dtype: as in :func:`scale_by_adam`;
+      ``nu_dtype`` also sets the storage of the running maximum.
+
+  Returns:
+    An ``optax.GradientTransformation`` with state :class:`ScaleByAmsgradState`.
+
+  Example:
+    >>> import jadam
+    >>> tx = jadam.scale_by_amsgrad(b2=0.99)
+
+  References:
+    Reddi, Kale & Kumar, "On the Convergence of Adam and Beyond", ICLR 2018.
+  """
+  return _scale_by_rule(
+      _rule.AdamRule(b1, b2, eps, eps_root, amsgrad=True), mu_dtype, nu_dtype)
+
+
+def scale_by_adamax(
+    b1: ArrayLike = 0.9,
+    b2: ArrayLike = 0.999,
+    eps: ArrayLike = 1e-8,
+    *,
+    mu_dtype: Optional[Any] = None,
+    nu_dtype: Optional[Any] = None,
+) -> optax.GradientTransformation:
+  """AdaMax: Adam with the infinity norm u_t = max(β2·u_{t-1}, |g_t| + ε).
+
+  Args:
+    b1, b2, eps, mu_dtype, nu_dtype: as in :func:`scale_by_adam`.
+
+  Returns:
+    An ``optax.GradientTransformation`` with state :class:`ScaleByAdamState`
+    whose ``nu`` holds u.
+
+  Example:
+    >>> import jadam
+    >>> tx = jadam.scale_by_adamax()
+
+  References:
+    Kingma & Ba (2015), Section 7.1 and Algorithm 2.
+  """
+  return _scale_by_rule(
+      _rule.AdamRule(b1, b2, eps, infinity_norm=True), mu_dtype, nu_dtype)
+
+
+def scale_by_radam(
+    b1: ArrayLike = 0.9,
+    b2: ArrayLike = 0.999,
+    eps: ArrayLike = 1e-8,
+    eps_root: ArrayLike = 0.0,
+    threshold: ArrayLike = 5.0,
+    *,
+    nesterov: bool = False,
+    mu_dtype: Optional[Any] = None,
+    nu_dtype: Optional[Any] = None,
+) -> optax.GradientTransformation:
+  """RAdam: Adam with the variance of the adaptive step rectified.
+
+  Args:
+    b1, b2, eps, eps_root, nesterov, mu_dtype, nu_dtype: as in
+      :func:`scale_by_adam`.
+    threshold: while the SMA length ρ_t is below it, take momentum steps.
+
+  Returns:
+    An ``optax.GradientTransformation`` with state :class:`ScaleByAdamState`.
+
+  Example:
+    >>> import jadam
+    >>> tx = jadam.scale_by_radam(threshold=5.0)
+
+  References:
+    Liu et al., "On the Variance of the Adaptive Learning Rate and Beyond",
+    ICLR 2020.
+  """
+  return _scale_by_rule(
+      _rule.AdamRule(b1, b2, eps, eps_root, nesterov=nesterov,
+                     rectify_threshold=threshold), mu_dtype, nu_dtype)

@@ -1,0 +1,143 @@
+"""Checks that turn bad input into a clear error instead of a wrong answer.
+
+Hyperparameters are checked when a transformation is built, gradients when it
+is updated. Values that are traced (for example hyperparameters injected by
+``optax.inject_hyperparams`` inside ``jax.jit``) cannot be inspected and are
+let through; everything concrete is checked.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def _concrete(value: Any) -> Optional[np.ndarray]:
+  """The value as a NumPy array, or None if it is traced and unknowable."""
+  if isinstance(value, jax.core.Tracer):
+    return None
+  try:
+    return np.asarray(value)
+  except Exception:  # pylint: disable=broad-except
+    return None
+
+
+def _scalar(name: str, value: Any) -> Optional[float]:
+  array = _concrete(value)
+  if array is None:
+    return None
+  if array.ndim != 0 or not np.issubdtype(array.dtype, np.number) or np.iscomplexobj(array):
+    raise ValueError(f"{name} must be a real scalar, got {value!r}.")
+  return float(array)
+
+
+def check_decay(name: str, value: Any) -> None:
+  """A decay rate must lie in [0, 1): 1 never forgets, and > 1 diverges."""
+  x = _scalar(name, value)
+  if x is not None and not 0.0 <= x < 1.0:
+    raise ValueError(f"{name} must be in [0, 1), got {value!r}.")
+
+
+def check_nonnegative(name: str, value: Any) -> None:
+  """Terms such as eps, eps_root and weight decay must be >= 0 and finite."""
+  if callable(value):
+    return  # a schedule; its values are the schedule's business
+  x = _scalar(name, value)
+  if x is not None and not (0.0 <= x < float("inf")):
+    raise ValueError(f"{name} must be a finite number >= 0, got {value!r}.")
+
+
+def check_learning_rate(value: Any) -> None:
+  """A constant learning rate must be finite and >= 0; schedules pass."""
+  check_nonnegative("learning_rate", value)
+
+
+# Storage formats a moment may take. The compute dtype is always float32 or
+# wider; these only change how the moment is kept between steps.
+FLOAT_STORAGE = ("float32", "bfloat16", "float16", "float64")
+
+
+def canonical_storage(name: str, dtype: Any,
+                      extra: Sequence[str] = ()) -> Optional[str]:
+  """Canonical name of a moment storage dtype, or None for "like the param".
+
+  Raises:
+    ValueError: naming the argument, for anything that is not a float dtype
+      or one of the ``extra`` string formats (such as ``"int8"``).
+  """
+  if dtype is None:
+    return None
+  if isinstance(dtype, str) and dtype in extra:
+    return dtype
+  try:
+    canonical = jnp.dtype(dtype).name
+  except TypeError as error:
+    raise ValueError(
+        f"{name}={dtype!r} is not a dtype; use one of "
+        f"{', '.join(FLOAT_STORAGE + tuple(extra))} or None.") from error
+  if canonical not in FLOAT_STORAGE and canonical not in extra:
+    raise ValueError(
+        f"{name}={dtype!r} cannot hold an optimizer moment; use one of "
+        f"{', '.join(FLOAT_STORAGE + tuple(extra))} or None.")
+  return canonical
+
+
+def _path_str(path: Sequence[Any]) -> str:
+  return jax.tree_util.keystr(tuple(path)) or "<root>"
+
+
+def check_same_tree(updates: Any, reference: Any, *, what: str,
+                    is_leaf: Optional[Callable[[Any], bool]] = None) -> None:
+  """Raise a ValueError naming the first key path where the trees differ.
+
+  Args:
+    updates: the gradients given to ``update``.
+    reference: a tree from the optimizer state with the parameters' structure
+      (for example the first moments).
+    what: how to name the reference in the message.
+    is_leaf: marks compound nodes of ``reference`` that stand for one leaf
+      (such as quantized moments).
+  """
+  g_paths = jax.tree_util.tree_flatten_with_path(updates)[0]
+  r_paths = jax.tree_util.tree_flatten_with_path(reference, is_leaf=is_leaf)[0]
+  for (gp, g), (rp, r) in zip(g_paths, r_paths):
+    if gp != rp:
+      raise ValueError(
+          f"The gradient tree does not match the {what}: the gradients have "
+          f"a leaf at {_path_str(gp)} where the state has one at "
+          f"{_path_str(rp)}. Pass gradients with the parameters' structure.")
+    g_shape = np.shape(g)
+    r_shape = getattr(r, "shape", np.shape(r))
+    if tuple(g_shape) != tuple(r_shape):
+      raise ValueError(
+          f"The gradient at {_path_str(gp)} has shape {tuple(g_shape)} but "
+          f"the {what} there has shape {tuple(r_shape)}.")
+  if len(g_paths) != len(r_paths):
+    longer, name = ((g_paths, "gradients") if len(g_paths) > len(r_paths)
+                    else (r_paths, what))
+    first_extra = longer[min(len(g_paths), len(r_paths))][0]
+    raise ValueError(
+        f"The gradient tree does not match the {what}: only the {name} have "
+        f"a leaf at {_path_str(first_extra)} ({len(g_paths)} gradient leaves, "
+        f"{len(r_paths)} in the state).")
+  g_def = jax.tree.structure(updates)
+  try:
+    g_def.flatten_up_to(reference)
+  except (ValueError, TypeError) as error:
+    raise ValueError(
+        f"The gradient tree does not match the {what}: same leaves, but "
+        f"different containers ({error}).") from error
+
+
+def check_float_leaves(updates: Any) -> None:
+  """Raise a TypeError naming the first integer or boolean gradient leaf."""
+  for path, g in jax.tree_util.tree_flatten_with_path(updates)[0]:
+    dtype = jnp.result_type(g)
+    if not jnp.issubdtype(dtype, jnp.inexact):
+      raise TypeError(
+          f"The gradient at {_path_str(path)} has dtype {dtype}; Adam needs "
+          "floating-point or complex gradients. Cast integer parameters to "
+          "float, or exclude them with optax.masked / optax.partition.")

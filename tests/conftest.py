@@ -1,0 +1,78 @@
+"""Shared test helpers: small problems and a jitted training loop."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+
+def train(opt, params, loss, steps):
+  """Run ``steps`` jitted optimizer steps of ``opt`` on ``loss``."""
+  state = opt.init(params)
+
+  @jax.jit
+  def step(params, state):
+    grads = jax.grad(loss)(params)
+    updates, state = opt.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  for _ in range(steps):
+    params, state = step(params, state)
+  return params, state
+
+
+def relative_error(a, b):
+  """‖a − b‖ / ‖b‖ over all leaves of two pytrees."""
+  fa = np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in jax.tree.leaves(a)])
+  fb = np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in jax.tree.leaves(b)])
+  return float(np.linalg.norm(fa - fb) / max(np.linalg.norm(fb), 1e-30))
+
+
+def _quadratic_problem():
+  key = jax.random.PRNGKey(0)
+  k1, k2 = jax.random.split(key)
+  a = jax.random.normal(k1, (8, 8))
+  h = a @ a.T / 8 + 0.1 * jnp.eye(8)
+  target = jax.random.normal(k2, (8,))
+  params = {"x": jnp.zeros(8), "y": jnp.ones((2, 3))}
+  def loss(p):
+    d = p["x"] - target
+    return 0.5 * d @ h @ d + jnp.sum((p["y"] - 0.5) ** 4)
+  return params, loss
+
+
+def _rosenbrock_problem():
+  params = [jnp.array([-1.2, 1.0, -0.5, 0.8])]
+  def loss(p):
+    x = p[0]
+    return jnp.sum(100.0 * (x[1:] - x[:-1] ** 2) ** 2 + (1 - x[:-1]) ** 2)
+  return params, loss
+
+
+def _mlp_problem():
+  key = jax.random.PRNGKey(1)
+  kx, k1, k2 = jax.random.split(key, 3)
+  x = jax.random.normal(kx, (64, 5))
+  y = jnp.sin(x @ jnp.arange(1.0, 6.0) / 5)
+  params = {"dense1": {"kernel": 0.5 * jax.random.normal(k1, (5, 16)),
+                       "bias": jnp.zeros(16)},
+            "dense2": {"kernel": 0.5 * jax.random.normal(k2, (16, 1)),
+                       "bias": jnp.zeros(1)}}
+  def loss(p):
+    h = jnp.tanh(x @ p["dense1"]["kernel"] + p["dense1"]["bias"])
+    out = (h @ p["dense2"]["kernel"] + p["dense2"]["bias"])[:, 0]
+    return jnp.mean((out - y) ** 2)
+  return params, loss
+
+
+PROBLEMS = {
+    "quadratic": _quadratic_problem,
+    "rosenbrock": _rosenbrock_problem,
+    "mlp": _mlp_problem,
+}
+
+
+@pytest.fixture(params=sorted(PROBLEMS))
+def problem(request):
+  return PROBLEMS[request.param]()

@@ -1,0 +1,65 @@
+"""Bad input gets a clear error, never a silent wrong answer."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+import jadam
+
+
+@pytest.mark.parametrize("kwargs,argument", [
+    ({"b1": 1.5}, "b1"), ({"b1": 1.0}, "b1"), ({"b1": -0.1}, "b1"),
+    ({"b2": 1.0}, "b2"), ({"b2": float("nan")}, "b2"),
+    ({"eps": -1e-8}, "eps"), ({"eps_root": -1.0}, "eps_root"),
+    ({"mu_dtype": "int32"}, "mu_dtype"), ({"nu_dtype": "not-a-dtype"}, "nu_dtype"),
+])
+def test_bad_hyperparameter_names_the_argument(kwargs, argument):
+  with pytest.raises(ValueError, match=argument):
+    jadam.scale_by_adam(**kwargs)
+
+
+@pytest.mark.parametrize("alias", ["adam", "adamw", "nadam", "nadamw", "amsgrad",
+                                   "adamax", "adamaxw", "radam"])
+def test_every_alias_rejects_bad_b1_and_negative_learning_rate(alias):
+  with pytest.raises(ValueError, match="b1"):
+    getattr(jadam, alias)(1e-3, b1=1.5)
+  with pytest.raises(ValueError, match="learning_rate"):
+    getattr(jadam, alias)(-1e-3)
+  with pytest.raises(ValueError, match="learning_rate"):
+    getattr(jadam, alias)(jnp.asarray(-1e-3))
+
+
+def test_negative_weight_decay_is_rejected():
+  with pytest.raises(ValueError, match="weight_decay"):
+    jadam.adamw(1e-3, weight_decay=-0.1)
+
+
+def test_schedules_and_traced_values_are_accepted():
+  jadam.adam(lambda count: 1e-3 * 0.5 ** count)
+  # Inside jit the value cannot be checked; the transformation must still build.
+  jax.jit(lambda lr: jadam.adam(lr).init(jnp.ones(2)))(jnp.asarray(1e-3))
+
+
+def test_gradient_tree_mismatch_names_the_key_path():
+  opt = jadam.scale_by_adam()
+  state = opt.init({"encoder": {"w": jnp.ones(2)}, "decoder": jnp.ones(3)})
+  with pytest.raises(ValueError, match=r"\['encoder'\]\['b'\]"):
+    opt.update({"encoder": {"b": jnp.ones(2)}, "decoder": jnp.ones(3)}, state)
+  with pytest.raises(ValueError, match="only the gradients have a leaf at"):
+    opt.update({"encoder": {"w": jnp.ones(2)}, "decoder": jnp.ones(3),
+                "extra": jnp.ones(1)}, state)
+
+
+def test_gradient_shape_mismatch_names_the_key_path():
+  opt = jadam.scale_by_adam()
+  state = opt.init({"w": jnp.ones((2, 3))})
+  with pytest.raises(ValueError, match=r"\['w'\].*\(3, 2\).*\(2, 3\)"):
+    opt.update({"w": jnp.ones((3, 2))}, state)
+
+
+@pytest.mark.parametrize("dtype", [jnp.int32, jnp.bool_])
+def test_integer_or_boolean_gradients_raise_type_error(dtype):
+  opt = jadam.scale_by_adam()
+  state = opt.init({"w": jnp.ones(2), "steps": jnp.ones(2)})
+  with pytest.raises(TypeError, match=r"\['steps'\]"):
+    opt.update({"w": jnp.ones(2), "steps": jnp.ones(2, dtype)}, state)
