@@ -28,6 +28,16 @@ def real_dtype(dtype: Any) -> jnp.dtype:
   return jnp.finfo(dtype).dtype
 
 
+def zeros(like: Array, shape: tuple[int, ...], dtype: Any) -> Array:
+  """Zeros of ``shape`` and ``dtype`` for optimizer state derived from ``like``.
+
+  Every zero-initialised piece of state is made here, so that where state is
+  placed (for example on the parameter's sharding) is decided in one place.
+  """
+  del like
+  return jnp.zeros(shape, dtype)
+
+
 def init_moment(param: Array, storage: Optional[str], *, real: bool) -> Array:
   """Zeros for one moment of one parameter in its storage format.
 
@@ -39,7 +49,7 @@ def init_moment(param: Array, storage: Optional[str], *, real: bool) -> Array:
   dtype = param.dtype if storage is None else jnp.dtype(storage)
   if real:
     dtype = real_dtype(dtype)
-  return jnp.zeros(param.shape, dtype)
+  return zeros(param, param.shape, dtype)
 
 
 def load(stored: Array, dtype: Any) -> Array:
