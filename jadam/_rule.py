@@ -24,6 +24,11 @@ The family members are flags on :class:`AdamRule`:
 * ``amsgrad``: Reddi et al. (2018): divide by the running maximum of v̂.
 * ``infinity_norm``: AdaMax, Kingma & Ba (2015) Algorithm 2: u_t replaces v_t.
 * ``rectify_threshold``: RAdam, Liu et al. (2020): variance rectification.
+* ``cautious``: Liang et al. (2024): drop the components of the step whose
+  sign disagrees with g_t, and rescale by the fraction kept.
+* ``numerics="keras"``: the same algorithm with ``keras.optimizers.Adam``'s
+  rounding: ε added to √v_t (not √v̂_t) and bias correction folded into the
+  step size, so that a model ported from Keras trains identically.
 """
 
 from __future__ import annotations
@@ -51,6 +56,11 @@ class AdamRule(NamedTuple):
     infinity_norm: replace v_t by u_t = max(β2·u_{t-1}, |g_t| + ε) (AdaMax).
     rectify_threshold: if not None, apply RAdam's variance rectification and
       fall back to momentum SGD while ρ_t is below this threshold.
+    cautious: zero the components of the direction whose sign disagrees with
+      the gradient and divide the rest by the fraction kept (per array).
+    numerics: ``"optax"`` (Algorithm 1 as written, as optax computes it) or
+      ``"keras"`` (as ``keras.optimizers.Adam`` computes it; see
+      :func:`_keras_step`).
   """
 
   b1: ArrayLike = 0.9
@@ -61,6 +71,15 @@ class AdamRule(NamedTuple):
   amsgrad: bool = False
   infinity_norm: bool = False
   rectify_threshold: Optional[ArrayLike] = None
+  cautious: bool = False
+  numerics: str = "optax"
+
+
+NUMERICS = ("optax", "keras")
+
+# Floor on the fraction of components a cautious step keeps, so that a step
+# where (almost) every sign disagrees is not blown up by 1/0.
+CAUTIOUS_MIN_KEPT = 1e-3
 
 
 class Moments(NamedTuple):
@@ -94,6 +113,11 @@ def bias_correction(decay: ArrayLike, t: Array) -> Array:
   return 1 - decay**t
 
 
+def denominator(v_hat: Array, rule: AdamRule) -> Array:
+  """``√(v̂_t + ε_root) + ε``, the divisor of line 11."""
+  return jnp.sqrt(v_hat + rule.eps_root) + rule.eps
+
+
 def adam_step(
     g: Array, moments: Moments, t: Array, rule: AdamRule
 ) -> tuple[Array, Moments]:
@@ -108,6 +132,11 @@ def adam_step(
   Returns:
     ``(direction, new_moments)``: the direction is to be scaled by ``−α``.
   """
+  if rule.cautious:
+    direction, new = adam_step(g, moments, t, rule._replace(cautious=False))
+    return caution(direction, g), new
+  if rule.numerics == "keras":
+    return _keras_step(g, moments, t, rule)
   b1, b2, eps = rule.b1, rule.b2, rule.eps
   m = ema(g, moments.mu, b1)                                      # line 7
   if rule.infinity_norm:
@@ -130,7 +159,7 @@ def adam_step(
   if rule.amsgrad:
     nu_max = jnp.maximum(moments.nu_max, v_hat)
     v_hat = nu_max
-  direction = m_hat / (jnp.sqrt(v_hat + rule.eps_root) + eps)     # line 11
+  direction = m_hat / denominator(v_hat, rule)                    # line 11
   if rule.rectify_threshold is not None:
     direction = _rectify(direction, m_hat, t, b2, rule.rectify_threshold)
   return direction, Moments(m, v, nu_max)
@@ -150,3 +179,52 @@ def _rectify(direction: Array, m_hat: Array, t: Array, b2: ArrayLike,
                / ((rho_inf - 4) * (rho_inf - 2) * rho))
   return jnp.where(rho >= threshold, r.astype(direction.dtype) * direction,
                    m_hat)
+
+
+def caution(direction: Array, g: Array) -> Array:
+  """Cautious step (Liang et al., 2024): keep what agrees in sign with g_t.
+
+  A component moves only if the step goes downhill on the current gradient
+  (``direction·g > 0``; the parameter moves by ``−α·direction``). The kept
+  components are divided by the fraction kept, computed over the whole array,
+  as the authors' reference code does, so the step's overall size is roughly
+  preserved; the fraction is floored at ``CAUTIOUS_MIN_KEPT``.
+  """
+  if jnp.iscomplexobj(direction):
+    agree = jnp.real(direction * jnp.conj(g)) > 0
+  else:
+    agree = direction * g > 0
+  mask = agree.astype(jnp.finfo(direction.dtype).dtype)
+  kept = jnp.maximum(jnp.mean(mask), CAUTIOUS_MIN_KEPT)
+  return direction * (mask / kept)
+
+
+def _keras_step(g: Array, moments: Moments, t: Array,
+                rule: AdamRule) -> tuple[Array, Moments]:
+  """Algorithm 1 as ``keras.optimizers.Adam`` (Keras 3) computes it.
+
+  Kingma & Ba (2015, end of Section 2) note that lines 9-11 may be rewritten
+  with the bias corrections folded into the step size; Keras does that, so its
+  ε is the paper's ε̂ and is added to √v_t rather than √v̂_t:
+
+      α_t = α·√(1 − β2^t) / (1 − β1^t)
+      θ_t = θ_{t-1} − α_t·m_t / (√v_t + ε̂)
+
+  Keras also updates moments as ``m += (g − m)·(1 − β1)``, raises β to a float
+  power, and for AMSGrad keeps the running maximum of the uncorrected v_t.
+  Matching all of this, not just the formula, is what makes a ported model
+  follow the same trajectory.
+  """
+  b1, b2 = rule.b1, rule.b2
+  m = moments.mu + (g - moments.mu) * (1 - b1)                    # line 7
+  v = moments.nu + (abs_sq(g) - moments.nu) * (1 - b2)            # line 8
+  nu_max = None
+  v_used = v
+  if rule.amsgrad:
+    nu_max = jnp.maximum(moments.nu_max, v)
+    v_used = nu_max
+  t_float = t.astype(v.dtype)
+  step_size = (jnp.sqrt(bias_correction(b2, t_float))
+               / bias_correction(b1, t_float))                    # lines 9-10
+  direction = m * step_size.astype(m.dtype) / denominator(v_used, rule)
+  return direction, Moments(m, v, nu_max)                         # line 11
