@@ -8,6 +8,7 @@ Module map:
 * ``_validation``: hyperparameter and gradient checks with clear errors.
 * ``_transform``: the rule walked over a pytree (``scale_by_*``).
 * ``_alias``: complete optimizers (``adam``, ``adamw``, ...).
+* ``_health``: non-finite step skipping and gradient-health telemetry.
 """
 
 from jadam._alias import adam
@@ -18,6 +19,12 @@ from jadam._alias import amsgrad
 from jadam._alias import nadam
 from jadam._alias import nadamw
 from jadam._alias import radam
+from jadam._health import HealthStats
+from jadam._health import SkipNonfiniteState
+from jadam._health import TelemetryState
+from jadam._health import skip_nonfinite
+from jadam._health import stats
+from jadam._health import with_telemetry
 from jadam._rule import AdamRule
 from jadam._rule import Moments
 from jadam._rule import adam_step
@@ -32,9 +39,12 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdamRule",
+    "HealthStats",
     "Moments",
     "ScaleByAdamState",
     "ScaleByAmsgradState",
+    "SkipNonfiniteState",
+    "TelemetryState",
     "adam",
     "adam_step",
     "adamax",
@@ -48,4 +58,7 @@ __all__ = [
     "scale_by_adamax",
     "scale_by_amsgrad",
     "scale_by_radam",
+    "skip_nonfinite",
+    "stats",
+    "with_telemetry",
 ]

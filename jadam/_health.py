@@ -1,0 +1,354 @@
+"""Training health: survive non-finite steps and watch the gradients.
+
+Two opt-in wrappers around any optax transformation (every jadam alias, an
+``optax.chain``, or a piece of one):
+
+* :func:`skip_nonfinite` drops a step whose gradients hold NaN or Inf: the
+  update is zero and the wrapped state (moments, step count, schedule
+  position) is kept bit for bit, while ``skipped`` counts such steps.
+* :func:`with_telemetry` keeps a few gradient-health numbers in the state
+  (global gradient norm, update norm and its ratio to the parameter norm,
+  largest |g|, smallest and largest second moment), and :func:`stats` finds
+  them anywhere in a (chained, wrapped) optax state and returns them as a dict
+  ready for a logger.
+
+Neither wrapper touches Adam's arithmetic, which stays in :mod:`jadam._rule`;
+they only look at the trees going in and out of the wrapped transformation.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jadam import _rule
+from jadam import _storage
+
+Array = jax.Array
+
+
+# --------------------------------------------------------------------------
+# Non-finite steps.
+
+
+class SkipNonfiniteState(NamedTuple):
+  """State of :func:`skip_nonfinite`.
+
+  Attributes:
+    inner_state: the wrapped transformation's state, as of the last finite
+      step.
+    skipped: number of steps dropped because a gradient was NaN or Inf (an
+      int32 that saturates instead of wrapping).
+  """
+
+  inner_state: Any
+  skipped: Array
+
+
+def all_finite(tree: Any) -> Array:
+  """True when no leaf of ``tree`` holds a NaN or an Inf (a bool scalar).
+
+  Zero-size leaves and empty trees count as finite; integer leaves are always
+  finite.
+  """
+  checks = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.size(x)]
+  if not checks:
+    return jnp.asarray(True)
+  return jnp.all(jnp.stack(checks))
+
+
+def _select(keep_new: Array, new: Array, old: Array) -> Array:
+  """``new`` if ``keep_new`` else ``old``, for any array (PRNG keys included)."""
+  if jax.dtypes.issubdtype(old.dtype, jax.dtypes.prng_key):
+    data = jnp.where(keep_new, jax.random.key_data(new),
+                     jax.random.key_data(old))
+    return jax.random.wrap_key_data(data, impl=jax.random.key_impl(old))
+  return jnp.where(keep_new, new, old)
+
+
+def skip_nonfinite(
+    inner: optax.GradientTransformation,
+) -> optax.GradientTransformationExtraArgs:
+  """Drop every step whose gradients hold a NaN or an Inf.
+
+  On such a step the returned update is zero, so the parameters do not move,
+  and the whole state of ``inner`` (first and second moments, step count,
+  schedule position, clipping or accumulation state) is returned unchanged, bit
+  for bit, as if the step had never been taken; ``skipped`` in the new state
+  counts these steps. On a finite step the wrapper is transparent: updates and
+  state are exactly those of ``inner``.
+
+  The check reads each gradient once (one reduction per leaf). The wrapped
+  update is still computed and then discarded with ``jnp.where`` rather than
+  branched around with ``lax.cond``: the selects fuse into the update's own
+  elementwise loops, whereas a conditional would fence them off, and skipped
+  steps are rare.
+
+  Unlike ``optax.apply_if_finite`` this never gives up and applies a bad
+  update: a run whose gradients stay non-finite keeps its last good
+  parameters while ``skipped`` climbs, which :func:`stats` reports.
+
+  Args:
+    inner: any optax transformation, for example ``jadam.adam(1e-3)`` or an
+      ``optax.chain``. Extra update arguments are passed through.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` with state
+    :class:`SkipNonfiniteState`.
+
+  Example:
+    >>> import jax.numpy as jnp, jadam
+    >>> opt = jadam.skip_nonfinite(jadam.adam(0.1))
+    >>> params = {"w": jnp.ones(2)}
+    >>> state = opt.init(params)
+    >>> updates, state = opt.update({"w": jnp.array([jnp.nan, 1.0])}, state)
+    >>> updates["w"], int(state.skipped), int(state.inner_state[0].count)
+    (Array([0., 0.], dtype=float32), 1, 0)
+
+  References:
+    Micikevicius et al., "Mixed Precision Training", ICLR 2018 (skipping
+    steps with overflowed gradients).
+  """
+  inner = optax.with_extra_args_support(inner)
+
+  def init_fn(params):
+    return SkipNonfiniteState(inner.init(params), jnp.zeros([], jnp.int32))
+
+  def update_fn(updates, state, params=None, **extra_args):
+    finite = all_finite(updates)
+    new_updates, new_inner = inner.update(updates, state.inner_state, params,
+                                          **extra_args)
+    new_updates = jax.tree.map(
+        lambda u: jnp.where(finite, u, jnp.zeros_like(u)), new_updates)
+    new_inner = jax.tree.map(
+        lambda new, old: _select(finite, new, old), new_inner,
+        state.inner_state)
+    skipped = jnp.where(finite, state.skipped,
+                        optax.safe_increment(state.skipped))
+    return new_updates, SkipNonfiniteState(new_inner, skipped)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+# --------------------------------------------------------------------------
+# Telemetry.
+
+
+class HealthStats(NamedTuple):
+  """Gradient-health numbers of one step, all float32 scalars.
+
+  Attributes:
+    grad_norm: global L2 norm of the gradients going into the optimizer.
+    grad_max_abs: largest |g| over all gradient entries.
+    update_norm: global L2 norm of the updates coming out.
+    param_norm: global L2 norm of the parameters before the update (NaN when
+      ``update`` is called without ``params``).
+    update_ratio: ``update_norm / param_norm``, the relative size of the step.
+    nu_min: smallest entry of the stored second moment v (u for AdaMax) of
+      every Adam-family state inside the wrapped optimizer, after the step;
+      NaN if it has none. Raw v, not bias-corrected.
+    nu_max: largest such entry.
+  """
+
+  grad_norm: Array
+  grad_max_abs: Array
+  update_norm: Array
+  param_norm: Array
+  update_ratio: Array
+  nu_min: Array
+  nu_max: Array
+
+
+class TelemetryState(NamedTuple):
+  """State of :func:`with_telemetry`.
+
+  Attributes:
+    inner_state: the wrapped transformation's state.
+    stats: :class:`HealthStats` of the last measured step.
+    count: number of updates seen (int32, saturating).
+  """
+
+  inner_state: Any
+  stats: HealthStats
+  count: Array
+
+
+def _nonempty_leaves(tree: Any) -> list[Array]:
+  """Leaves with at least one entry, in the rule's compute dtype or wider."""
+  return [x.astype(_storage.compute_dtype(x.dtype))
+          for x in jax.tree.leaves(tree) if jnp.size(x)]
+
+
+def _norm(tree: Any) -> Array:
+  leaves = _nonempty_leaves(tree)
+  if not leaves:
+    return jnp.zeros([], jnp.float32)
+  squares = [jnp.sum(_rule.abs_sq(x)) for x in leaves]
+  return jnp.sqrt(sum(squares)).astype(jnp.float32)
+
+
+def _reduce(tree: Any, reduce_fn, empty: float) -> Array:
+  values = [reduce_fn(x).astype(jnp.float32) for x in _nonempty_leaves(tree)]
+  if not values:
+    return jnp.asarray(empty, jnp.float32)
+  return reduce_fn(jnp.stack(values))
+
+
+def _is_adam_state(node: Any) -> bool:
+  """An optimizer state holding a second moment ``nu`` (jadam's or optax's)."""
+  return (isinstance(node, tuple) and "nu" in getattr(node, "_fields", ())
+          and "count" in node._fields)
+
+
+def second_moments(state: Any) -> list[Any]:
+  """The ``nu`` trees of every Adam-family state found inside ``state``."""
+  nodes = jax.tree.leaves(state, is_leaf=_is_adam_state)
+  return [node.nu for node in nodes if _is_adam_state(node)]
+
+
+def _measure(grads: Any, updates: Any, params: Optional[Any],
+             inner_state: Any) -> HealthStats:
+  grad_norm = _norm(grads)
+  update_norm = _norm(updates)
+  if params is None:
+    param_norm = jnp.asarray(jnp.nan, jnp.float32)
+  else:
+    param_norm = _norm(params)
+  # A zero parameter norm (a fresh bias-only model) makes any step infinitely
+  # large relative to it; 0/0 is reported as 0 so that "no step" reads as such.
+  update_ratio = jnp.where(update_norm == 0, jnp.zeros([], jnp.float32),
+                           update_norm / param_norm)
+  nus = second_moments(inner_state)
+  return HealthStats(
+      grad_norm=grad_norm,
+      grad_max_abs=_reduce(grads, lambda x: jnp.max(jnp.abs(x)), 0.0),
+      update_norm=update_norm,
+      param_norm=param_norm,
+      update_ratio=update_ratio,
+      nu_min=_reduce(nus, jnp.min, jnp.nan),
+      nu_max=_reduce(nus, jnp.max, jnp.nan))
+
+
+def _empty_stats() -> HealthStats:
+  nan = jnp.asarray(jnp.nan, jnp.float32)
+  return HealthStats(*([nan] * len(HealthStats._fields)))
+
+
+def with_telemetry(
+    inner: optax.GradientTransformation,
+    every: int = 1,
+) -> optax.GradientTransformationExtraArgs:
+  """Keep gradient-health numbers of ``inner``'s steps in the state.
+
+  The numbers (:class:`HealthStats`) describe the gradients entering
+  ``inner``, the updates leaving it, the parameters passed to ``update``, and
+  the second moments of every Adam-family state inside ``inner``. Read them
+  with :func:`stats`. Wrap the complete optimizer so that the update norm is
+  the real parameter step; wrap :func:`skip_nonfinite` (not the other way
+  round) so that the bad step itself is recorded.
+
+  Args:
+    inner: any optax transformation.
+    every: measure on steps 1, 1 + every, 1 + 2·every, ... and carry the last
+      numbers in between (``lax.cond`` skips the reductions on other steps).
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` with state
+    :class:`TelemetryState`.
+
+  Raises:
+    ValueError: if ``every`` is not a positive integer.
+
+  Example:
+    >>> import jax.numpy as jnp, jadam
+    >>> opt = jadam.with_telemetry(jadam.skip_nonfinite(jadam.adam(0.1)))
+    >>> params = {"w": jnp.array([3.0, 4.0])}
+    >>> state = opt.init(params)
+    >>> _, state = opt.update({"w": jnp.array([0.3, -0.4])}, state, params)
+    >>> {k: round(float(v), 3) for k, v in jadam.stats(state).items()}["grad_norm"]
+    0.5
+
+  References:
+    Kingma & Ba (2015), Section 2.1 (the effective step is bounded by α, so
+    the update-to-parameter ratio tracks α relative to the weights' scale).
+  """
+  if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+    raise ValueError(f"every must be a positive integer, got {every!r}.")
+  inner = optax.with_extra_args_support(inner)
+
+  def init_fn(params):
+    return TelemetryState(inner.init(params), _empty_stats(),
+                          jnp.zeros([], jnp.int32))
+
+  def update_fn(updates, state, params=None, **extra_args):
+    new_updates, new_inner = inner.update(updates, state.inner_state, params,
+                                          **extra_args)
+    count = optax.safe_increment(state.count)
+    measure = lambda: _measure(updates, new_updates, params, new_inner)
+    if every == 1:
+      health = measure()
+    else:
+      health = jax.lax.cond((count - 1) % every == 0, measure,
+                            lambda: state.stats)
+    return new_updates, TelemetryState(new_inner, health, count)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _find(tree: Any, node_type: type) -> list[Any]:
+  """Every node of ``node_type`` in ``tree``, outermost first."""
+  found = []
+  def visit(node):
+    if isinstance(node, node_type):
+      found.append(node)
+    return False  # keep descending: wrappers nest inside each other
+  jax.tree_util.tree_flatten(tree, is_leaf=visit)
+  return found
+
+
+def stats(state: Any) -> dict[str, Array]:
+  """The health numbers kept anywhere inside an optax state, for a logger.
+
+  Searches ``state`` (the state of any chain, wrapper or partition containing
+  :func:`with_telemetry`) for the outermost :class:`TelemetryState`, and adds
+  the skipped-step counts of every :func:`skip_nonfinite` and
+  ``optax.apply_if_finite`` state found.
+
+  Args:
+    state: an optax optimizer state.
+
+  Returns:
+    A dict of JAX scalars (use ``float(v)`` or ``jax.device_get`` before
+    printing): ``step``, ``grad_norm``, ``grad_max_abs``, ``update_norm``,
+    ``param_norm``, ``update_ratio``, ``nu_min``, ``nu_max`` (see
+    :class:`HealthStats`) and ``skipped_steps`` (0 when no skipping wrapper
+    is present). Works inside ``jax.jit`` too.
+
+  Raises:
+    ValueError: if ``state`` holds no :class:`TelemetryState`.
+
+  Example:
+    >>> import jax.numpy as jnp, jadam
+    >>> opt = jadam.with_telemetry(jadam.adam(0.1))
+    >>> state = opt.init({"w": jnp.ones(2)})
+    >>> sorted(jadam.stats(state))[:3]
+    ['grad_max_abs', 'grad_norm', 'nu_max']
+  """
+  telemetry = _find(state, TelemetryState)
+  if not telemetry:
+    raise ValueError(
+        "This optimizer state holds no telemetry; build the optimizer as "
+        "jadam.with_telemetry(opt) to record gradient-health numbers.")
+  skipped = jnp.zeros([], jnp.int32)
+  for node in _find(state, SkipNonfiniteState):
+    skipped = skipped + node.skipped
+  for node in _find(state, optax.ApplyIfFiniteState):
+    skipped = skipped + node.total_notfinite.astype(jnp.int32)
+  out = {"step": telemetry[0].count}
+  out.update(telemetry[0].stats._asdict())
+  out["skipped_steps"] = skipped
+  return out
