@@ -4,7 +4,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import pytest
 
 
 def train(opt, params, loss, steps):
@@ -71,8 +70,3 @@ PROBLEMS = {
     "rosenbrock": _rosenbrock_problem,
     "mlp": _mlp_problem,
 }
-
-
-@pytest.fixture(params=sorted(PROBLEMS))
-def problem(request):
-  return PROBLEMS[request.param]()
