@@ -43,13 +43,16 @@ def adam(
     *,
     nesterov: bool = False,
     nu_dtype: Optional[Any] = None,
+    cautious: bool = False,
+    numerics: str = "optax",
 ) -> optax.GradientTransformationExtraArgs:
   """The Adam optimizer (Kingma & Ba, 2015).
 
   Args:
     learning_rate: α, a float, a jax scalar or an optax schedule.
-    b1, b2, eps, eps_root, mu_dtype, nu_dtype, nesterov: see
-      :func:`jadam.scale_by_adam`.
+    b1, b2, eps, eps_root, mu_dtype, nu_dtype, nesterov, cautious, numerics:
+      see :func:`jadam.scale_by_adam`. ``numerics="keras"`` with ``eps=1e-7``
+      reproduces ``keras.optimizers.Adam``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -69,7 +72,8 @@ def adam(
   """
   return _optimizer(
       _transform.scale_by_adam(b1, b2, eps, eps_root, mu_dtype=mu_dtype,
-                               nu_dtype=nu_dtype, nesterov=nesterov),
+                               nu_dtype=nu_dtype, nesterov=nesterov,
+                               cautious=cautious, numerics=numerics),
       learning_rate)
 
 
@@ -85,6 +89,8 @@ def adamw(
     *,
     nesterov: bool = False,
     nu_dtype: Optional[Any] = None,
+    cautious: bool = False,
+    numerics: str = "optax",
 ) -> optax.GradientTransformationExtraArgs:
   """Adam with decoupled weight decay (Loshchilov & Hutter, 2019).
 
@@ -93,8 +99,11 @@ def adamw(
 
   Args:
     learning_rate: α, a float, a jax scalar or an optax schedule.
-    b1, b2, eps, eps_root, mu_dtype, nu_dtype, nesterov: see
-      :func:`jadam.scale_by_adam`.
+    b1, b2, eps, eps_root, mu_dtype, nu_dtype, nesterov, cautious, numerics:
+      see :func:`jadam.scale_by_adam`. ``numerics="keras"`` with
+      ``eps=1e-7`` reproduces ``keras.optimizers.AdamW``, whose decay
+      ``θ ← θ − α·λ·θ`` before the Adam step is the same ``−α·λ·θ`` term.
+      The cautious mask applies to the Adam direction, not to the decay.
     weight_decay: λ, >= 0 (a float or a schedule).
     mask: a pytree of booleans with the parameters' structure, or a callable
       from parameters to one; True where decay applies (for example not on
@@ -114,7 +123,8 @@ def adamw(
   """
   return _optimizer(
       _transform.scale_by_adam(b1, b2, eps, eps_root, mu_dtype=mu_dtype,
-                               nu_dtype=nu_dtype, nesterov=nesterov),
+                               nu_dtype=nu_dtype, nesterov=nesterov,
+                               cautious=cautious, numerics=numerics),
       learning_rate, weight_decay, mask)
 
 
@@ -127,11 +137,13 @@ def nadam(
     mu_dtype: Optional[Any] = None,
     *,
     nu_dtype: Optional[Any] = None,
+    cautious: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   """Adam with Nesterov momentum: :func:`adam` with ``nesterov=True``.
 
   Args:
-    learning_rate, b1, b2, eps, eps_root, mu_dtype, nu_dtype: see :func:`adam`.
+    learning_rate, b1, b2, eps, eps_root, mu_dtype, nu_dtype, cautious: see
+      :func:`adam`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -144,7 +156,7 @@ def nadam(
     Dozat, "Incorporating Nesterov Momentum into Adam", ICLR workshop 2016.
   """
   return adam(learning_rate, b1, b2, eps, eps_root, mu_dtype,
-              nesterov=True, nu_dtype=nu_dtype)
+              nesterov=True, nu_dtype=nu_dtype, cautious=cautious)
 
 
 def nadamw(
@@ -158,12 +170,13 @@ def nadamw(
     mask: MaskOrFn = None,
     *,
     nu_dtype: Optional[Any] = None,
+    cautious: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   """NAdam with decoupled weight decay: :func:`adamw` with ``nesterov=True``.
 
   Args:
     learning_rate, b1, b2, eps, eps_root, mu_dtype, weight_decay, mask,
-      nu_dtype: see :func:`adamw`.
+      nu_dtype, cautious: see :func:`adamw`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -176,7 +189,7 @@ def nadamw(
     Dozat (2016); Loshchilov & Hutter (2019).
   """
   return adamw(learning_rate, b1, b2, eps, eps_root, mu_dtype, weight_decay,
-               mask, nesterov=True, nu_dtype=nu_dtype)
+               mask, nesterov=True, nu_dtype=nu_dtype, cautious=cautious)
 
 
 def amsgrad(
@@ -188,11 +201,16 @@ def amsgrad(
     mu_dtype: Optional[Any] = None,
     *,
     nu_dtype: Optional[Any] = None,
+    cautious: bool = False,
+    numerics: str = "optax",
 ) -> optax.GradientTransformationExtraArgs:
   """AMSGrad: Adam dividing by the running maximum of v̂.
 
   Args:
-    learning_rate, b1, b2, eps, eps_root, mu_dtype, nu_dtype: see :func:`adam`.
+    learning_rate, b1, b2, eps, eps_root, mu_dtype, nu_dtype, cautious: see
+      :func:`adam`.
+    numerics: see :func:`jadam.scale_by_amsgrad`; ``"keras"`` reproduces
+      ``keras.optimizers.Adam(amsgrad=True)``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -206,7 +224,8 @@ def amsgrad(
   """
   return _optimizer(
       _transform.scale_by_amsgrad(b1, b2, eps, eps_root, mu_dtype=mu_dtype,
-                                  nu_dtype=nu_dtype), learning_rate)
+                                  nu_dtype=nu_dtype, cautious=cautious,
+                                  numerics=numerics), learning_rate)
 
 
 def adamax(
@@ -217,11 +236,12 @@ def adamax(
     *,
     mu_dtype: Optional[Any] = None,
     nu_dtype: Optional[Any] = None,
+    cautious: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   """AdaMax: Adam with the infinity norm in place of v.
 
   Args:
-    learning_rate, b1, b2, eps, mu_dtype, nu_dtype: see :func:`adam`.
+    learning_rate, b1, b2, eps, mu_dtype, nu_dtype, cautious: see :func:`adam`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -235,7 +255,8 @@ def adamax(
   """
   return _optimizer(
       _transform.scale_by_adamax(b1, b2, eps, mu_dtype=mu_dtype,
-                                 nu_dtype=nu_dtype), learning_rate)
+                                 nu_dtype=nu_dtype, cautious=cautious),
+      learning_rate)
 
 
 def adamaxw(
@@ -248,11 +269,13 @@ def adamaxw(
     *,
     mu_dtype: Optional[Any] = None,
     nu_dtype: Optional[Any] = None,
+    cautious: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   """AdaMax with decoupled weight decay.
 
   Args:
-    learning_rate, b1, b2, eps, mu_dtype, nu_dtype: see :func:`adamax`.
+    learning_rate, b1, b2, eps, mu_dtype, nu_dtype, cautious: see
+      :func:`adamax`.
     weight_decay, mask: see :func:`adamw`.
 
   Returns:
@@ -267,7 +290,7 @@ def adamaxw(
   """
   return _optimizer(
       _transform.scale_by_adamax(b1, b2, eps, mu_dtype=mu_dtype,
-                                 nu_dtype=nu_dtype),
+                                 nu_dtype=nu_dtype, cautious=cautious),
       learning_rate, weight_decay, mask)
 
 
@@ -282,12 +305,13 @@ def radam(
     nesterov: bool = False,
     mu_dtype: Optional[Any] = None,
     nu_dtype: Optional[Any] = None,
+    cautious: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   """RAdam: Adam with the variance of its adaptive step rectified.
 
   Args:
-    learning_rate, b1, b2, eps, eps_root, nesterov, mu_dtype, nu_dtype: see
-      :func:`adam`.
+    learning_rate, b1, b2, eps, eps_root, nesterov, mu_dtype, nu_dtype,
+      cautious: see :func:`adam`.
     threshold: see :func:`jadam.scale_by_radam`.
 
   Returns:
@@ -304,4 +328,5 @@ def radam(
   return _optimizer(
       _transform.scale_by_radam(b1, b2, eps, eps_root, threshold,
                                 nesterov=nesterov, mu_dtype=mu_dtype,
-                                nu_dtype=nu_dtype), learning_rate)
+                                nu_dtype=nu_dtype, cautious=cautious),
+      learning_rate)

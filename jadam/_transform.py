@@ -50,6 +50,13 @@ def _check_rule(rule: _rule.AdamRule) -> None:
   _validation.check_nonnegative("eps_root", rule.eps_root)
   if rule.rectify_threshold is not None:
     _validation.check_nonnegative("threshold", rule.rectify_threshold)
+  if rule.numerics not in _rule.NUMERICS:
+    raise ValueError(f"numerics must be one of {_rule.NUMERICS}, got "
+                     f"{rule.numerics!r}.")
+  if rule.numerics == "keras" and rule.nesterov:
+    raise ValueError(
+        "numerics='keras' reproduces keras.optimizers.Adam and AdamW, which "
+        "have no Nesterov form; use nesterov=True with numerics='optax'.")
 
 
 def _scale_by_rule(rule: _rule.AdamRule, mu_dtype: Any,
@@ -107,6 +114,8 @@ def scale_by_adam(
     mu_dtype: Optional[Any] = None,
     nu_dtype: Optional[Any] = None,
     nesterov: bool = False,
+    cautious: bool = False,
+    numerics: str = "optax",
 ) -> optax.GradientTransformation:
   """Rescale gradients by Adam's bias-corrected moments.
 
@@ -123,6 +132,14 @@ def scale_by_adam(
     nu_dtype: storage dtype of the second moment (None: the parameter's).
       Arithmetic always runs in float32 or wider whatever the storage.
     nesterov: use Nesterov momentum (NAdam, Dozat 2016).
+    cautious: zero the components whose sign disagrees with the current
+      gradient and rescale the rest by the fraction kept, per parameter array
+      (Cautious Adam, Liang et al. 2024).
+    numerics: ``"optax"`` (default) computes Algorithm 1 as written, equal to
+      ``optax.adam``; ``"keras"`` computes it as ``keras.optimizers.Adam``
+      does (ε added to √v_t, bias correction folded into the step size), so
+      that models ported from Keras train identically. Note Keras's default
+      ε is 1e-7.
 
   Returns:
     An ``optax.GradientTransformation`` with state :class:`ScaleByAdamState`.
@@ -143,7 +160,8 @@ def scale_by_adam(
     Kingma & Ba, "Adam: A Method for Stochastic Optimization", ICLR 2015.
   """
   return _scale_by_rule(
-      _rule.AdamRule(b1, b2, eps, eps_root, nesterov=nesterov),
+      _rule.AdamRule(b1, b2, eps, eps_root, nesterov=nesterov,
+                     cautious=cautious, numerics=numerics),
       mu_dtype, nu_dtype)
 
 
@@ -155,12 +173,18 @@ def scale_by_amsgrad(
     *,
     mu_dtype: Optional[Any] = None,
     nu_dtype: Optional[Any] = None,
+    cautious: bool = False,
+    numerics: str = "optax",
 ) -> optax.GradientTransformation:
   """Adam dividing by the running maximum of the bias-corrected v̂.
 
   Args:
-    b1, b2, eps, eps_root, mu_dtype, nu_dtype: as in :func:`scale_by_adam`;
-      ``nu_dtype`` also sets the storage of the running maximum.
+    b1, b2, eps, eps_root, mu_dtype, nu_dtype, cautious: as in
+      :func:`scale_by_adam`; ``nu_dtype`` also sets the storage of the
+      running maximum.
+    numerics: as in :func:`scale_by_adam`; with ``"keras"`` the running
+      maximum is of the uncorrected v_t, as in
+      ``keras.optimizers.Adam(amsgrad=True)``.
 
   Returns:
     An ``optax.GradientTransformation`` with state :class:`ScaleByAmsgradState`.
@@ -173,7 +197,8 @@ def scale_by_amsgrad(
     Reddi, Kale & Kumar, "On the Convergence of Adam and Beyond", ICLR 2018.
   """
   return _scale_by_rule(
-      _rule.AdamRule(b1, b2, eps, eps_root, amsgrad=True), mu_dtype, nu_dtype)
+      _rule.AdamRule(b1, b2, eps, eps_root, amsgrad=True, cautious=cautious,
+                     numerics=numerics), mu_dtype, nu_dtype)
 
 
 def scale_by_adamax(
@@ -183,11 +208,12 @@ def scale_by_adamax(
     *,
     mu_dtype: Optional[Any] = None,
     nu_dtype: Optional[Any] = None,
+    cautious: bool = False,
 ) -> optax.GradientTransformation:
   """AdaMax: Adam with the infinity norm u_t = max(β2·u_{t-1}, |g_t| + ε).
 
   Args:
-    b1, b2, eps, mu_dtype, nu_dtype: as in :func:`scale_by_adam`.
+    b1, b2, eps, mu_dtype, nu_dtype, cautious: as in :func:`scale_by_adam`.
 
   Returns:
     An ``optax.GradientTransformation`` with state :class:`ScaleByAdamState`
@@ -201,7 +227,8 @@ def scale_by_adamax(
     Kingma & Ba (2015), Section 7.1 and Algorithm 2.
   """
   return _scale_by_rule(
-      _rule.AdamRule(b1, b2, eps, infinity_norm=True), mu_dtype, nu_dtype)
+      _rule.AdamRule(b1, b2, eps, infinity_norm=True, cautious=cautious),
+      mu_dtype, nu_dtype)
 
 
 def scale_by_radam(
@@ -214,11 +241,12 @@ def scale_by_radam(
     nesterov: bool = False,
     mu_dtype: Optional[Any] = None,
     nu_dtype: Optional[Any] = None,
+    cautious: bool = False,
 ) -> optax.GradientTransformation:
   """RAdam: Adam with the variance of the adaptive step rectified.
 
   Args:
-    b1, b2, eps, eps_root, nesterov, mu_dtype, nu_dtype: as in
+    b1, b2, eps, eps_root, nesterov, mu_dtype, nu_dtype, cautious: as in
       :func:`scale_by_adam`.
     threshold: while the SMA length ρ_t is below it, take momentum steps.
 
@@ -235,4 +263,5 @@ def scale_by_radam(
   """
   return _scale_by_rule(
       _rule.AdamRule(b1, b2, eps, eps_root, nesterov=nesterov,
-                     rectify_threshold=threshold), mu_dtype, nu_dtype)
+                     rectify_threshold=threshold, cautious=cautious),
+      mu_dtype, nu_dtype)
