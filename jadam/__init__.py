@@ -9,6 +9,7 @@ Module map:
 * ``_transform``: the rule walked over a pytree (``scale_by_*``).
 * ``_alias``: complete optimizers (``adam``, ``adamw``, ...).
 * ``_health``: non-finite step skipping and gradient-health telemetry.
+* ``_sharding``: where state lives on a device mesh (follows parameters, ZeRO-1).
 """
 
 from jadam._alias import adam
@@ -28,6 +29,11 @@ from jadam._health import with_telemetry
 from jadam._rule import AdamRule
 from jadam._rule import Moments
 from jadam._rule import adam_step
+from jadam._sharding import abstract_state
+from jadam._sharding import bytes_per_device
+from jadam._sharding import state_shardings
+from jadam._sharding import zero1
+from jadam._sharding import zero1_shardings
 from jadam._transform import ScaleByAdamState
 from jadam._transform import ScaleByAmsgradState
 from jadam._transform import scale_by_adam
@@ -45,12 +51,14 @@ __all__ = [
     "ScaleByAmsgradState",
     "SkipNonfiniteState",
     "TelemetryState",
+    "abstract_state",
     "adam",
     "adam_step",
     "adamax",
     "adamaxw",
     "adamw",
     "amsgrad",
+    "bytes_per_device",
     "nadam",
     "nadamw",
     "radam",
@@ -59,6 +67,9 @@ __all__ = [
     "scale_by_amsgrad",
     "scale_by_radam",
     "skip_nonfinite",
+    "state_shardings",
     "stats",
     "with_telemetry",
+    "zero1",
+    "zero1_shardings",
 ]

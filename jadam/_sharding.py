@@ -1,0 +1,374 @@
+"""Where optimizer state lives on a device mesh.
+
+The Adam rule is elementwise, so a moment can be split over devices in any way
+its parameter can, and nothing in jadam needs to know the mesh. This module
+only decides *placement*:
+
+* State follows its parameter. Every zero of optimizer state is made by
+  :func:`jadam._storage.zeros`, which calls :func:`zeros_placed_like` here.
+  Plain ``jnp.zeros`` under ``jax.jit`` has no data dependence on the
+  parameter, so the compiler is free to put it anywhere (in practice whole on
+  one device); tying the zeros to the parameter with a sharding group makes
+  them take the parameter's sharding, on a data, model or mixed mesh alike.
+* :func:`abstract_state` / :func:`state_shardings`: the shapes and shardings
+  of ``tx.init(params)`` without allocating it (for ``out_shardings`` or for
+  restoring a checkpoint onto a mesh).
+* ZeRO-1 (Rajbhandari et al., 2020, stage 1): parameters stay replicated over
+  the data-parallel axis while the optimizer state is split over it, so each
+  device keeps 1/N of the moments. :func:`zero1` wraps any transformation to
+  do so; :func:`zero1_shardings` gives the same placement as shardings.
+* :func:`bytes_per_device`: what a pytree of arrays occupies on each device.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Hashable, Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.experimental.shard_alike import shard_alike
+from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
+
+Array = jax.Array
+PyTree = Any
+
+
+# ---------------------------------------------------------------------------
+# State follows its parameter.
+
+
+def zeros_placed_like(like: Any, shape: Sequence[int], dtype: Any) -> Array:
+  """Zeros of ``shape`` and ``dtype`` placed on the devices of ``like``.
+
+  If ``shape`` is ``like``'s shape the zeros get exactly ``like``'s sharding.
+  Otherwise (compressed storage such as blocks of a quantized moment) the
+  leading dimension of the state is taken to index consecutive pieces of the
+  flattened parameter, and it is split over devices as those pieces are.
+
+  Args:
+    like: the parameter: a ``jax.Array``, a tracer inside ``jax.jit`` or
+      ``shard_map``, a ``jax.ShapeDtypeStruct`` (its ``sharding`` is used if
+      set), or anything with ``shape`` and ``dtype``.
+    shape: shape of the zeros.
+    dtype: dtype of the zeros.
+
+  Returns:
+    A ``jax.Array`` of zeros.
+  """
+  shape = tuple(int(d) for d in shape)
+  if isinstance(like, jax.core.Tracer):
+    return _traced_zeros(like, shape, dtype)
+  sharding = getattr(like, "sharding", None)
+  if sharding is None or isinstance(sharding, SingleDeviceSharding):
+    # One device: keep jnp's default (uncommitted) placement, as optax does.
+    return jnp.zeros(shape, dtype)
+  if shape != tuple(like.shape):
+    # Ask the compiler where the traced rule puts them; cheap, no allocation.
+    abstract = jax.ShapeDtypeStruct(like.shape, like.dtype, sharding=sharding)
+    sharding = jax.jit(
+        lambda p: _traced_zeros(p, shape, dtype)).lower(
+            abstract).compile().output_shardings
+  return jnp.zeros(shape, dtype, device=sharding)
+
+
+def _traced_zeros(like: Array, shape: tuple[int, ...], dtype: Any) -> Array:
+  """Zeros under tracing, in one sharding group with (a view of) ``like``.
+
+  On a mesh with ``Explicit`` axes the sharding is part of ``like``'s type
+  and is copied; on ``Auto`` axes it is only decided by the compiler, and the
+  sharding group ties the zeros to whatever it decides for ``like``.
+  """
+  if shape == tuple(like.shape):
+    # full_like copies an explicit sharding (and shard_map varying axes).
+    return shard_alike(jax.lax.full_like(like, 0, dtype), like)[0]
+  if not shape or math.prod(shape) == 0 or like.size == 0:
+    return jnp.zeros(shape, dtype)
+  typed = jax.typeof(like).sharding
+  if _has_explicit_axes(typed) and like.ndim:
+    # Consecutive pieces of the flattened parameter follow its leading split.
+    lead = typed.spec[0] if typed.spec else None
+    if shape[0] % _axis_size(typed.mesh, lead):
+      lead = None
+    return jnp.zeros(shape, dtype, out_sharding=NamedSharding(
+        typed.mesh, PartitionSpec(lead)))
+  # View the flattened parameter as shape[0] consecutive pieces, broadcast to
+  # ``shape``: an anchor carrying the parameter's split of the leading
+  # dimension. Only its sharding is used; the compiler drops it as dead code.
+  pieces = shape[0]
+  per_piece = -(-like.size // pieces)
+  flat = jnp.pad(jnp.ravel(like), (0, pieces * per_piece - like.size))
+  first_of_piece = flat.reshape(pieces, per_piece)[:, :1]
+  anchor = jnp.broadcast_to(
+      first_of_piece, (pieces, max(1, math.prod(shape[1:])))).reshape(shape)
+  return shard_alike(jnp.zeros(shape, dtype), anchor)[0]
+
+
+def _has_explicit_axes(sharding: Any) -> bool:
+  mesh = getattr(sharding, "mesh", None)
+  return mesh is not None and not mesh.empty and any(
+      t == jax.sharding.AxisType.Explicit for t in mesh.axis_types)
+
+
+def abstract_state(tx: optax.GradientTransformation,
+                   params: PyTree) -> PyTree:
+  """Shapes, dtypes and shardings of ``tx.init(params)``, nothing allocated.
+
+  Args:
+    tx: any optax transformation (jadam's place their state like the
+      parameters; others' state is placed wherever the compiler puts it).
+    params: the parameters, as arrays or as ``jax.ShapeDtypeStruct`` with a
+      ``sharding``.
+
+  Returns:
+    A pytree like the state, of ``jax.ShapeDtypeStruct`` with ``sharding`` set.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, jadam
+    >>> params = {"w": jax.ShapeDtypeStruct((1024, 1024), jnp.float32)}
+    >>> state = jadam.abstract_state(jadam.adam(1e-3), params)
+    >>> state[0].mu["w"].shape
+    (1024, 1024)
+  """
+  shapes = jax.eval_shape(tx.init, params)
+  shardings = jax.jit(tx.init).lower(params).compile().output_shardings
+  return jax.tree.map(
+      lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+      shapes, shardings)
+
+
+def state_shardings(tx: optax.GradientTransformation,
+                    params: PyTree) -> PyTree:
+  """The sharding of every leaf of ``tx.init(params)``.
+
+  Use it as ``out_shardings`` of a jitted init or train step, or to restore a
+  checkpoint directly onto the mesh.
+
+  Args:
+    tx: any optax transformation.
+    params: arrays or ``jax.ShapeDtypeStruct`` carrying shardings.
+
+  Returns:
+    A pytree like the state, of ``jax.sharding.Sharding``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, jadam
+    >>> shardings = jadam.state_shardings(jadam.adam(1e-3), {"w": jnp.ones(4)})
+  """
+  return jax.tree.map(lambda s: s.sharding, abstract_state(tx, params))
+
+
+# ---------------------------------------------------------------------------
+# ZeRO-1: state split over the data axis.
+
+
+def _axis_size(mesh: Mesh, axes: Any) -> int:
+  if axes is None or axes is PartitionSpec.UNCONSTRAINED:
+    return 1
+  if isinstance(axes, str):
+    axes = (axes,)
+  return math.prod(mesh.shape[a] for a in axes)
+
+
+def _uses(entry: Any, axis: Hashable) -> bool:
+  if entry is None or entry is PartitionSpec.UNCONSTRAINED:
+    return False
+  return axis == entry or (isinstance(entry, tuple) and axis in entry)
+
+
+def add_axis(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh,
+             axis: Hashable) -> PartitionSpec:
+  """``spec`` with ``axis`` added to one dimension, if one can take it.
+
+  The dimension chosen is the largest one that divides evenly into the extra
+  ``mesh.shape[axis]`` pieces, preferring dimensions not yet split (a split
+  one gets the axis appended, e.g. ``"model"`` -> ``("model", "data")``).
+  Arrays with no such dimension (scalars, odd-sized biases) keep ``spec``:
+  they stay whole on every device.
+
+  Args:
+    spec: the current partition spec (may hold ``PartitionSpec.UNCONSTRAINED``).
+    shape: the array's shape.
+    mesh: the mesh ``spec`` refers to.
+    axis: mesh axis to add.
+
+  Returns:
+    A ``PartitionSpec`` with one entry per dimension of ``shape``.
+  """
+  entries = list(spec) + [None] * (len(shape) - len(spec))
+  if any(_uses(e, axis) for e in entries):
+    return PartitionSpec(*entries)
+  n = mesh.shape[axis]
+
+  def fits(d):
+    return shape[d] % (_axis_size(mesh, entries[d]) * n) == 0
+
+  free = [d for d in range(len(shape))
+          if _axis_size(mesh, entries[d]) == 1 and fits(d)]
+  split = [d for d in range(len(shape))
+           if _axis_size(mesh, entries[d]) > 1 and fits(d)]
+  for candidates in (free, split):
+    if candidates:
+      d = max(candidates, key=lambda d: shape[d])  # first of the largest
+      entry = entries[d]
+      if entry is None or entry is PartitionSpec.UNCONSTRAINED:
+        entries[d] = axis
+      else:
+        entries[d] = (*((entry,) if isinstance(entry, str) else entry), axis)
+      break
+  return PartitionSpec(*entries)
+
+
+def zero1_shardings(tx: optax.GradientTransformation, params: PyTree,
+                    axis: Hashable = "data") -> PyTree:
+  """Shardings of ``tx.init(params)`` with the state split over ``axis``.
+
+  Each state array starts from its parameter's sharding (model-parallel
+  splits are kept) and is further split over ``axis`` on one dimension, see
+  :func:`add_axis`.
+
+  Args:
+    tx: the (unwrapped) optimizer.
+    params: arrays or ``jax.ShapeDtypeStruct`` with ``NamedSharding`` on a mesh
+      that has ``axis``.
+    axis: the data-parallel mesh axis.
+
+  Returns:
+    A pytree like the state, of ``NamedSharding``.
+
+  Example:
+    >>> import jax, jadam
+    >>> from jax.sharding import NamedSharding, PartitionSpec as P
+    >>> mesh = jax.make_mesh((1,), ("data",))
+    >>> params = {"w": jax.ShapeDtypeStruct((8, 4), "float32",
+    ...                                     sharding=NamedSharding(mesh, P()))}
+    >>> jadam.zero1_shardings(jadam.adam(1e-3), params)[0].mu["w"].spec
+    PartitionSpec('data', None)
+  """
+  def widen(abstract):
+    sharding = abstract.sharding
+    if not isinstance(sharding, NamedSharding):
+      raise ValueError(
+          "zero1_shardings needs parameters with a NamedSharding on a mesh "
+          f"that has axis {axis!r}; got {sharding!r}. Put the parameters on "
+          "the mesh first, e.g. with jax.device_put(params, "
+          "NamedSharding(mesh, PartitionSpec())).")
+    return NamedSharding(sharding.mesh, add_axis(
+        sharding.spec, abstract.shape, sharding.mesh, axis))
+  return jax.tree.map(widen, abstract_state(tx, params))
+
+
+def _check_axis(mesh: Mesh, axis: Hashable) -> None:
+  if axis not in mesh.shape:
+    raise ValueError(
+        f"axis {axis!r} is not an axis of the mesh; its axes are "
+        f"{tuple(mesh.shape)}.")
+
+
+def zero1(tx: optax.GradientTransformation, mesh: Mesh,
+          axis: Hashable = "data") -> optax.GradientTransformationExtraArgs:
+  """ZeRO-1: ``tx`` with its state split over the data-parallel mesh axis.
+
+  Parameters and gradients keep whatever sharding they have (typically
+  replicated over ``axis``); every state array is split over ``axis`` on one
+  dimension (:func:`add_axis`), so each of the N devices keeps 1/N of it. In a
+  jitted step the compiler then updates each slice of the state where it
+  lives and gathers the parameter update, which is what ZeRO stage 1 does by
+  hand. The arithmetic is ``tx``'s own: results equal unsharded training up
+  to the order of floating-point reductions.
+
+  ``init`` places the state: called eagerly (on arrays or on
+  ``jax.ShapeDtypeStruct`` with shardings) it splits each state array
+  exactly; traced inside ``jax.jit`` it fixes the ``axis`` dimension and lets
+  the compiler choose the others (pass ``out_shardings=zero1_shardings(...)``
+  to fix them too). ``update`` returns state sharded exactly like the state it
+  was given, so the split survives any number of jitted steps.
+
+  Args:
+    tx: any optax transformation, e.g. ``jadam.adam(1e-3)``.
+    mesh: the device mesh.
+    axis: name of its data-parallel axis.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` with the same state structure.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, jadam
+    >>> mesh = jax.make_mesh((jax.device_count(),), ("data",))
+    >>> tx = jadam.zero1(jadam.adam(1e-3), mesh)
+    >>> state = tx.init({"w": jnp.zeros((8, 4))})
+
+  References:
+    Rajbhandari, Rasley, Ruwase & He, "ZeRO: Memory Optimizations Toward
+    Training Trillion Parameter Models", SC 2020.
+  """
+  _check_axis(mesh, axis)
+  tx = optax.with_extra_args_support(tx)
+
+  def place(leaf):
+    if not isinstance(leaf, (jax.Array, jax.core.Tracer)) or leaf.ndim == 0:
+      return leaf
+    typed = jax.typeof(leaf).sharding
+    if _has_explicit_axes(typed):
+      spec = add_axis(typed.spec, leaf.shape, mesh, axis)
+      return jax.sharding.reshard(leaf, NamedSharding(mesh, spec))
+    if isinstance(leaf, jax.core.Tracer):
+      base = PartitionSpec(*[PartitionSpec.UNCONSTRAINED] * leaf.ndim)
+    elif isinstance(leaf.sharding, NamedSharding) and leaf.sharding.mesh == mesh:
+      base = leaf.sharding.spec
+    else:
+      base = PartitionSpec()
+    spec = add_axis(base, leaf.shape, mesh, axis)
+    return jax.lax.with_sharding_constraint(leaf, NamedSharding(mesh, spec))
+
+  def init_fn(params):
+    return jax.tree.map(place, tx.init(params))
+
+  def update_fn(updates, state, params=None, **extra_args):
+    new_updates, new_state = tx.update(updates, state, params, **extra_args)
+    # Updates leave sharded like the gradients came in (so replicated
+    # parameters stay replicated), state like it came in (split over axis).
+    return (jax.tree.map(_keep_sharding, new_updates, updates),
+            jax.tree.map(_keep_sharding, new_state, state))
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _keep_sharding(new: Any, old: Any) -> Any:
+  """``new`` sharded like ``old`` (arrays of the same shape; else unchanged)."""
+  if not (isinstance(new, (jax.Array, jax.core.Tracer))
+          and isinstance(old, (jax.Array, jax.core.Tracer))
+          and new.shape == old.shape and new.ndim > 0):
+    return new
+  typed = jax.typeof(old).sharding
+  if _has_explicit_axes(typed):
+    return jax.sharding.reshard(new, typed)
+  return shard_alike(new, old)[0]
+
+
+# ---------------------------------------------------------------------------
+# Measuring.
+
+
+def bytes_per_device(tree: PyTree) -> dict[Any, int]:
+  """Bytes each device holds of the arrays in ``tree`` (addressable shards).
+
+  Args:
+    tree: a pytree of ``jax.Array`` (non-array leaves are ignored).
+
+  Returns:
+    ``{device: bytes}`` over the devices of this process.
+
+  Example:
+    >>> import jax.numpy as jnp, jadam
+    >>> list(jadam.bytes_per_device({"w": jnp.zeros(4)}).values())
+    [16]
+  """
+  totals: dict[Any, int] = {}
+  for leaf in jax.tree.leaves(tree):
+    if not isinstance(leaf, jax.Array):
+      continue
+    for shard in leaf.addressable_shards:
+      totals[shard.device] = totals.get(shard.device, 0) + shard.data.nbytes
+  return totals
