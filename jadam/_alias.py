@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any, Callable, Optional, Union
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from jadam import _transform
@@ -22,15 +23,52 @@ MaskOrFn = Optional[Union[Any, Callable[[optax.Params], Any]]]
 def _optimizer(scaling: optax.GradientTransformation,
                learning_rate: ScalarOrSchedule,
                weight_decay: Optional[ScalarOrSchedule] = None,
-               mask: MaskOrFn = None) -> optax.GradientTransformationExtraArgs:
+               mask: MaskOrFn = None,
+               numerics: str = "optax") -> optax.GradientTransformationExtraArgs:
   """``scaling``, then decoupled weight decay if given, then ``−learning_rate``."""
   _validation.check_learning_rate(learning_rate)
   parts = [scaling]
   if weight_decay is not None:
     _validation.check_nonnegative("weight_decay", weight_decay)
+    if numerics == "keras":
+      return optax.chain(scaling, _keras_decay_then_step(
+          learning_rate, weight_decay, mask))
     parts.append(optax.add_decayed_weights(weight_decay, mask))
   parts.append(optax.scale_by_learning_rate(learning_rate))
   return optax.chain(*parts)
+
+
+def _keras_decay_then_step(
+    learning_rate: ScalarOrSchedule, weight_decay: ScalarOrSchedule,
+    mask: MaskOrFn) -> optax.GradientTransformation:
+  """``θ ← θ − θ·λ·α``, then ``θ ← θ − α·d``, rounded as keras.optimizers.AdamW.
+
+  The sum is the usual ``−α·(d + λ·θ)``; applying the decay to θ first, as
+  Keras does, rounds differently, and the difference grows along a run.
+  """
+  decay = optax.add_decayed_weights(weight_decay, mask)
+
+  def init_fn(params):
+    return decay.init(params), optax.ScaleByScheduleState(
+        jnp.zeros([], jnp.int32))
+
+  def update_fn(directions, state, params=None):
+    if params is None:
+      raise ValueError("numerics='keras' with weight decay needs the params: "
+                       "call update(grads, state, params).")
+    decay_state, schedule_state = state
+    lr = (learning_rate(schedule_state.count) if callable(learning_rate)
+          else learning_rate)
+    # λ·θ where the mask allows decay, 0 elsewhere.
+    decay_terms, decay_state = decay.update(
+        jax.tree.map(jnp.zeros_like, directions), decay_state, params)
+    new_params = jax.tree.map(lambda p, wd_p, d: (p - wd_p * lr) - lr * d,
+                              params, decay_terms, directions)
+    updates = jax.tree.map(lambda new, p: new - p, new_params, params)
+    return updates, (decay_state, optax.ScaleByScheduleState(
+        optax.safe_increment(schedule_state.count)))
+
+  return optax.GradientTransformation(init_fn, update_fn)
 
 
 def adam(
@@ -101,8 +139,8 @@ def adamw(
     learning_rate: α, a float, a jax scalar or an optax schedule.
     b1, b2, eps, eps_root, mu_dtype, nu_dtype, nesterov, cautious, numerics:
       see :func:`jadam.scale_by_adam`. ``numerics="keras"`` with
-      ``eps=1e-7`` reproduces ``keras.optimizers.AdamW``, whose decay
-      ``θ ← θ − α·λ·θ`` before the Adam step is the same ``−α·λ·θ`` term.
+      ``eps=1e-7`` reproduces ``keras.optimizers.AdamW``, including its
+      order of rounding: ``θ ← θ − θ·λ·α`` first, then the Adam step.
       The cautious mask applies to the Adam direction, not to the decay.
     weight_decay: λ, >= 0 (a float or a schedule).
     mask: a pytree of booleans with the parameters' structure, or a callable
@@ -125,7 +163,7 @@ def adamw(
       _transform.scale_by_adam(b1, b2, eps, eps_root, mu_dtype=mu_dtype,
                                nu_dtype=nu_dtype, nesterov=nesterov,
                                cautious=cautious, numerics=numerics),
-      learning_rate, weight_decay, mask)
+      learning_rate, weight_decay, mask, numerics)
 
 
 def nadam(
