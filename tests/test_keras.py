@@ -119,17 +119,20 @@ def _run_keras(out_path):
     # the ported loss, recorded so that jadam can be fed the same ones.
     model = _keras_model(keras, start)
     optimizer = _keras_optimizer(keras, config, exclude_bias)
-    variables = model.trainable_variables
-    optimizer.build(variables)
+    optimizer.build(model.trainable_variables)
+    # Keras's own stateless update (what model.fit runs on JAX), jitted.
+    apply = jax.jit(optimizer.stateless_apply)
     grad_fn = jax.jit(jax.grad(_loss))
+    train_values = [v.value for v in model.trainable_variables]
+    optimizer_values = [v.value for v in optimizer.variables]
     for step in range(STEPS):
-      params = dict(zip(NAMES, (np.asarray(v.value) for v in variables)))
-      grads = grad_fn(params, x, y, scale)
-      optimizer.apply([grads[name] for name in NAMES], variables)
-      for name, v in zip(NAMES, variables):
+      grads = grad_fn(dict(zip(NAMES, train_values)), x, y, scale)
+      train_values, optimizer_values = apply(
+          optimizer_values, [grads[name] for name in NAMES], train_values)
+      for name, value in zip(NAMES, train_values):
         results[f"{case}/lockstep/grad/{step}/{name}"] = np.asarray(
             grads[name])
-        results[f"{case}/lockstep/param/{step}/{name}"] = np.asarray(v.value)
+        results[f"{case}/lockstep/param/{step}/{name}"] = np.asarray(value)
     # Free-running: the Keras model trains itself with its own gradients.
     model = _keras_model(keras, start)
     optimizer = _keras_optimizer(keras, config, exclude_bias)
