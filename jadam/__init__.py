@@ -8,6 +8,7 @@ Module map:
 * ``_validation``: hyperparameter and gradient checks with clear errors.
 * ``_transform``: the rule walked over a pytree (``scale_by_*``).
 * ``_alias``: complete optimizers (``adam``, ``adamw``, ...).
+* ``_flat``: the fast path, parameters packed in one buffer per dtype.
 * ``_health``: non-finite step skipping and gradient-health telemetry.
 * ``_sharding``: where state lives on a device mesh (follows parameters, ZeRO-1).
 """
@@ -20,6 +21,7 @@ from jadam._alias import amsgrad
 from jadam._alias import nadam
 from jadam._alias import nadamw
 from jadam._alias import radam
+from jadam._flat import FlatView
 from jadam._health import HealthStats
 from jadam._health import SkipNonfiniteState
 from jadam._health import TelemetryState
@@ -45,6 +47,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdamRule",
+    "FlatView",
     "HealthStats",
     "Moments",
     "ScaleByAdamState",

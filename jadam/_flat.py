@@ -1,0 +1,238 @@
+"""The fast path: parameters kept in one contiguous buffer per dtype.
+
+Adam is memory bound and its work is elementwise, so the cost of a step on a
+tree of many leaves is mostly per-leaf overhead: one loop nest (and one piece
+of compiled code) per leaf and per moment. :class:`FlatView` removes that
+overhead without touching the arithmetic: the parameters live in one 1-D
+buffer per dtype (per group), the model reads its leaves back as static
+slices of that buffer inside ``jit``, and differentiating the loss with
+respect to the buffer gives the gradient in the same flat layout. Any jadam
+optimizer (or optax chain) then runs unchanged on a pytree with one leaf per
+buffer, so its numerics are those of the tree path, element for element.
+
+Layout::
+
+    tree                         flat (a dict, one 1-D buffer per key)
+    {"w": f32[256, 64],    ->    {"float32": f32[256·64 + 64 + 8],
+     "b": f32[64],                "bfloat16": bf16[32]}
+     "s": bf16[32],
+     "x": f32[8]}
+
+Decoupled weight-decay masks are per leaf, while a flat buffer is one leaf
+for optax. Building the view with ``groups=mask`` keeps decayed and
+non-decayed leaves in separate buffers, and :meth:`FlatView.mask` turns the
+same per-leaf mask into the per-buffer mask that ``jadam.adamw(mask=...)``
+and ``optax.masked`` expect.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Hashable, Optional, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+PyTree = Any
+LabelTree = Union[PyTree, Callable[[PyTree], PyTree]]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Slot:
+  """Where one leaf of the tree lives: buffer key, offset, shape, dtype."""
+
+  key: str
+  start: int
+  shape: tuple[int, ...]
+  dtype: np.dtype
+
+  @property
+  def size(self) -> int:
+    return int(np.prod(self.shape, dtype=np.int64))
+
+
+def _template(tree: PyTree) -> PyTree:
+  """Shapes and dtypes of ``tree`` (arrays, ShapeDtypeStructs or scalars)."""
+  def leaf(x):
+    if isinstance(x, jax.ShapeDtypeStruct):
+      return x
+    if not hasattr(x, "dtype"):
+      x = np.asarray(x)
+    return jax.ShapeDtypeStruct(np.shape(x), x.dtype)
+  return jax.tree.map(leaf, tree)
+
+
+def _labels(labels: Optional[LabelTree], template: PyTree,
+            treedef: Any) -> list[Hashable]:
+  """One label per leaf from a label tree, a callable, or None."""
+  if labels is None:
+    return [None] * treedef.num_leaves
+  if callable(labels):
+    labels = labels(template)
+  try:
+    return treedef.flatten_up_to(labels)
+  except (ValueError, TypeError) as error:
+    raise ValueError(
+        "the labels (groups or mask) must have the structure of the tree the "
+        f"FlatView was built from: {error}") from error
+
+
+def _buffer_key(dtype: np.dtype, label: Hashable) -> str:
+  if label is None:
+    return dtype.name
+  return f"{dtype.name}/{label}"
+
+
+class FlatView:
+  """A fixed layout packing a pytree of arrays into one buffer per dtype.
+
+  The view is made once from the parameters (or their shapes) and is static
+  Python data: use it inside ``jax.jit`` freely. :meth:`ravel` and
+  :meth:`unravel` are exact inverses (no arithmetic, no dtype change), so an
+  optimizer stepping the flat buffers takes exactly the steps it would take
+  on the tree, in one fused loop per buffer instead of one per leaf.
+
+  Args:
+    tree: the parameters: a pytree of arrays, ``jax.ShapeDtypeStruct`` or
+      scalars. Leaves must be floating point or complex (trainable).
+    groups: optional per-leaf labels (a pytree with ``tree``'s structure, or
+      a callable from ``tree`` to one), for example a weight-decay mask.
+      Leaves with different labels go to different buffers, so that anything
+      constant per label (decay masks, per-group learning rates via
+      ``optax.partition``) stays expressible on the flat tree.
+
+  Attributes:
+    keys: buffer keys in order, ``"float32"`` or ``"float32/<label>"``.
+    sizes: number of elements of each buffer, by key.
+    size: total number of elements.
+
+  Raises:
+    TypeError: if a leaf is not floating point or complex.
+    ValueError: if ``groups`` does not match ``tree``'s structure.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, jadam
+    >>> params = {"w": jnp.ones((2, 3)), "b": jnp.zeros(3)}
+    >>> view = jadam.FlatView(params)
+    >>> flat = view.ravel(params)
+    >>> flat["float32"].shape
+    (9,)
+    >>> loss = lambda flat: jnp.sum(view.unravel(flat)["w"] ** 2)
+    >>> grads = jax.grad(loss)(flat)   # flat too: {"float32": f32[9]}
+    >>> opt = jadam.adam(1e-3)
+    >>> state = opt.init(flat)
+    >>> updates, state = opt.update(grads, state, flat)
+  """
+
+  def __init__(self, tree: PyTree, groups: Optional[LabelTree] = None):
+    template = _template(tree)
+    leaves, self._treedef = jax.tree.flatten(template)
+    labels = _labels(groups, template, self._treedef)
+    sizes: dict[str, int] = {}
+    slots = []
+    for path_leaf, label in zip(
+        jax.tree_util.tree_flatten_with_path(template)[0], labels):
+      path, leaf = path_leaf
+      dtype = np.dtype(leaf.dtype)
+      if not jnp.issubdtype(dtype, jnp.inexact):
+        raise TypeError(
+            f"FlatView holds trainable parameters only, but the leaf at "
+            f"{jax.tree_util.keystr(path)} has dtype {dtype}; split "
+            "non-float state (counters, RNG keys) out of the tree first, for "
+            "example with nnx.split(model, nnx.Param, ...).")
+      key = _buffer_key(dtype, label)
+      slot = _Slot(key, sizes.get(key, 0), tuple(leaf.shape), dtype)
+      sizes[key] = slot.start + slot.size
+      slots.append(slot)
+    self._slots = tuple(slots)
+    self.keys = tuple(sorted(sizes))
+    self.sizes = {key: sizes[key] for key in self.keys}
+    self.size = sum(self.sizes.values())
+    self._labels = tuple(labels)
+
+  def __repr__(self) -> str:
+    buffers = ", ".join(f"{k}[{n}]" for k, n in self.sizes.items())
+    return f"FlatView({len(self._slots)} leaves -> {buffers})"
+
+  def ravel(self, tree: PyTree) -> dict[str, Array]:
+    """Pack a tree laid out like the view's into its flat buffers.
+
+    Args:
+      tree: parameters, gradients, or anything with the view's structure,
+        shapes and dtypes.
+
+    Returns:
+      A dict from buffer key to a 1-D array.
+    """
+    leaves = self._treedef.flatten_up_to(tree)
+    parts: dict[str, list[Array]] = {key: [] for key in self.keys}
+    for slot, leaf in zip(self._slots, leaves):
+      if tuple(np.shape(leaf)) != slot.shape:
+        raise ValueError(
+            f"leaf of shape {np.shape(leaf)} where the view has {slot.shape}")
+      parts[slot.key].append(jnp.ravel(jnp.asarray(leaf, slot.dtype)))
+    return {key: jnp.concatenate(parts[key]) for key in self.keys}
+
+  def unravel(self, flat: dict[str, Array]) -> PyTree:
+    """The tree whose leaves are static slices of ``flat``'s buffers.
+
+    Under ``jit`` the slices are views that XLA fuses into their consumers;
+    the gradient of a function of the tree with respect to ``flat`` is
+    assembled by one concatenation per buffer.
+
+    Args:
+      flat: a dict of 1-D buffers as made by :meth:`ravel` (or any
+        same-shaped dict: updates, moments ``state.mu``...).
+
+    Returns:
+      The tree, with the structure the view was built from.
+    """
+    pieces = {}
+    for key in self.keys:
+      buffer = flat[key]
+      if buffer.shape != (self.sizes[key],):
+        raise ValueError(f"buffer {key!r} has shape {buffer.shape}, the view "
+                         f"expects ({self.sizes[key]},)")
+      sizes = [slot.size for slot in self._slots if slot.key == key]
+      # lax.split (rather than one slice per leaf) so that the transpose, the
+      # gradient with respect to the buffer, is a single concatenation.
+      pieces[key] = iter(jax.lax.split(buffer, sizes))
+    leaves = [next(pieces[slot.key]).reshape(slot.shape)
+              for slot in self._slots]
+    return self._treedef.unflatten(leaves)
+
+  def mask(self, mask: LabelTree) -> dict[str, bool]:
+    """A per-leaf boolean mask as a mask over the flat buffers.
+
+    Use it wherever optax takes a mask, for example
+    ``jadam.adamw(lr, weight_decay=wd, mask=view.mask(decay_mask))``.
+
+    Args:
+      mask: a pytree of booleans with the structure of the tree the view was
+        built from, or a callable from that tree (given as
+        ``jax.ShapeDtypeStruct`` leaves) to one.
+
+    Returns:
+      A dict from buffer key to bool.
+
+    Raises:
+      ValueError: if a buffer holds both masked and unmasked leaves; build
+        the view with ``groups=mask`` so that they are stored apart.
+    """
+    values = _labels(mask, self._treedef.unflatten(
+        [jax.ShapeDtypeStruct(s.shape, s.dtype) for s in self._slots]),
+                     self._treedef)
+    per_key: dict[str, set] = {key: set() for key in self.keys}
+    for slot, value in zip(self._slots, values):
+      per_key[slot.key].add(bool(value))
+    flat_mask = {}
+    for key, seen in per_key.items():
+      if len(seen) > 1:
+        raise ValueError(
+            f"buffer {key!r} holds leaves both inside and outside the mask; "
+            "build the view with FlatView(params, groups=mask) so that they "
+            "are stored in separate buffers.")
+      flat_mask[key] = seen.pop()
+    return flat_mask
