@@ -9,6 +9,8 @@ Module map:
 * ``_transform``: the rule walked over a pytree (``scale_by_*``).
 * ``_alias``: complete optimizers (``adam``, ``adamw``, ...).
 * ``_flat``: the fast path, parameters packed in one buffer per dtype.
+* ``_quant``, ``_rounding``: block-wise 8-bit moments; stochastic rounding
+  (bfloat16/float16 moments, and ``stochastic_rounding`` for parameters).
 * ``_health``: non-finite step skipping and gradient-health telemetry.
 * ``_sharding``: where state lives on a device mesh (follows parameters, ZeRO-1).
 """
@@ -28,6 +30,10 @@ from jadam._health import TelemetryState
 from jadam._health import skip_nonfinite
 from jadam._health import stats
 from jadam._health import with_telemetry
+from jadam._quant import BlockwiseInt8
+from jadam._quant import QuantizedMoment
+from jadam._rounding import StochasticRoundingState
+from jadam._rounding import stochastic_rounding
 from jadam._rule import AdamRule
 from jadam._rule import Moments
 from jadam._rule import adam_step
@@ -36,6 +42,7 @@ from jadam._sharding import bytes_per_device
 from jadam._sharding import state_shardings
 from jadam._sharding import zero1
 from jadam._sharding import zero1_shardings
+from jadam._storage import decode_moments
 from jadam._transform import ScaleByAdamState
 from jadam._transform import ScaleByAmsgradState
 from jadam._transform import scale_by_adam
@@ -47,11 +54,14 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdamRule",
+    "BlockwiseInt8",
     "FlatView",
     "HealthStats",
     "Moments",
+    "QuantizedMoment",
     "ScaleByAdamState",
     "ScaleByAmsgradState",
+    "StochasticRoundingState",
     "SkipNonfiniteState",
     "TelemetryState",
     "abstract_state",
@@ -61,6 +71,7 @@ __all__ = [
     "adamaxw",
     "adamw",
     "amsgrad",
+    "decode_moments",
     "bytes_per_device",
     "nadam",
     "nadamw",
@@ -69,6 +80,7 @@ __all__ = [
     "scale_by_adamax",
     "scale_by_amsgrad",
     "scale_by_radam",
+    "stochastic_rounding",
     "skip_nonfinite",
     "state_shardings",
     "stats",

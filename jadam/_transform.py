@@ -63,24 +63,29 @@ def _scale_by_rule(rule: _rule.AdamRule, mu_dtype: Any,
                    nu_dtype: Any) -> optax.GradientTransformation:
   """A GradientTransformation applying ``rule`` leaf by leaf."""
   _check_rule(rule)
-  mu_storage = _validation.canonical_storage("mu_dtype", mu_dtype)
-  nu_storage = _validation.canonical_storage("nu_dtype", nu_dtype)
+  mu_storage = _storage.canonical_storage("mu_dtype", mu_dtype)
+  nu_storage = _storage.canonical_storage("nu_dtype", nu_dtype)
+  # AdaMax's u has the units of |g|; Adam's v and max v̂ those of g².
+  squared = not rule.infinity_norm
 
   def init_fn(params):
     mu = jax.tree.map(
         lambda p: _storage.init_moment(p, mu_storage, real=False), params)
     nu = jax.tree.map(
-        lambda p: _storage.init_moment(p, nu_storage, real=True), params)
+        lambda p: _storage.init_moment(p, nu_storage, real=True,
+                                       squared=squared), params)
     count = jnp.zeros([], jnp.int32)
     if rule.amsgrad:
       nu_max = jax.tree.map(
-          lambda p: _storage.init_moment(p, nu_storage, real=True), params)
+          lambda p: _storage.init_moment(p, nu_storage, real=True,
+                                         squared=True), params)
       return ScaleByAmsgradState(count, mu, nu, nu_max)
     return ScaleByAdamState(count, mu, nu)
 
   def update_fn(updates, state, params=None):
     del params
-    _validation.check_same_tree(updates, state.mu, what="optimizer state")
+    _validation.check_same_tree(updates, state.mu, what="optimizer state",
+                                is_leaf=_storage.is_stored_node)
     _validation.check_float_leaves(updates)
     count = optax.safe_increment(state.count)
     grads, treedef = jax.tree.flatten(updates)
@@ -89,9 +94,10 @@ def _scale_by_rule(rule: _rule.AdamRule, mu_dtype: Any,
     nu_maxes = (treedef.flatten_up_to(state.nu_max) if rule.amsgrad
                 else [None] * len(grads))
     directions, new_moments = [], []
-    for g, mu, nu, nu_max in zip(grads, mus, nus, nu_maxes):
+    for index, (g, mu, nu, nu_max) in enumerate(
+        zip(grads, mus, nus, nu_maxes)):
       direction, moments = _storage.step_leaf(
-          g, _rule.Moments(mu, nu, nu_max), count, rule)
+          g, _rule.Moments(mu, nu, nu_max), count, rule, index=index)
       directions.append(direction)
       new_moments.append(moments)
     moment_trees = [treedef.unflatten(list(column))

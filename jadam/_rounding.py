@@ -1,0 +1,192 @@
+"""Stochastic rounding: keep the updates that round-to-nearest would erase.
+
+A bfloat16 number has 8 significant bits, so near 1.0 its spacing is 2⁻⁷. An
+Adam step of 1e-3 added to a bfloat16 parameter of size 1 rounds back to the
+old value every time, and training stalls. Rounding *stochastically*, up with
+probability equal to the distance already covered to the next representable
+number, makes the stored value exact in expectation: many small steps add up
+(Gupta et al., "Deep Learning with Limited Numerical Precision", ICML 2015).
+
+The random bits come from a counter-based integer hash of (salt, element
+index), computed inside the same fused loop as the rounding itself: cheaper on
+CPU than drawing ``jax.random`` bits for every element, and reproducible from
+the salt alone. Salts are derived from a ``jax.random`` key (the parameter
+transformation below keeps one in its state) or, for moment storage, from the
+step count and the leaf's position.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+Array = jax.Array
+
+# Odd multipliers of the murmur3 finaliser and the 32-bit golden ratio.
+_MIX1 = np.uint32(0x85EBCA6B)
+_MIX2 = np.uint32(0xC2B2AE35)
+_GOLDEN = np.uint32(0x9E3779B9)
+
+
+def _mix32(x: Array) -> Array:
+  """A bijective avalanche of uint32 values (the murmur3 finaliser)."""
+  x = x ^ (x >> 16)
+  x = x * _MIX1
+  x = x ^ (x >> 13)
+  x = x * _MIX2
+  return x ^ (x >> 16)
+
+
+def salt(*parts: Any) -> Array:
+  """Combine integers (Python or traced int32/uint32 scalars) into one salt."""
+  h = jnp.uint32(0x6A09E667)
+  for part in parts:
+    h = _mix32(h ^ (jnp.asarray(part).astype(jnp.uint32) * _GOLDEN))
+  return h
+
+
+def remix(bits: Array) -> Array:
+  """A second, independent-looking stream from existing random ``bits``."""
+  return _mix32(bits ^ np.uint32(0x5BD1E995))
+
+
+def random_bits(shape: tuple[int, ...], seed: Array, offset: Any = 0) -> Array:
+  """Uniform uint32 bits for every element of ``shape``.
+
+  Args:
+    shape: the shape of the output.
+    seed: a uint32 scalar (see :func:`salt`).
+    offset: added to the flat element index, so that a tile of a larger
+      array draws the same bits as the whole array would at those elements.
+
+  Returns:
+    A uint32 array of ``shape``; element ``i`` is a hash of ``(seed, i)``.
+  """
+  size = int(np.prod(shape, dtype=np.int64))
+  index = jax.lax.iota(jnp.uint32, size).reshape(shape)
+  index = index + jnp.asarray(offset).astype(jnp.uint32)
+  # A Weyl sequence through an avalanche, as in SplitMix: one hash per
+  # element, enough for rounding decisions at 2⁻¹⁶ resolution.
+  return _mix32(index * _GOLDEN + seed)
+
+
+def round_stochastic(x: Array, dtype: Any, bits: Array) -> Array:
+  """Round float32 ``x`` to ``dtype`` (bfloat16 or float16), unbiasedly.
+
+  ``x`` becomes one of its two neighbours in ``dtype``, the upper one with
+  probability equal to the fraction of the gap it has covered, so that
+  ``E[result] = x``. NaN and ±inf are kept; values beyond the format's range
+  overflow to ±inf, as with ordinary rounding.
+
+  Args:
+    x: float32 values.
+    dtype: the target floating dtype, narrower than float32.
+    bits: uniform uint32 random bits of ``x.shape`` (see :func:`random_bits`).
+
+  Returns:
+    An array of ``dtype``.
+  """
+  dtype = jnp.dtype(dtype)
+  x = x.astype(jnp.float32)
+  if dtype == jnp.float32:
+    return x
+  if dtype == jnp.bfloat16:
+    # bfloat16 is the upper half of a float32: adding 16 random bits below
+    # the cut and truncating rounds the magnitude up with the right odds.
+    raw = jax.lax.bitcast_convert_type(x, jnp.uint32)
+    raw = (raw + (bits >> 16)) & np.uint32(0xFFFF0000)
+    rounded = jax.lax.bitcast_convert_type(raw, jnp.float32).astype(dtype)
+    return jnp.where(jnp.isfinite(x), rounded, x.astype(dtype))
+  if dtype == jnp.float16:
+    # No bit trick (the exponents differ): pick between the nearest value and
+    # its neighbour on the other side of x, with probability by distance.
+    nearest = x.astype(dtype)
+    toward = jnp.where(nearest.astype(jnp.float32) < x,
+                       jnp.asarray(jnp.inf, dtype), jnp.asarray(-jnp.inf, dtype))
+    other = jnp.nextafter(nearest, toward)
+    near32, other32 = nearest.astype(jnp.float32), other.astype(jnp.float32)
+    gap = jnp.abs(other32 - near32)
+    p_other = jnp.where(gap > 0, jnp.abs(x - near32) / gap, 0.0)
+    uniform = (bits >> 8).astype(jnp.float32) * np.float32(2.0**-24)
+    rounded = jnp.where(uniform < p_other, other, nearest)
+    return jnp.where(jnp.isfinite(x) & jnp.isfinite(near32), rounded, nearest)
+  raise ValueError(f"stochastic rounding to {dtype} is not defined; use "
+                   "bfloat16 or float16.")
+
+
+class StochasticRoundingState(NamedTuple):
+  """State of :func:`stochastic_rounding`.
+
+  Attributes:
+    key: the ``jax.random`` key the next step's random bits are drawn from.
+  """
+
+  key: jax.Array
+
+
+def stochastic_rounding(seed: int | jax.Array = 0
+                        ) -> optax.GradientTransformation:
+  """Round each low-precision parameter's new value stochastically.
+
+  Place this last in a chain, after the learning rate. For every bfloat16 or
+  float16 parameter it computes ``θ + u`` in float32, rounds the sum
+  stochastically to the parameter's dtype, and returns the float32 update
+  that ``optax.apply_updates`` turns into exactly that value. Updates
+  smaller than the dtype's spacing then move the parameter in expectation
+  instead of being lost. Parameters of float32 or wider pass through.
+
+  Args:
+    seed: an int or a ``jax.random`` key; the stream of random bits is a
+      function of it and the step, so runs are reproducible.
+
+  Returns:
+    An ``optax.GradientTransformation`` whose state is
+    :class:`StochasticRoundingState`; ``update`` requires ``params``.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, jadam
+    >>> params = {"w": jnp.ones(4, jnp.bfloat16)}
+    >>> opt = optax.chain(jadam.adam(1e-3), jadam.stochastic_rounding(seed=0))
+    >>> state = opt.init(params)
+    >>> updates, state = opt.update({"w": jnp.ones(4, jnp.bfloat16)}, state, params)
+    >>> optax.apply_updates(params, updates)["w"].dtype
+    dtype(bfloat16)
+
+  References:
+    Gupta, Agrawal, Gopalakrishnan & Narayanan, "Deep Learning with Limited
+    Numerical Precision", ICML 2015.
+  """
+
+  def init_fn(params):
+    del params
+    if isinstance(seed, int):
+      return StochasticRoundingState(jax.random.PRNGKey(seed))
+    return StochasticRoundingState(jnp.asarray(seed))
+
+  def update_fn(updates, state, params=None):
+    if params is None:
+      raise ValueError("stochastic_rounding needs the parameters: call "
+                       "update(updates, state, params).")
+    key, step_key = jax.random.split(state.key)
+    step_seed = jax.random.bits(step_key, (), jnp.uint32)
+    leaves, treedef = jax.tree.flatten(updates)
+    param_leaves = treedef.flatten_up_to(params)
+    out = []
+    for index, (u, p) in enumerate(zip(leaves, param_leaves)):
+      if u is None or jnp.dtype(p.dtype) not in (jnp.bfloat16, jnp.float16):
+        out.append(u)
+        continue
+      p32 = p.astype(jnp.float32)
+      target = p32 + u.astype(jnp.float32)
+      bits = random_bits(p.shape, salt(step_seed, index))
+      rounded = round_stochastic(target, p.dtype, bits)
+      # The difference of two nearby low-precision numbers is exact in
+      # float32, so apply_updates lands exactly on ``rounded``.
+      out.append(rounded.astype(jnp.float32) - p32)
+    return treedef.unflatten(out), StochasticRoundingState(key)
+
+  return optax.GradientTransformation(init_fn, update_fn)
