@@ -1,0 +1,455 @@
+"""``python -m jadam.bench``: Adam step time against optax and PyTorch.
+
+All implementations run in one process and are interleaved step by step, so
+that a load change on the machine hits them alike. Each implementation is
+compiled, warmed up, then timed for ``--steps`` steps with its parameters and
+state donated (updated in place); the table gives medians.
+
+Columns:
+
+* ``step ms``: median wall time of one optimizer step (update and apply).
+* ``compile s``: trace and XLA compile time of that step (``-`` for torch).
+* ``state B/param``: bytes of optimizer state per parameter, summed from the
+  real state arrays.
+* ``floor ms``: 28 bytes per float32 parameter (read θ, g, m, v; write θ, m,
+  v) over the memory bandwidth of an in-place elementwise pass over 64 MiB,
+  measured interleaved with the steps of the same tree.
+
+Implementations are entries of :data:`IMPLS`, a dict from name to a factory
+taking the tree's leaf shapes; a new row is one more entry, for example::
+
+    IMPLS["jadam_bf16"] = jax_impl(
+        lambda: jadam.adam(1e-3, mu_dtype="bfloat16"), flat=True)
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jadam import _alias
+from jadam import _bench_lm
+from jadam import _flat
+
+Shapes = Mapping[str, tuple[int, ...]]
+LEARNING_RATE = 1e-3
+FLOOR_BYTES_PER_PARAM = 28
+
+
+# --------------------------------------------------------------------------
+# Trees: leaf name -> shape. ``quick`` gives small versions for smoke tests.
+
+def _gpt_like(quick: bool) -> dict[str, tuple[int, ...]]:
+  if quick:
+    return _bench_lm.gpt_like_shapes(vocab=512, width=32, depth=2, hidden=64)
+  return _bench_lm.gpt_like_shapes()
+
+
+TREES: dict[str, Callable[[bool], Shapes]] = {
+    "single_16m": lambda quick: {"w": ((1 << 14) if quick else (1 << 24),)},
+    "blocks_256x64k": lambda quick: {
+        f"w{i:03d}": (16, 16) if quick else (256, 256)
+        for i in range(16 if quick else 256)},
+    "many_2000x8k": lambda quick: {
+        f"w{i:04d}": (64,) if quick else (8192,)
+        for i in range(100 if quick else 2000)},
+    "gpt_like": _gpt_like,
+}
+
+# The end-to-end row: a full training step of the LM with gpt_like shapes.
+TRAIN_TREE = "gpt_like_train"
+
+
+# --------------------------------------------------------------------------
+# Implementations.
+
+class Runner:
+  """One implementation set up on one tree, ready to be stepped.
+
+  Attributes:
+    compile_s: seconds spent tracing and compiling, or None (no compiler).
+    state_bytes: bytes held by the optimizer state.
+    num_params: number of parameters.
+  """
+
+  compile_s: Optional[float] = None
+  state_bytes: int = 0
+  num_params: int = 0
+
+  def step(self) -> None:
+    """Take one step and wait for it to finish."""
+    raise NotImplementedError
+
+
+def _random_tree(shapes: Shapes, seed: int, scale: float) -> dict[str, Any]:
+  rng = np.random.default_rng(seed)
+  return {name: (scale * rng.standard_normal(shape, np.float32)).astype(
+      np.float32) for name, shape in shapes.items()}
+
+
+def _tree_data(shapes: Shapes) -> tuple[dict[str, Any], dict[str, Any]]:
+  """Parameters and gradients, the same numbers for every implementation."""
+  return _random_tree(shapes, 0, 1.0), _random_tree(shapes, 1, 1e-3)
+
+
+def _optimizer_step(opt: optax.GradientTransformation):
+  def step(params, state, grads):
+    updates, state = opt.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+  return step
+
+
+class JaxRunner(Runner):
+  """A jitted ``update`` + ``apply_updates`` with params and state donated."""
+
+  def __init__(self, opt: optax.GradientTransformation, shapes: Shapes,
+               flat: bool):
+    params, grads = _tree_data(shapes)
+    if flat:
+      view = _flat.FlatView(params)
+      params, grads = view.ravel(params), view.ravel(grads)
+    self._params = jax.device_put(params)
+    self._grads = jax.device_put(grads)
+    self._state = opt.init(self._params)
+    start = time.perf_counter()
+    self._step = jax.jit(_optimizer_step(opt), donate_argnums=(0, 1)).lower(
+        self._params, self._state, self._grads).compile()
+    self.compile_s = time.perf_counter() - start
+    self.state_bytes = sum(x.nbytes for x in jax.tree.leaves(self._state))
+    self.num_params = sum(x.size for x in jax.tree.leaves(self._params))
+
+  def step(self) -> None:
+    self._params, self._state = self._step(self._params, self._state,
+                                           self._grads)
+    jax.block_until_ready((self._params, self._state))
+
+
+def jax_impl(make_opt: Callable[[], optax.GradientTransformation], *,
+             flat: bool) -> Callable[[Shapes], Runner]:
+  """A factory of :class:`JaxRunner` for the optimizer ``make_opt()``.
+
+  Args:
+    make_opt: builds the optimizer (called once per tree).
+    flat: run on :class:`jadam.FlatView` buffers (the fast path) rather
+      than on the tree.
+  """
+  return lambda shapes: JaxRunner(make_opt(), shapes, flat)
+
+
+@functools.lru_cache(maxsize=None)
+def _torch_adam_kind() -> Optional[str]:
+  """"fused" if torch's fused Adam runs on this CPU, else "foreach"."""
+  try:
+    import torch  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    return None
+  param = torch.nn.Parameter(torch.zeros(4))
+  param.grad = torch.ones(4)
+  try:
+    torch.optim.Adam([param], lr=LEARNING_RATE, fused=True).step()
+    return "fused"
+  except (RuntimeError, ValueError, TypeError):
+    return "foreach"
+
+
+class TorchRunner(Runner):
+  """``torch.optim.Adam`` (fused kernel if available) on the same tensors."""
+
+  def __init__(self, shapes: Shapes, kind: str):
+    import torch  # pylint: disable=import-outside-toplevel
+    params, grads = _tree_data(shapes)
+    self._params = []
+    for name in params:
+      tensor = torch.nn.Parameter(torch.from_numpy(params[name]))
+      tensor.grad = torch.from_numpy(grads[name])
+      self._params.append(tensor)
+    self._opt = torch.optim.Adam(self._params, lr=LEARNING_RATE,
+                                 **{kind: True})
+    self._opt.step()  # creates the state, as the first step does
+    self.state_bytes = sum(
+        value.nbytes for state in self._opt.state.values()
+        for value in state.values() if torch.is_tensor(value))
+    self.num_params = sum(p.numel() for p in self._params)
+
+  def step(self) -> None:
+    self._opt.step()
+
+
+def _torch_factory(shapes: Shapes) -> Runner:
+  kind = _torch_adam_kind()
+  return TorchRunner(shapes, kind)
+
+
+IMPLS: dict[str, Callable[[Shapes], Runner]] = {
+    # The recommended configuration: the flat fast path.
+    "jadam": jax_impl(lambda: _alias.adam(LEARNING_RATE), flat=True),
+    "jadam_tree": jax_impl(lambda: _alias.adam(LEARNING_RATE), flat=False),
+    "optax": jax_impl(lambda: optax.adam(LEARNING_RATE), flat=False),
+    "torch_fused": _torch_factory,
+}
+
+# Rows that need something optional: name -> "is it available?".
+OPTIONAL: dict[str, Callable[[], bool]] = {
+    "torch_fused": lambda: _torch_adam_kind() is not None,
+}
+
+
+class _CopyBandwidth(Runner):
+  """An in-place elementwise pass over 64 MiB: bytes moved per second."""
+
+  def __init__(self, num_bytes: int = 64 << 20):
+    self._x = jnp.ones(num_bytes // 4, jnp.float32)
+    self._negate = jax.jit(jnp.negative, donate_argnums=0).lower(
+        self._x).compile()
+    self.bytes_moved = 2 * num_bytes  # read once, write once
+
+  def step(self) -> None:
+    self._x = self._negate(self._x)
+    self._x.block_until_ready()
+
+
+# --------------------------------------------------------------------------
+# End-to-end: a full training step of the small transformer LM.
+
+class TrainRunner(Runner):
+  """Forward, backward and update of the gpt_like LM (seq 128, batch 8)."""
+
+  def __init__(self, make_opt: Callable[[], optax.GradientTransformation],
+               flat: bool, quick: bool):
+    size = (dict(vocab=512, width=32, depth=2, hidden=64, seq=16, batch=2)
+            if quick else {})
+    params, loss_fn, self._tokens = _bench_lm.lm_problem(**size)
+    opt = make_opt()
+    if flat:
+      view = _flat.FlatView(params)
+      params = view.ravel(params)
+      tree_loss = loss_fn
+      loss_fn = lambda flat, tokens: tree_loss(view.unravel(flat), tokens)
+
+    def train_step(params, state, tokens):
+      grads = jax.grad(loss_fn)(params, tokens)
+      updates, state = opt.update(grads, state, params)
+      return optax.apply_updates(params, updates), state
+
+    self._params = params
+    self._state = opt.init(params)
+    start = time.perf_counter()
+    self._step = jax.jit(train_step, donate_argnums=(0, 1)).lower(
+        self._params, self._state, self._tokens).compile()
+    self.compile_s = time.perf_counter() - start
+    self.state_bytes = sum(x.nbytes for x in jax.tree.leaves(self._state))
+    self.num_params = sum(x.size for x in jax.tree.leaves(self._params))
+
+  def step(self) -> None:
+    self._params, self._state = self._step(self._params, self._state,
+                                           self._tokens)
+    jax.block_until_ready((self._params, self._state))
+
+
+TRAIN_IMPLS: dict[str, Callable[[bool], Runner]] = {
+    "jadam": lambda quick: TrainRunner(
+        lambda: _alias.adam(LEARNING_RATE), flat=True, quick=quick),
+    "optax": lambda quick: TrainRunner(
+        lambda: optax.adam(LEARNING_RATE), flat=False, quick=quick),
+}
+
+
+# --------------------------------------------------------------------------
+# Timing.
+
+def _interleave(runners: Mapping[str, Runner], steps: int,
+                warmup: int) -> dict[str, float]:
+  """Median step seconds of each runner, stepping them in turn."""
+  for runner in runners.values():
+    for _ in range(warmup):
+      runner.step()
+  times: dict[str, list[float]] = {name: [] for name in runners}
+  order = list(runners)
+  for i in range(steps):
+    # Rotate the order so that no runner always follows the same one.
+    for name in order[i % len(order):] + order[:i % len(order)]:
+      start = time.perf_counter()
+      runners[name].step()
+      times[name].append(time.perf_counter() - start)
+  return {name: statistics.median(t) for name, t in times.items()}
+
+
+def run(trees: Sequence[str], impls: Sequence[str], steps: int = 15,
+        warmup: int = 3, quick: bool = False,
+        log: Callable[[str], None] = print) -> dict[str, Any]:
+  """Run the benchmark; returns the ``--json`` document.
+
+  Args:
+    trees: names from :data:`TREES`, and/or ``"gpt_like_train"``.
+    impls: names from :data:`IMPLS` (unavailable optional ones are skipped).
+    steps: timed steps per implementation (medians are reported).
+    warmup: untimed steps per implementation first.
+    quick: small trees, for a smoke test; timings mean little.
+    log: progress messages.
+
+  Returns:
+    ``{"results": [{"tree", "impl", "step_ms", "compile_s",
+    "state_bytes_per_param"}], "floor_ms": {tree: ms}}`` plus ``"machine"``.
+  """
+  results, floor_ms = [], {}
+  available = [name for name in impls
+               if name not in OPTIONAL or OPTIONAL[name]()]
+  for name in impls:
+    if name not in available:
+      log(f"skipping {name}: not available here")
+  if "torch_fused" in available and _torch_adam_kind() != "fused":
+    log("torch has no fused Adam on this CPU: torch_fused uses foreach=True")
+  for tree in trees:
+    if tree == TRAIN_TREE:
+      runners = {name: factory(quick) for name, factory in TRAIN_IMPLS.items()}
+      medians = _interleave(runners, steps, warmup)
+    else:
+      shapes = TREES[tree](quick)
+      runners = {}
+      for name in available:
+        log(f"{tree}: setting up {name}")
+        runners[name] = IMPLS[name](shapes)
+      copy = _CopyBandwidth((1 << 20) if quick else (64 << 20))
+      medians = _interleave({**runners, "_copy": copy}, steps, warmup)
+      bandwidth = copy.bytes_moved / medians.pop("_copy")
+      num_params = sum(int(np.prod(s)) for s in shapes.values())
+      floor_ms[tree] = 1e3 * FLOOR_BYTES_PER_PARAM * num_params / bandwidth
+      log(f"{tree}: {bandwidth / 1e9:.1f} GB/s in-place copy bandwidth")
+    for name, runner in runners.items():
+      results.append({
+          "tree": tree,
+          "impl": name,
+          "step_ms": 1e3 * medians[name],
+          "compile_s": runner.compile_s,
+          "state_bytes_per_param": runner.state_bytes / runner.num_params,
+      })
+      log(f"{tree}: {name} {1e3 * medians[name]:.2f} ms")
+    del runners
+    gc.collect()
+  return {"results": results, "floor_ms": floor_ms, "machine": _machine()}
+
+
+def _machine() -> dict[str, Any]:
+  info = {"platform": platform.platform(), "python": platform.python_version(),
+          "jax": jax.__version__, "optax": optax.__version__,
+          "devices": [str(d) for d in jax.devices()],
+          "cpu_count": os.cpu_count()}
+  try:
+    import torch  # pylint: disable=import-outside-toplevel
+    info["torch"] = torch.__version__
+    info["torch_threads"] = torch.get_num_threads()
+  except ImportError:
+    pass
+  try:
+    info["loadavg"] = os.getloadavg()
+  except OSError:
+    pass
+  return info
+
+
+def format_table(doc: Mapping[str, Any]) -> str:
+  """The results as a Markdown table, with ratios to optax and torch."""
+  by_key = {(r["tree"], r["impl"]): r for r in doc["results"]}
+  lines = ["| tree | impl | step ms | compile s | state B/param | floor ms |"
+           " × floor | × optax | × torch_fused |",
+           "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+  for r in doc["results"]:
+    floor = doc["floor_ms"].get(r["tree"])
+    bases = [floor] + [by_key[(r["tree"], impl)]["step_ms"]
+                       if (r["tree"], impl) in by_key else None
+                       for impl in ("optax", "torch_fused")]
+    ratios = ["" if base is None else f"{r['step_ms'] / base:.2f}"
+              for base in bases]
+    compile_s = ("-" if r["compile_s"] is None else f"{r['compile_s']:.2f}")
+    lines.append(
+        f"| {r['tree']} | {r['impl']} | {r['step_ms']:.2f} | {compile_s} | "
+        f"{r['state_bytes_per_param']:.2f} | "
+        f"{'' if floor is None else f'{floor:.2f}'} | " + " | ".join(ratios)
+        + " |")
+  return "\n".join(lines)
+
+
+def plot(doc: Mapping[str, Any], path: str) -> None:
+  """A bar chart of step time per tree per implementation (matplotlib)."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  trees = list(dict.fromkeys(r["tree"] for r in doc["results"]))
+  impls = list(dict.fromkeys(r["impl"] for r in doc["results"]))
+  by_key = {(r["tree"], r["impl"]): r["step_ms"] for r in doc["results"]}
+  width = 0.8 / len(impls)
+  fig, ax = plt.subplots(figsize=(2.2 * len(trees) + 2, 4))
+  for i, impl in enumerate(impls):
+    xs = [t + (i - (len(impls) - 1) / 2) * width for t in range(len(trees))]
+    ys = [by_key.get((tree, impl), 0.0) for tree in trees]
+    ax.bar(xs, ys, width, label=impl)
+  for t, tree in enumerate(trees):
+    if tree in doc["floor_ms"]:
+      ax.hlines(doc["floor_ms"][tree], t - 0.4, t + 0.4, colors="k",
+                linestyles="dashed", label="bandwidth floor" if t == 0 else None)
+  ax.set_xticks(range(len(trees)), trees)
+  ax.set_ylabel("median step time (ms)")
+  ax.set_yscale("log")
+  ax.set_title("Adam step, params and state donated (2-core CPU)")
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  """Command-line entry point (``python -m jadam.bench`` / ``jadam-bench``)."""
+  parser = argparse.ArgumentParser(
+      prog="jadam-bench", description=__doc__.split("\n\n")[0],
+      formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--trees", default=",".join([*TREES, TRAIN_TREE]),
+                      help="comma-separated, from: "
+                      + ", ".join([*TREES, TRAIN_TREE]))
+  parser.add_argument("--impls", default=",".join(IMPLS),
+                      help="comma-separated, from: " + ", ".join(IMPLS))
+  parser.add_argument("--steps", type=int, default=15,
+                      help="timed steps per implementation (default 15)")
+  parser.add_argument("--warmup", type=int, default=3,
+                      help="untimed steps first (default 3)")
+  parser.add_argument("--quick", action="store_true",
+                      help="tiny trees: a smoke test, not a measurement")
+  parser.add_argument("--json", metavar="PATH", help="write results here")
+  parser.add_argument("--plot", metavar="PATH", help="write a bar chart PNG")
+  args = parser.parse_args(argv)
+  trees = [t for t in args.trees.split(",") if t]
+  impls = [i for i in args.impls.split(",") if i]
+  for tree in trees:
+    if tree not in TREES and tree != TRAIN_TREE:
+      parser.error(f"unknown tree {tree!r}")
+  for impl in impls:
+    if impl not in IMPLS:
+      parser.error(f"unknown implementation {impl!r}")
+  if args.steps < 1 or args.warmup < 0:
+    parser.error("--steps must be >= 1 and --warmup >= 0")
+  log = lambda message: print(message, file=sys.stderr, flush=True)
+  doc = run(trees, impls, steps=args.steps, warmup=args.warmup,
+            quick=args.quick, log=log)
+  print(format_table(doc))
+  if args.json:
+    with open(args.json, "w", encoding="utf-8") as f:
+      json.dump(doc, f, indent=1)
+  if args.plot:
+    plot(doc, args.plot)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
