@@ -1,0 +1,200 @@
+"""The flat fast path: an exact layout, and the tree path's numerics."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jadam
+from conftest import PROBLEMS, relative_error, train
+
+# Decay on kernels only, as is usual (not on biases or norm scales).
+def _kernels(params):
+  return jax.tree.map(lambda p: p.ndim > 1, params)
+
+
+# name -> (jadam alias, optax alias, takes weight decay)
+ALIASES = {
+    "adam": (jadam.adam, optax.adam, False),
+    "adamw": (jadam.adamw, optax.adamw, True),
+    "nadam": (jadam.nadam, optax.nadam, False),
+    "nadamw": (jadam.nadamw, optax.nadamw, True),
+    "amsgrad": (jadam.amsgrad, optax.amsgrad, False),
+    "adamax": (jadam.adamax, optax.adamax, False),
+    "adamaxw": (jadam.adamaxw, optax.adamaxw, True),
+    "radam": (jadam.radam, optax.radam, False),
+}
+
+
+def _practical(alias, mask):
+  """Clipping, a warm-up/cosine schedule, and masked decay where it exists."""
+  schedule = optax.warmup_cosine_decay_schedule(0.0, 1e-2, 10, 60)
+  make, takes_decay = alias
+  kwargs = {"weight_decay": 0.05, "mask": mask} if takes_decay else {}
+  return optax.chain(optax.clip_by_global_norm(0.5), make(schedule, **kwargs))
+
+
+@pytest.mark.parametrize("name", sorted(ALIASES))
+def test_flat_path_matches_tree_path_and_optax(name):
+  params, loss = PROBLEMS["mlp"]()
+  view = jadam.FlatView(params, groups=_kernels)
+  flat = view.ravel(params)
+  flat_loss = lambda f: loss(view.unravel(f))
+  ours, theirs, takes_decay = ALIASES[name]
+
+  flat_out, _ = train(
+      _practical((ours, takes_decay), view.mask(_kernels)), flat, flat_loss, 60)
+  tree_out, _ = train(
+      _practical((ours, takes_decay), _kernels), params, loss, 60)
+  optax_out, _ = train(
+      _practical((theirs, takes_decay), _kernels), params, loss, 60)
+
+  flat_out = view.unravel(flat_out)
+  assert relative_error(flat_out, tree_out) < 1e-6
+  assert relative_error(flat_out, optax_out) < 1e-6
+  # The run went somewhere: parameters moved well beyond rounding.
+  assert relative_error(flat_out, params) > 1e-2
+
+
+@pytest.mark.parametrize("name", ["adamw", "amsgrad", "radam"])
+def test_flat_moments_are_the_tree_moments_leaf_by_leaf(name):
+  # Lockstep: both paths see the same gradients, so the state can be compared.
+  params, _ = PROBLEMS["mlp"]()
+  view = jadam.FlatView(params, groups=_kernels)
+  ours, _, takes_decay = ALIASES[name]
+  flat_opt = _practical((ours, takes_decay), view.mask(_kernels))
+  tree_opt = _practical((ours, takes_decay), _kernels)
+  flat, flat_state = view.ravel(params), flat_opt.init(view.ravel(params))
+  tree, tree_state = params, tree_opt.init(params)
+  flat_update, tree_update = jax.jit(flat_opt.update), jax.jit(tree_opt.update)
+  for i in range(5):
+    grads = jax.tree.map(
+        lambda p, i=i: jnp.cos(p * (i + 1.0)) * (p.ndim + 1.0), tree)
+    updates, flat_state = flat_update(view.ravel(grads), flat_state, flat)
+    flat = optax.apply_updates(flat, updates)
+    updates, tree_state = tree_update(grads, tree_state, tree)
+    tree = optax.apply_updates(tree, updates)
+  scaling_flat, scaling_tree = flat_state[1][0], tree_state[1][0]
+  assert int(scaling_flat.count) == int(scaling_tree.count) == 5
+  for moment in ("mu", "nu"):
+    assert relative_error(view.unravel(getattr(scaling_flat, moment)),
+                          getattr(scaling_tree, moment)) < 1e-6
+  assert relative_error(view.unravel(flat), tree) < 1e-6
+
+
+def test_masked_decay_touches_only_masked_buffers():
+  params = {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)}
+  view = jadam.FlatView(params, groups=_kernels)
+  flat = view.ravel(params)
+  opt = jadam.adamw(0.1, weight_decay=0.5, mask=view.mask(_kernels))
+  zero_grads = jax.tree.map(jnp.zeros_like, flat)
+  updates, _ = opt.update(zero_grads, opt.init(flat), flat)
+  tree_updates = view.unravel(updates)
+  np.testing.assert_allclose(tree_updates["kernel"], -0.05 * np.ones((2, 2)))
+  np.testing.assert_array_equal(tree_updates["bias"], np.zeros(2))
+
+
+def test_mask_mixing_one_buffer_is_refused():
+  params = {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)}
+  view = jadam.FlatView(params)
+  with pytest.raises(ValueError, match="groups=mask"):
+    view.mask(_kernels)
+  assert view.mask(lambda p: jax.tree.map(lambda _: True, p)) == {
+      "float32": True}
+
+
+def _mixed_tree():
+  return {
+      "f32": jnp.arange(6.0).reshape(2, 3),
+      "bf16": jnp.array([1.5, -2.25], jnp.bfloat16),
+      "f16": jnp.array([[0.1]], jnp.float16),
+      "c64": jnp.array([1 + 2j, -3j], jnp.complex64),
+      "empty": jnp.zeros((0, 5)),
+      "scalar": jnp.float32(3.0),
+      "nested": [jnp.full((2, 2), 7.0), (jnp.ones(1, jnp.bfloat16),)],
+  }
+
+
+def test_ravel_unravel_round_trip_is_exact_for_mixed_dtypes():
+  tree = _mixed_tree()
+  view = jadam.FlatView(tree)
+  flat = view.ravel(tree)
+  assert sorted(flat) == ["bfloat16", "complex64", "float16", "float32"]
+  assert flat["float32"].shape == (6 + 0 + 1 + 4,)
+  assert flat["bfloat16"].dtype == jnp.bfloat16
+  back = view.unravel(flat)
+  assert jax.tree.structure(back) == jax.tree.structure(tree)
+  for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(tree)):
+    assert a.dtype == b.dtype and a.shape == b.shape
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert view.size == sum(x.size for x in jax.tree.leaves(tree))
+
+
+def test_unravel_under_jit_and_its_gradient_is_the_raveled_gradient():
+  params, loss = PROBLEMS["mlp"]()
+  view = jadam.FlatView(params)
+  flat = view.ravel(params)
+  flat_grads = jax.jit(jax.grad(lambda f: loss(view.unravel(f))))(flat)
+  tree_grads = view.ravel(jax.grad(loss)(params))
+  np.testing.assert_allclose(flat_grads["float32"], tree_grads["float32"],
+                             rtol=1e-6, atol=1e-7)
+
+
+def test_view_from_shapes_only_and_empty_tree():
+  shapes = {"a": jax.ShapeDtypeStruct((3, 2), jnp.float32)}
+  view = jadam.FlatView(shapes)
+  assert view.sizes == {"float32": 6}
+  empty = jadam.FlatView({})
+  assert empty.ravel({}) == {} and empty.unravel({}) == {}
+
+
+def test_integer_leaves_are_refused_with_their_path():
+  with pytest.raises(TypeError, match=r"\['step'\]"):
+    jadam.FlatView({"w": jnp.ones(2), "step": jnp.zeros((), jnp.int32)})
+
+
+def test_flax_nnx_state_round_trips():
+  nnx = pytest.importorskip("flax.nnx")
+  model = nnx.Sequential(nnx.Linear(3, 4, rngs=nnx.Rngs(0)),
+                         nnx.LayerNorm(4, rngs=nnx.Rngs(1)))
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  view = jadam.FlatView(params)
+  flat = view.ravel(params)
+  rebuilt = nnx.merge(graphdef, view.unravel(flat), rest)
+  x = jnp.ones((2, 3))
+  np.testing.assert_array_equal(rebuilt(x), model(x))
+
+
+@pytest.mark.slow
+def test_benchmark_quick_run_writes_the_json_schema(tmp_path):
+  out = tmp_path / "bench.json"
+  env = dict(os.environ)
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env["PYTHONPATH"] = os.pathsep.join(
+      [root] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+  # torch is bench-only: leave the torch row out of the test run.
+  subprocess.run(
+      [sys.executable, "-m", "jadam.bench", "--quick", "--steps", "2",
+       "--warmup", "1", "--impls", "jadam,jadam_tree,optax",
+       "--json", str(out)], check=True, env=env, capture_output=True,
+      timeout=600)
+  doc = json.loads(out.read_text())
+  trees = {"single_16m", "blocks_256x64k", "many_2000x8k", "gpt_like"}
+  assert set(doc["floor_ms"]) == trees
+  assert all(ms > 0 for ms in doc["floor_ms"].values())
+  rows = {(r["tree"], r["impl"]): r for r in doc["results"]}
+  for tree in trees:
+    for impl in ("jadam", "jadam_tree", "optax"):
+      row = rows[(tree, impl)]
+      assert set(row) == {"tree", "impl", "step_ms", "compile_s",
+                          "state_bytes_per_param"}
+      assert row["step_ms"] > 0 and row["compile_s"] > 0
+      # Adam keeps m and v in float32 (plus one step counter per tree).
+      assert 8.0 <= row["state_bytes_per_param"] < 8.1
+  assert {("gpt_like_train", "jadam"), ("gpt_like_train", "optax")} <= set(rows)
