@@ -181,11 +181,13 @@ def add_axis(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh,
              axis: Hashable) -> PartitionSpec:
   """``spec`` with ``axis`` added to one dimension, if one can take it.
 
-  The dimension chosen is the largest one that divides evenly into the extra
-  ``mesh.shape[axis]`` pieces, preferring dimensions not yet split (a split
-  one gets the axis appended, e.g. ``"model"`` -> ``("model", "data")``).
-  Arrays with no such dimension (scalars, odd-sized biases) keep ``spec``:
-  they stay whole on every device.
+  The dimension chosen is the largest one not yet split that divides evenly
+  into ``mesh.shape[axis]`` pieces. Dimensions already split (say over
+  ``"model"``) are left alone: the gradient arrives split that way, and on
+  an ``Explicit`` mesh arithmetic between ``"model"`` and
+  ``("model", "data")`` splits of one dimension is a type error. Arrays with
+  no such dimension (scalars, odd-sized biases) keep ``spec`` and stay whole
+  on every device of ``axis``.
 
   Args:
     spec: the current partition spec (may hold ``PartitionSpec.UNCONSTRAINED``).
@@ -200,23 +202,10 @@ def add_axis(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh,
   if any(_uses(e, axis) for e in entries):
     return PartitionSpec(*entries)
   n = mesh.shape[axis]
-
-  def fits(d):
-    return shape[d] % (_axis_size(mesh, entries[d]) * n) == 0
-
   free = [d for d in range(len(shape))
-          if _axis_size(mesh, entries[d]) == 1 and fits(d)]
-  split = [d for d in range(len(shape))
-           if _axis_size(mesh, entries[d]) > 1 and fits(d)]
-  for candidates in (free, split):
-    if candidates:
-      d = max(candidates, key=lambda d: shape[d])  # first of the largest
-      entry = entries[d]
-      if entry is None or entry is PartitionSpec.UNCONSTRAINED:
-        entries[d] = axis
-      else:
-        entries[d] = (*((entry,) if isinstance(entry, str) else entry), axis)
-      break
+          if _axis_size(mesh, entries[d]) == 1 and shape[d] % n == 0]
+  if free:
+    entries[max(free, key=lambda d: shape[d])] = axis  # first of the largest
   return PartitionSpec(*entries)
 
 
@@ -327,9 +316,11 @@ def zero1(tx: optax.GradientTransformation, mesh: Mesh,
 
   def update_fn(updates, state, params=None, **extra_args):
     new_updates, new_state = tx.update(updates, state, params, **extra_args)
-    # Updates leave sharded like the gradients came in (so replicated
-    # parameters stay replicated), state like it came in (split over axis).
-    return (jax.tree.map(_keep_sharding, new_updates, updates),
+    # Updates leave sharded like the parameters (so that replicated
+    # parameters stay replicated: this is the all-gather of ZeRO), or like
+    # the gradients if no parameters are given; state leaves as it came in.
+    anchor = updates if params is None else params
+    return (jax.tree.map(_keep_sharding, new_updates, anchor),
             jax.tree.map(_keep_sharding, new_state, state))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -1,0 +1,193 @@
+"""Sharded optimizer state: placement, ZeRO-1, and equality with one device.
+
+The mesh tests need 8 devices, which must be set before JAX starts, so they
+run ``tests/_sharding_worker.py`` once in a subprocess (8 simulated CPU
+devices) and each test below checks one of its measurements. The last tests
+are plain single-device checks of the placement helpers.
+"""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+import jadam
+from jadam import _sharding
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+WORKER = ROOT / "tests" / "_sharding_worker.py"
+TOLERANCE = 1e-6
+
+
+@pytest.fixture(scope="module")
+def mesh_results():
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get(
+                 "PYTHONPATH", "")]))
+  env.pop("XLA_FLAGS", None)
+  proc = subprocess.run([sys.executable, str(WORKER)], env=env,
+                        capture_output=True, text=True, timeout=900,
+                        check=False)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_worker_sees_eight_devices_and_reports_no_errors(mesh_results):
+  assert mesh_results["device_count"] == 8
+  assert "errors" not in mesh_results, mesh_results.get("errors")
+
+
+@pytest.mark.parametrize("how", ["jit_init", "eager_init", "abstract_init"])
+def test_init_places_every_moment_like_its_parameter(mesh_results, how):
+  wrong = [k for k, v in mesh_results["placement"].items() if not v[how]]
+  assert not wrong
+  # data, model and mixed meshes, Auto and Explicit axes, all optimizers
+  assert len(mesh_results["placement"]) >= 3 * len(
+      mesh_results["placement_optimizers"]) + 3 * 2
+
+
+def test_jitted_updates_keep_state_and_params_sharded(mesh_results):
+  for key, v in mesh_results["placement"].items():
+    assert v["after_steps"], key
+    assert v["params_keep_sharding"], key
+
+
+def test_optax_adam_jit_init_lands_on_one_device(mesh_results):
+  # The motivation: without placement, jit puts all state on one device.
+  assert mesh_results["optax_adam_jit_init_devices"] == 1
+
+
+def test_jit_training_on_every_mesh_equals_single_device(mesh_results):
+  errors = {k: v["error_vs_single_device"]
+            for k, v in mesh_results["placement"].items()}
+  assert max(errors.values()) < TOLERANCE, errors
+
+
+@pytest.mark.parametrize("mesh", ["data", "model", "mixed"])
+def test_shard_map_training_equals_single_device(mesh_results, mesh):
+  result = mesh_results["shard_map"][mesh]
+  assert result["error_vs_single_device"] < TOLERANCE
+  assert result["state_follows_params"]
+
+
+def test_zero1_training_equals_single_device(mesh_results):
+  for key, v in mesh_results["zero1"].items():
+    assert v["error_vs_single_device"] < TOLERANCE, key
+    assert v["params_keep_sharding"], key
+    assert v["state_specs_kept"], key
+
+
+def test_zero1_splits_state_over_data_axis(mesh_results):
+  for key, v in mesh_results["zero1"].items():
+    moments = [s for s in v["state_specs"] if s.startswith("P(") and s != "P()"]
+    split = [s for s in moments if "data" in s]
+    if "/data/" in key:
+      assert len(moments) == 8 and split == moments, (key, v)
+    else:  # b1's moments are split over "model" on their only dimension
+      assert len(split) >= 6, (key, v)
+    # The MLP's leaves all divide by the data axis: 1/4 (mixed mesh, data=4)
+    # or 1/8 (data mesh) of the state per device, up to the step count.
+    n_data = 4 if "/mixed/" in key else 8
+    full = v["state_bytes_following_params"]
+    if "/data/" in key:
+      assert v["state_bytes_per_device"] <= full / n_data + 4, (key, v)
+    else:  # the model axis already split w1, b1, w2 by 2
+      assert v["state_bytes_per_device"] < full / 2, (key, v)
+
+
+@pytest.mark.parametrize("fmt", ["f32", "bf16"])
+def test_zero1_state_bytes_per_device_fall_as_one_over_n(mesh_results, fmt):
+  measured = mesh_results["zero1_bytes"][fmt]
+  n = mesh_results["zero1_bytes"]["devices"]
+  # Everything but a 3x5 leaf and the step count divides by 8.
+  assert measured["replicated"] / measured["zero1"] > 0.99 * n
+  bytes_per_param = 8 if fmt == "f32" else 4
+  assert measured["replicated"] >= (
+      bytes_per_param * mesh_results["zero1_bytes"]["n_params"])
+
+
+# ---------------------------------------------------------------------------
+# Single-device checks of the helpers (run in this process).
+
+
+def test_add_axis_picks_the_largest_free_dimension_that_divides():
+  mesh = jax.sharding.AbstractMesh((8, 2), ("data", "model"))
+  assert _sharding.add_axis(P(), (16, 64), mesh, "data") == P(None, "data")
+  assert _sharding.add_axis(P(), (64, 16), mesh, "data") == P("data", None)
+  assert _sharding.add_axis(P(None, "model"), (16, 64), mesh, "data") == P(
+      "data", "model")
+
+
+def test_add_axis_leaves_dimensions_split_over_another_axis_alone():
+  mesh = jax.sharding.AbstractMesh((8, 2), ("data", "model"))
+  assert _sharding.add_axis(P(None, "model"), (3, 32), mesh, "data") == P(
+      None, "model")
+
+
+def test_add_axis_leaves_indivisible_and_scalar_leaves_whole():
+  mesh = jax.sharding.AbstractMesh((8,), ("data",))
+  assert _sharding.add_axis(P(), (3, 5), mesh, "data") == P(None, None)
+  assert _sharding.add_axis(P(), (), mesh, "data") == P()
+  assert _sharding.add_axis(P("data"), (16,), mesh, "data") == P("data")
+
+
+def test_single_device_init_is_unchanged_plain_zeros():
+  state = jadam.adam(1e-3).init({"w": jnp.ones((2, 3))})
+  assert float(jnp.abs(state[0].mu["w"]).sum()) == 0.0
+  assert state[0].mu["w"].shape == (2, 3)
+
+
+def test_init_from_shape_dtype_structs_allocates_zeros_on_their_sharding():
+  mesh = jax.make_mesh((1,), ("data",))
+  sharding = NamedSharding(mesh, P("data"))
+  params = {"w": jax.ShapeDtypeStruct((4,), jnp.float32, sharding=sharding)}
+  state = jadam.adam(1e-3).init(params)
+  assert state[0].nu["w"].sharding == sharding
+  assert jadam.state_shardings(jadam.adam(1e-3), params)[0].mu[
+      "w"].is_equivalent_to(sharding, 1)
+
+
+def test_zero1_rejects_an_axis_the_mesh_does_not_have():
+  mesh = jax.make_mesh((1,), ("data",))
+  with pytest.raises(ValueError, match="'batch' is not an axis"):
+    jadam.zero1(jadam.adam(1e-3), mesh, axis="batch")
+
+
+def test_zero1_shardings_needs_parameters_on_a_mesh():
+  with pytest.raises(ValueError, match="NamedSharding"):
+    jadam.zero1_shardings(jadam.adam(1e-3), {"w": jnp.ones(4)})
+
+
+def test_bytes_per_device_counts_every_leaf():
+  tree = {"a": jnp.zeros(4), "b": jnp.zeros((2, 2), jnp.bfloat16), "c": 3}
+  assert sum(jadam.bytes_per_device(tree).values()) == 16 + 8
+
+
+def int8_results(mesh_results):
+  result = mesh_results["int8"]
+  if not result["available"]:
+    pytest.skip(f"int8 moments not in this checkout: {result['why']}")
+  return result
+
+
+@pytest.mark.parametrize("axis_type", ["Auto", "Explicit"])
+def test_int8_init_splits_codes_and_scales_like_the_parameter_blocks(
+    mesh_results, axis_type):
+  result = int8_results(mesh_results)
+  for path in ("jit", "eager", "abstract"):
+    placed = result[f"{axis_type}/{path}"]
+    assert placed["codes"].startswith("P('model'"), placed
+    assert placed["scales"].startswith("P('model'"), placed
+
+
+def test_int8_jitted_steps_keep_codes_split_on_auto_mesh(mesh_results):
+  result = int8_results(mesh_results)
+  assert "Auto/step_error" not in result, result["Auto/step_error"]
+  assert result["Auto/finite"]
+  assert result["Auto/after_steps"]["codes"].startswith("P('model'")
