@@ -11,6 +11,8 @@ Module map:
 * ``_flat``: the fast path, parameters packed in one buffer per dtype.
 * ``_quant``, ``_rounding``: block-wise 8-bit moments; stochastic rounding
   (bfloat16/float16 moments, and ``stochastic_rounding`` for parameters).
+* ``_variants``: ADOPT, AdEMAMix and schedule-free AdamW, composed from the
+  rule's pieces (cautious and Keras numerics are flags of the rule itself).
 * ``_health``: non-finite step skipping and gradient-health telemetry.
 * ``_sharding``: where state lives on a device mesh (follows parameters, ZeRO-1).
 """
@@ -49,6 +51,14 @@ from jadam._transform import scale_by_adam
 from jadam._transform import scale_by_adamax
 from jadam._transform import scale_by_amsgrad
 from jadam._transform import scale_by_radam
+from jadam._variants import ScaleByAdemamixState
+from jadam._variants import ScaleBySecondMomentState
+from jadam._variants import ademamix
+from jadam._variants import adopt
+from jadam._variants import scale_by_ademamix
+from jadam._variants import scale_by_adopt
+from jadam._variants import schedule_free_adamw
+from jadam._variants import schedule_free_eval_params
 
 __version__ = "0.1.0"
 
@@ -60,7 +70,9 @@ __all__ = [
     "Moments",
     "QuantizedMoment",
     "ScaleByAdamState",
+    "ScaleByAdemamixState",
     "ScaleByAmsgradState",
+    "ScaleBySecondMomentState",
     "StochasticRoundingState",
     "SkipNonfiniteState",
     "TelemetryState",
@@ -70,6 +82,8 @@ __all__ = [
     "adamax",
     "adamaxw",
     "adamw",
+    "ademamix",
+    "adopt",
     "amsgrad",
     "decode_moments",
     "bytes_per_device",
@@ -78,8 +92,12 @@ __all__ = [
     "radam",
     "scale_by_adam",
     "scale_by_adamax",
+    "scale_by_ademamix",
+    "scale_by_adopt",
     "scale_by_amsgrad",
     "scale_by_radam",
+    "schedule_free_adamw",
+    "schedule_free_eval_params",
     "stochastic_rounding",
     "skip_nonfinite",
     "state_shardings",

@@ -1,0 +1,543 @@
+"""Adam's younger relatives, written as compositions over :mod:`jadam._rule`.
+
+Each variant here changes what Adam remembers or where it evaluates the
+gradient, not how a moment is averaged or corrected: the arithmetic comes from
+the rule module (``ema``, ``abs_sq``, ``bias_correction``, ``denominator``,
+``adam_step``), and moments are loaded and stored through
+:mod:`jadam._storage`, so storage formats apply to them as to Adam.
+
+* ADOPT (Taniguchi et al., 2024): normalise g_t by the *previous* second
+  moment before it enters the first moment, so that the step does not
+  correlate with g_t; converges for any β2.
+* AdEMAMix (Pagliardini et al., 2024): add a slow EMA of the gradient
+  (β3 ≈ 0.9999), weighted by α, to Adam's numerator.
+* Schedule-free AdamW (Defazio et al., 2024): Adam without momentum, run
+  inside optax's schedule-free interpolation and averaging; evaluate the model
+  at :func:`schedule_free_eval_params`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import optax
+from optax import contrib as optax_contrib
+
+from jadam import _alias
+from jadam import _rounding
+from jadam import _rule
+from jadam import _storage
+from jadam import _transform
+from jadam import _validation
+
+Array = jax.Array
+ArrayLike = jax.typing.ArrayLike
+ScalarOrSchedule = Union[float, jax.Array, optax.Schedule]
+
+
+def _check_decay(name: str, value: Any) -> None:
+  if not callable(value):
+    _validation.check_decay(name, value)
+
+
+def _walk(leaf_step: Callable[..., tuple[Array, tuple[Any, ...]]],
+          updates: Any, moment_trees: Sequence[Any],
+          t: Array) -> tuple[Any, list[Any]]:
+  """Apply ``leaf_step(g, seed, *stored_moments)`` leaf by leaf.
+
+  Moment trees are flattened *up to* the gradients' structure, so a moment
+  kept as a compound node (for example a quantized array with its scales)
+  reaches ``leaf_step`` whole. ``seed`` depends on the step ``t`` and the
+  leaf's position, for the stochastic rounding of narrow storage formats.
+
+  Returns:
+    ``(directions, new_moment_trees)`` with the gradients' structure.
+  """
+  _validation.check_same_tree(updates, moment_trees[0],
+                              what="optimizer state",
+                              is_leaf=_storage.is_stored_node)
+  _validation.check_float_leaves(updates)
+  grads, treedef = jax.tree.flatten(updates)
+  columns = [treedef.flatten_up_to(tree) for tree in moment_trees]
+  directions, new_columns = [], [[] for _ in moment_trees]
+  for index, (g, *stored) in enumerate(zip(grads, *columns)):
+    direction, new_stored = leaf_step(g, _rounding.salt(t, index), *stored)
+    directions.append(direction)
+    for column, value in zip(new_columns, new_stored):
+      column.append(value)
+  return (treedef.unflatten(directions),
+          [treedef.unflatten(column) for column in new_columns])
+
+
+def _init_moments(params: Any, storage: _storage.Storage, *, real: bool,
+                  squared: bool = False) -> Any:
+  return jax.tree.map(
+      lambda p: _storage.init_moment(p, storage, real=real, squared=squared),
+      params)
+
+
+def _store(value: Array, like: Any, seed: Array, which: int) -> Any:
+  """Store one moment; ``which`` separates the random bits of each moment."""
+  return _storage.store(value, like, _rounding.salt(seed, which))
+
+
+# ---------------------------------------------------------------------------
+# ADOPT
+# ---------------------------------------------------------------------------
+
+
+def _clip(x: Array, bound: Array) -> Array:
+  """Clip to [−bound, bound]; for complex x, clip the modulus."""
+  if jnp.iscomplexobj(x):
+    modulus = jnp.abs(x)
+    return x * jnp.where(modulus > bound, bound / jnp.where(
+        modulus > 0, modulus, 1), 1).astype(x.dtype)
+  return jnp.clip(x, -bound, bound)
+
+
+def scale_by_adopt(
+    b1: ArrayLike = 0.9,
+    b2: ArrayLike = 0.9999,
+    eps: ArrayLike = 1e-6,
+    mu_dtype: Optional[Any] = None,
+    *,
+    nesterov: bool = False,
+    use_clipping: bool = True,
+    clip_value_fn: Callable[[Array], Array] = lambda t: t**0.25,
+    nu_dtype: Optional[Any] = None,
+) -> optax.GradientTransformation:
+  """Rescale gradients by ADOPT: normalise by v_{t-1}, then average.
+
+  Per array, with t counting updates from 0 (Taniguchi et al., Algorithm 2)::
+
+      t = 0:  v_0 = g_0²,  direction 0 (only the scale is measured)
+      t ≥ 1:  m_t = β1·m_{t-1} + (1 − β1)·clip(g_t / max(√v_{t-1}, ε), t^¼)
+              v_t = β2·v_{t-1} + (1 − β2)·g_t²
+              direction m_t
+
+  Because v_{t-1} does not contain g_t, the normalised gradient is an
+  unbiased direction and the method converges for any β2. The clipping
+  (on by default, as in the authors' code) tames the first steps.
+
+  Args:
+    b1: decay of the first moment, in [0, 1).
+    b2: decay of the second moment, in [0, 1).
+    eps: floor of √v in the normalisation, >= 0.
+    mu_dtype, nu_dtype: storage of m and v, as in :func:`jadam.scale_by_adam`.
+    nesterov: return ``β1·m_t + (1 − β1)·ĝ_t`` (look-ahead) instead of m_t.
+    use_clipping: clip the normalised gradient to ``clip_value_fn(t)``.
+    clip_value_fn: bound as a function of the update count t.
+
+  Returns:
+    An ``optax.GradientTransformation`` with state
+    :class:`jadam.ScaleByAdamState`.
+
+  Example:
+    >>> import jax.numpy as jnp, jadam
+    >>> tx = jadam.scale_by_adopt()
+    >>> state = tx.init({"w": jnp.zeros(2)})
+    >>> out, state = tx.update({"w": jnp.array([3., -4.])}, state)
+    >>> out["w"]  # the first call only measures v_0
+    Array([0., 0.], dtype=float32)
+
+  References:
+    Taniguchi et al., "ADOPT: Modified Adam Can Converge with Any β2 with the
+    Optimal Rate", NeurIPS 2024.
+  """
+  _validation.check_decay("b1", b1)
+  _validation.check_decay("b2", b2)
+  _validation.check_nonnegative("eps", eps)
+  mu_storage = _storage.canonical_storage("mu_dtype", mu_dtype)
+  nu_storage = _storage.canonical_storage("nu_dtype", nu_dtype)
+
+  def init_fn(params):
+    return _transform.ScaleByAdamState(
+        count=jnp.zeros([], jnp.int32),
+        mu=_init_moments(params, mu_storage, real=False),
+        nu=_init_moments(params, nu_storage, real=True, squared=True))
+
+  def update_fn(updates, state, params=None):
+    del params
+    first = state.count == 0
+    # The first call sets v_0 = g_0² and leaves m at zero (decays 0 and 1).
+    b1_t = jnp.where(first, 1.0, b1)
+    b2_t = jnp.where(first, 0.0, b2)
+    bound = clip_value_fn(state.count) if use_clipping else None
+
+    def leaf_step(g, seed, stored_mu, stored_nu):
+      dtype = _storage.compute_dtype(g.dtype)
+      g_c = g.astype(dtype)
+      mu = _storage.load(stored_mu, dtype)
+      nu = _storage.load(stored_nu, _storage.real_dtype(dtype))
+      normalized = g_c / jnp.maximum(jnp.sqrt(nu), eps)
+      if bound is not None:
+        normalized = _clip(normalized, bound)
+      mu = _rule.ema(normalized, mu, b1_t)
+      nu = _rule.ema(_rule.abs_sq(g_c), nu, b2_t)
+      direction = _rule.ema(normalized, mu, b1_t) if nesterov else mu
+      return direction.astype(g.dtype), (_store(mu, stored_mu, seed, 11),
+                                         _store(nu, stored_nu, seed, 22))
+
+    t = optax.safe_increment(state.count)
+    out, (mu, nu) = _walk(leaf_step, updates, [state.mu, state.nu], t)
+    return out, _transform.ScaleByAdamState(t, mu, nu)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def adopt(
+    learning_rate: ScalarOrSchedule,
+    b1: ArrayLike = 0.9,
+    b2: ArrayLike = 0.9999,
+    eps: ArrayLike = 1e-6,
+    mu_dtype: Optional[Any] = None,
+    *,
+    nesterov: bool = False,
+    use_clipping: bool = True,
+    clip_value_fn: Callable[[Array], Array] = lambda t: t**0.25,
+    nu_dtype: Optional[Any] = None,
+    weight_decay: Optional[ScalarOrSchedule] = None,
+    mask: _alias.MaskOrFn = None,
+) -> optax.GradientTransformationExtraArgs:
+  """ADOPT (Taniguchi et al., 2024); same keywords as ``optax.contrib.adopt``.
+
+  Args:
+    learning_rate: α, a float, a jax scalar or an optax schedule.
+    b1, b2, eps, mu_dtype, nesterov, use_clipping, clip_value_fn, nu_dtype:
+      see :func:`scale_by_adopt`.
+    weight_decay: optional decoupled weight decay λ (``−α·λ·θ``).
+    mask: where the decay applies, as in :func:`jadam.adamw`.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+
+  Example:
+    >>> import jadam
+    >>> opt = jadam.adopt(1e-3)
+
+  References:
+    Taniguchi et al., "ADOPT: Modified Adam Can Converge with Any β2 with the
+    Optimal Rate", NeurIPS 2024.
+  """
+  return _alias._optimizer(  # pylint: disable=protected-access
+      scale_by_adopt(b1, b2, eps, mu_dtype, nesterov=nesterov,
+                     use_clipping=use_clipping, clip_value_fn=clip_value_fn,
+                     nu_dtype=nu_dtype),
+      learning_rate, weight_decay, mask)
+
+
+# ---------------------------------------------------------------------------
+# AdEMAMix
+# ---------------------------------------------------------------------------
+
+
+class ScaleByAdemamixState(NamedTuple):
+  """State of :func:`scale_by_ademamix`.
+
+  Attributes:
+    count: number of updates taken (int32, saturating).
+    m1: the fast EMA of g (decay β1), bias-corrected when used.
+    m2: the slow EMA of g (decay β3), used as is.
+    nu: the second moment v (decay β2).
+  """
+
+  count: jax.Array
+  m1: Any
+  m2: Any
+  nu: Any
+
+
+def scale_by_ademamix(
+    b1: ArrayLike = 0.9,
+    b2: ArrayLike = 0.999,
+    b3: ScalarOrSchedule = 0.9999,
+    alpha: ScalarOrSchedule = 6.0,
+    eps: ArrayLike = 1e-8,
+    eps_root: ArrayLike = 0.0,
+    mu_dtype: Optional[Any] = None,
+    *,
+    nu_dtype: Optional[Any] = None,
+) -> optax.GradientTransformation:
+  """Rescale gradients by AdEMAMix: Adam plus a slow, uncorrected EMA.
+
+  Per array::
+
+      m1_t = β1·m1_{t-1} + (1 − β1)·g_t      (Adam's m, bias-corrected)
+      m2_t = β3·m2_{t-1} + (1 − β3)·g_t      (slow; not corrected, so it
+                                              fills in over ~1/(1 − β3) steps)
+      v_t  = β2·v_{t-1}  + (1 − β2)·g_t²
+      direction = (m̂1_t + α·m2_t) / (√(v̂_t + ε_root) + ε)
+
+  The paper warms α and β3 up over the first steps; pass optax schedules
+  (functions of the update count) as ``alpha`` and ``b3`` for that, for
+  example ``alpha=optax.linear_schedule(0., 5., 10_000)``.
+
+  Args:
+    b1: decay of the fast EMA, in [0, 1).
+    b2: decay of the second moment, in [0, 1).
+    b3: decay of the slow EMA, in [0, 1), or a schedule.
+    alpha: weight of the slow EMA, >= 0, or a schedule.
+    eps, eps_root: as in :func:`jadam.scale_by_adam`.
+    mu_dtype: storage of both EMAs of g.
+    nu_dtype: storage of v.
+
+  Returns:
+    An ``optax.GradientTransformation`` with state
+    :class:`ScaleByAdemamixState`.
+
+  Example:
+    >>> import jadam
+    >>> tx = jadam.scale_by_ademamix(b3=0.999, alpha=5.0)
+
+  References:
+    Pagliardini, Ablin & Grangier, "The AdEMAMix Optimizer: Better, Faster,
+    Older", ICLR 2025 (arXiv:2409.03137).
+  """
+  rule = _rule.AdamRule(b1, b2, eps, eps_root)
+  _transform._check_rule(rule)  # pylint: disable=protected-access
+  _check_decay("b3", b3)
+  _validation.check_nonnegative("alpha", alpha)
+  mu_storage = _storage.canonical_storage("mu_dtype", mu_dtype)
+  nu_storage = _storage.canonical_storage("nu_dtype", nu_dtype)
+
+  def init_fn(params):
+    return ScaleByAdemamixState(
+        count=jnp.zeros([], jnp.int32),
+        m1=_init_moments(params, mu_storage, real=False),
+        m2=_init_moments(params, mu_storage, real=False),
+        nu=_init_moments(params, nu_storage, real=True, squared=True))
+
+  def update_fn(updates, state, params=None):
+    del params
+    # Schedules see the number of updates already taken, as optax's do.
+    b3_t = b3(state.count) if callable(b3) else b3
+    alpha_t = alpha(state.count) if callable(alpha) else alpha
+    t = optax.safe_increment(state.count)
+
+    def leaf_step(g, seed, stored_m1, stored_m2, stored_nu):
+      dtype = _storage.compute_dtype(g.dtype)
+      g_c = g.astype(dtype)
+      m1 = _rule.ema(g_c, _storage.load(stored_m1, dtype), rule.b1)
+      m2 = _rule.ema(g_c, _storage.load(stored_m2, dtype), b3_t)
+      nu = _rule.ema(_rule.abs_sq(g_c),
+                     _storage.load(stored_nu, _storage.real_dtype(dtype)),
+                     rule.b2)
+      m1_hat = m1 / _rule.bias_correction(rule.b1, t).astype(dtype)
+      v_hat = nu / _rule.bias_correction(rule.b2, t).astype(nu.dtype)
+      direction = (m1_hat + alpha_t * m2) / _rule.denominator(v_hat, rule)
+      return direction.astype(g.dtype), (_store(m1, stored_m1, seed, 11),
+                                         _store(m2, stored_m2, seed, 44),
+                                         _store(nu, stored_nu, seed, 22))
+
+    out, (m1, m2, nu) = _walk(leaf_step, updates,
+                              [state.m1, state.m2, state.nu], t)
+    return out, ScaleByAdemamixState(t, m1, m2, nu)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def ademamix(
+    learning_rate: ScalarOrSchedule,
+    b1: ArrayLike = 0.9,
+    b2: ArrayLike = 0.999,
+    b3: ScalarOrSchedule = 0.9999,
+    alpha: ScalarOrSchedule = 5.0,
+    eps: ArrayLike = 1e-8,
+    eps_root: ArrayLike = 0.0,
+    mu_dtype: Optional[Any] = None,
+    weight_decay: ScalarOrSchedule = 0.0,
+    mask: _alias.MaskOrFn = None,
+    *,
+    nu_dtype: Optional[Any] = None,
+) -> optax.GradientTransformationExtraArgs:
+  """AdEMAMix with decoupled weight decay; keywords as optax.contrib.ademamix.
+
+  The update is ``−α_lr·((m̂1 + α·m2)/(√v̂ + ε) + λ·θ)``.
+
+  Args:
+    learning_rate: the step size, a float, a jax scalar or an optax schedule.
+    b1, b2, b3, alpha, eps, eps_root, mu_dtype, nu_dtype: see
+      :func:`scale_by_ademamix`.
+    weight_decay: λ, >= 0.
+    mask: where the decay applies, as in :func:`jadam.adamw`.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+
+  Example:
+    >>> import optax, jadam
+    >>> opt = jadam.ademamix(1e-3, alpha=optax.linear_schedule(0., 5., 1000))
+
+  References:
+    Pagliardini, Ablin & Grangier, "The AdEMAMix Optimizer: Better, Faster,
+    Older", ICLR 2025 (arXiv:2409.03137).
+  """
+  return _alias._optimizer(  # pylint: disable=protected-access
+      scale_by_ademamix(b1, b2, b3, alpha, eps, eps_root, mu_dtype,
+                        nu_dtype=nu_dtype),
+      learning_rate, weight_decay, mask)
+
+
+# ---------------------------------------------------------------------------
+# Schedule-free AdamW
+# ---------------------------------------------------------------------------
+
+
+class ScaleBySecondMomentState(NamedTuple):
+  """State of Adam without momentum: the count and v (no m to store)."""
+
+  count: jax.Array
+  nu: Any
+
+
+def _scale_by_adam_without_momentum(
+    b2: ArrayLike, eps: ArrayLike,
+    nu_dtype: Optional[Any]) -> optax.GradientTransformation:
+  """Adam with β1 = 0, storing only v: the base step of schedule-free AdamW.
+
+  With β1 = 0, m_t = g_t and m̂_t = g_t, so m need not be kept; the step is
+  still :func:`jadam.adam_step`, fed a zero m_{t-1}.
+  """
+  rule = _rule.AdamRule(0.0, b2, eps)
+  _transform._check_rule(rule)  # pylint: disable=protected-access
+  nu_storage = _storage.canonical_storage("nu_dtype", nu_dtype)
+
+  def init_fn(params):
+    return ScaleBySecondMomentState(
+        jnp.zeros([], jnp.int32),
+        _init_moments(params, nu_storage, real=True, squared=True))
+
+  def update_fn(updates, state, params=None):
+    del params
+    t = optax.safe_increment(state.count)
+
+    def leaf_step(g, seed, stored_nu):
+      dtype = _storage.compute_dtype(g.dtype)
+      g_c = g.astype(dtype)
+      moments = _rule.Moments(
+          mu=jnp.zeros_like(g_c),
+          nu=_storage.load(stored_nu, _storage.real_dtype(dtype)))
+      direction, new = _rule.adam_step(g_c, moments, t, rule)
+      return direction.astype(g.dtype), (_store(new.nu, stored_nu, seed, 22),)
+
+    out, (nu,) = _walk(leaf_step, updates, [state.nu], t)
+    return out, ScaleBySecondMomentState(t, nu)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+ScheduleFreeState = optax_contrib.ScheduleFreeState
+
+
+def schedule_free_adamw(
+    learning_rate: ScalarOrSchedule = 0.0025,
+    warmup_steps: Optional[int] = None,
+    b1: ArrayLike = 0.9,
+    b2: ArrayLike = 0.999,
+    eps: ArrayLike = 1e-8,
+    weight_decay: ScalarOrSchedule = 0.0,
+    weight_lr_power: ArrayLike = 2.0,
+    state_dtype: Optional[Any] = None,
+    *,
+    mask: _alias.MaskOrFn = None,
+    nu_dtype: Optional[Any] = None,
+) -> optax.GradientTransformationExtraArgs:
+  """Schedule-free AdamW (Defazio et al., 2024); keywords as optax's.
+
+  Adam without momentum (β1 = 0) takes the base steps on a sequence z; the
+  gradient is evaluated at ``y = (1 − β1)·z + β1·x``, where x is a running
+  average of z weighted by ``max_lr^weight_lr_power``. No decaying learning
+  rate schedule is needed (a warmup is). The parameters the optimizer updates
+  are y: **evaluate and save the model at x**, given by
+  :func:`schedule_free_eval_params`.
+
+  The interpolation and averaging are ``optax.contrib.schedule_free``; the
+  base step is jadam's Adam rule storing only v.
+
+  Args:
+    learning_rate: peak step size, a float or a schedule (no decay needed).
+    warmup_steps: if given, a linear warmup from 0 over this many steps.
+    b1: interpolation weight β1 of x in y, in (0, 1) (it replaces momentum).
+    b2, eps: as in :func:`jadam.scale_by_adam`.
+    weight_decay: λ, >= 0, applied at y as ``−lr·λ·y`` (the authors' form).
+    weight_lr_power: averaging weight of each step is ``max_lr`` to this power.
+    state_dtype: storage dtype of z (None: the parameters').
+    mask: where the decay applies, as in :func:`jadam.adamw`.
+    nu_dtype: storage of v, as in :func:`jadam.scale_by_adam`.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` whose state is an
+    ``optax.contrib.ScheduleFreeState``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, jadam
+    >>> opt = jadam.schedule_free_adamw(1e-2, warmup_steps=10)
+    >>> params = {"w": jnp.ones(2)}
+    >>> state = opt.init(params)
+    >>> grads = jax.grad(lambda p: jnp.sum(p["w"] ** 2))(params)
+    >>> updates, state = opt.update(grads, state, params)
+    >>> params = optax.apply_updates(params, updates)
+    >>> eval_params = jadam.schedule_free_eval_params(state, params)
+
+  References:
+    Defazio, Yang, Mehta, Mishchenko, Khaled & Cutkosky, "The Road Less
+    Scheduled", NeurIPS 2024 (arXiv:2405.15682).
+  """
+  _validation.check_learning_rate(learning_rate)
+  _validation.check_decay("b1", b1)
+  if not callable(b1) and float(b1) <= 0.0:
+    raise ValueError(f"b1 must be in (0, 1) for schedule-free AdamW (x is "
+                     f"recovered from y by dividing by b1), got {b1!r}.")
+  _validation.check_nonnegative("weight_decay", weight_decay)
+  _validation.check_nonnegative("weight_lr_power", weight_lr_power)
+  if warmup_steps is not None:
+    learning_rate = optax.warmup_constant_schedule(
+        init_value=0.0, peak_value=learning_rate, warmup_steps=warmup_steps)
+  base = optax.chain(
+      _scale_by_adam_without_momentum(b2, eps, nu_dtype),
+      optax.add_decayed_weights(weight_decay, mask),
+      optax.scale_by_learning_rate(learning_rate))
+  return optax_contrib.schedule_free(
+      base, learning_rate=learning_rate, b1=b1,
+      weight_lr_power=weight_lr_power, state_dtype=state_dtype)
+
+
+def schedule_free_eval_params(state: optax.OptState, params: Any) -> Any:
+  """The parameters to evaluate (and save) a schedule-free model at: x.
+
+  Training updates y; x is recovered as ``(y − (1 − β1)·z) / β1``. ``state``
+  may be the schedule-free state itself or any optimizer state that holds
+  exactly one (for example inside ``optax.chain`` or
+  ``optax.inject_hyperparams``).
+
+  Args:
+    state: the optimizer state.
+    params: the current (training) parameters y.
+
+  Returns:
+    x, with the structure of ``params``.
+
+  Raises:
+    ValueError: if ``state`` holds no schedule-free state, or several.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, jadam
+    >>> opt = optax.chain(optax.clip_by_global_norm(1.0),
+    ...                   jadam.schedule_free_adamw(1e-2))
+    >>> params = {"w": jnp.ones(2)}
+    >>> x = jadam.schedule_free_eval_params(opt.init(params), params)
+
+  References:
+    Defazio et al., "The Road Less Scheduled", NeurIPS 2024.
+  """
+  is_sf = lambda node: isinstance(node, ScheduleFreeState)
+  found = [node for node in jax.tree.leaves(state, is_leaf=is_sf)
+           if is_sf(node)]
+  if len(found) != 1:
+    raise ValueError(
+        f"schedule_free_eval_params needs an optimizer state holding exactly "
+        f"one schedule-free state (from jadam.schedule_free_adamw); found "
+        f"{len(found)}.")
+  return optax_contrib.schedule_free_eval_params(found[0], params)
