@@ -26,6 +26,7 @@ import optax
 
 from jadam import _rule
 from jadam import _storage
+from jadam import _transform
 
 Array = jax.Array
 
@@ -203,9 +204,16 @@ def _is_adam_state(node: Any) -> bool:
 
 
 def second_moments(state: Any) -> list[Any]:
-  """The ``nu`` trees of every Adam-family state found inside ``state``."""
+  """The ``nu`` trees of every Adam-family state found inside ``state``.
+
+  jadam's own states are decoded from their storage format (int8 codes with
+  block scales, float16 √v) to float32 values of v.
+  """
   nodes = jax.tree.leaves(state, is_leaf=_is_adam_state)
-  return [node.nu for node in nodes if _is_adam_state(node)]
+  jadam_states = (_transform.ScaleByAdamState, _transform.ScaleByAmsgradState)
+  return [_storage.decode_moments(node).nu
+          if isinstance(node, jadam_states) else node.nu
+          for node in nodes if _is_adam_state(node)]
 
 
 def _measure(grads: Any, updates: Any, params: Optional[Any],

@@ -103,7 +103,7 @@ def _assert_close(a, b, rtol=1e-6):
                                np.asarray(y, np.float64), rtol=rtol, atol=0)
 
 
-@pytest.mark.parametrize("name", ALIASES)
+@pytest.mark.parametrize("name", ["adamw", "amsgrad", "radam"])
 def test_finite_steps_equal_the_unwrapped_optimizer(name):
   # Equal up to rounding, not bitwise: XLA compiles the update inside a
   # conditional and may fuse (and so round) it differently.
@@ -345,7 +345,7 @@ def test_telemetry_example_logs_the_poisoned_step(capsys):
                          / "examples"))
   import telemetry
   log = telemetry.main(["--steps", "60", "--log-every", "20", "--nan-at",
-                        "30"])
+                        "30", "--batch-size", "32"])
   out = capsys.readouterr().out
   assert "grad_norm" in out and "training accuracy" in out
   by_step = {int(r["step"]): r for r in log}
