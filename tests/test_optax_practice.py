@@ -230,3 +230,28 @@ def test_inject_hyperparams_with_a_schedule_records_the_rate_used():
     np.testing.assert_allclose(updates, -used * np.sign(g), rtol=2e-5,
                                atol=1e-12)
   assert update._cache_size() == 1
+
+
+def test_an_optax_adam_state_continues_under_jadam():
+  params, loss = PROBLEMS["quadratic"]()
+  grads = _random_grads(params, 20, seed=5)
+  _, _, optax_state = _lockstep(optax.adam(1e-2), params, grads[:10])
+  mid, _, _ = _lockstep(optax.adam(1e-2), params, grads[:10])
+  # Same leaves in the same order: convert by re-labelling the tree.
+  template = jadam.adam(1e-2).init(params)
+  converted = jax.tree.unflatten(jax.tree.structure(template),
+                                 jax.tree.leaves(optax_state))
+  assert isinstance(converted[0], jadam.ScaleByAdamState)
+  assert int(converted[0].count) == 10
+  opt = jadam.adam(1e-2)
+
+  @jax.jit
+  def step(params, state, g):
+    updates, state = opt.update(g, state, params)
+    return optax.apply_updates(params, updates), state
+
+  ours, state = mid, converted
+  for g in grads[10:]:
+    ours, state = step(ours, state, g)
+  theirs, _, _ = _lockstep(optax.adam(1e-2), params, grads)
+  assert relative_error(ours, theirs) < 1e-6
