@@ -33,7 +33,6 @@ from jadam._health import skip_nonfinite
 from jadam._health import stats
 from jadam._health import with_telemetry
 from jadam._quant import BlockwiseInt8
-from jadam._quant import QuantizedMoment
 from jadam._rounding import StochasticRoundingState
 from jadam._rounding import stochastic_rounding
 from jadam._rule import AdamRule
@@ -68,7 +67,6 @@ __all__ = [
     "FlatView",
     "HealthStats",
     "Moments",
-    "QuantizedMoment",
     "ScaleByAdamState",
     "ScaleByAdemamixState",
     "ScaleByAmsgradState",

@@ -10,9 +10,10 @@ Block-wise Quantization", ICLR 2022:
   fixed table of 255 values in [-1, 1] (first moment) or [0, 1] (second
   moment) that is dense near the block's maximum and spread over many binary
   orders of magnitude below it, so that small values are kept relative to
-  their own size rather than rounded to zero. The 256th code marks a
-  non-finite value (NaN, ±inf), which decodes to NaN so that a poisoned
-  moment stays visible instead of turning into a number.
+  their own size rather than rounded to zero. First moments use int8 codes
+  ``±index`` (so zero is code 0), second moments uint8 codes. The 256th code
+  marks a non-finite value (NaN, ±inf), which decodes to NaN so that a
+  poisoned moment stays visible instead of turning into a number.
 
 The code map is ours, not the paper's base-10 "dynamic tree": it is laid out
 in binary octaves ``[2^-(k+1), 2^-k)``, each holding a power-of-two number of
@@ -33,6 +34,7 @@ scales, where precision does.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Optional
 
 import jax
@@ -46,7 +48,8 @@ Array = jax.Array
 # moment gets more octaves because v spans twice the orders of magnitude of m.
 _SIGNED_OCTAVES = (16, 16, 16, 8, 8, 8, 8) + (4,) * 10 + (2,) * 3
 _UNSIGNED_OCTAVES = (32, 32, 32, 16, 16, 16, 16) + (8,) * 8 + (4,) * 7 + (1,)
-NAN_CODE = 255
+NAN_CODE = 255          # unsigned (uint8) code of a non-finite value
+NAN_CODE_SIGNED = -128  # signed (int8) code of a non-finite value
 
 
 def _octave_tables(octaves: tuple[int, ...]):
@@ -88,37 +91,42 @@ def magnitudes(signed: bool) -> np.ndarray:
   return np.array(values, np.float32)
 
 
-def code_map(signed: bool) -> np.ndarray:
-  """All 256 values a code decodes to (code 255 is NaN), float32.
+def code_map(signed: bool) -> tuple[np.ndarray, np.ndarray]:
+  """Every code and the value in [-1, 1] or [0, 1] it decodes to.
 
-  :func:`encode` and :func:`decode` compute with the bit patterns instead;
-  this table is their specification (the tests compare against it).
+  A signed code is an int8 ``±index`` into :func:`magnitudes` (so 0 is zero),
+  with -128 for non-finite values; an unsigned code is a uint8 ``index``,
+  with 255 for non-finite values, which decode to NaN. :func:`encode` and
+  :func:`decode` compute with bit patterns instead; this table is their
+  specification (the tests compare against it).
+
+  Returns:
+    ``(codes, values)``: the 256 codes (int8 or uint8) and float32 values.
   """
   mags = magnitudes(signed)
   if signed:
-    values = np.concatenate([-mags[:0:-1], mags])  # codes 0..254, 127 is zero
+    codes = np.arange(-128, 128).astype(np.int8)
+    index = np.abs(codes.astype(np.int32))
+    values = np.where(codes < 0, -1.0, 1.0) * mags[np.minimum(index, 127)]
+    values[codes == NAN_CODE_SIGNED] = np.nan
   else:
-    values = mags                                  # codes 0..254
-  assert len(values) == 255
-  return np.append(values, np.float32(np.nan)).astype(np.float32)
-
-
-def _center(signed: bool) -> int:
-  return len(magnitudes(True)) - 1 if signed else 0
+    codes = np.arange(256).astype(np.uint8)
+    values = np.append(mags, np.nan)
+  return codes, values.astype(np.float32)
 
 
 def encode(y: Array, signed: bool, bits: Optional[Array] = None) -> Array:
-  """Codes (uint8) of values ``y`` already divided by their block's scale.
+  """Codes of values ``y`` already divided by their block's scale.
 
   Args:
     y: float32 values in [-1, 1] (signed) or [0, 1] (unsigned); values
-      outside are clipped; non-finite values get :data:`NAN_CODE`.
+      outside are clipped; non-finite values get the NaN code.
     signed: which code map.
     bits: uniform uint32 random bits of ``y.shape`` for stochastic rounding
       (the top 16 are used), or None to round to the nearest code.
 
   Returns:
-    uint8 codes of ``y.shape``.
+    int8 codes (signed) or uint8 codes (unsigned) of ``y.shape``.
   """
   n_octaves = len(_SIGNED_OCTAVES if signed else _UNSIGNED_OCTAVES)
   a = jnp.abs(y) if signed else jnp.maximum(y, 0.0)
@@ -151,24 +159,26 @@ def encode(y: Array, signed: bool, bits: Optional[Array] = None) -> Array:
   up = a * np.float32(65536.0 / lowest) >= uniform.astype(jnp.float32) + 0.5
   index = jnp.where(exponent < 127 - n_octaves, up.astype(jnp.uint32), index)
   index = jnp.where(a >= 1.0, np.uint32(len(magnitudes(signed)) - 1), index)
+  finite = jnp.isfinite(y)
   if signed:
-    center = np.uint32(_center(True))
-    code = jnp.where(y < 0, center - index, center + index)
-  else:
-    code = index
-  code = jnp.where(jnp.isfinite(y), code, np.uint32(NAN_CODE))
-  return code.astype(jnp.uint8)
+    code = index.astype(jnp.int32)
+    code = jnp.where(y < 0, -code, code)
+    return jnp.where(finite, code, NAN_CODE_SIGNED).astype(jnp.int8)
+  return jnp.where(finite, index, np.uint32(NAN_CODE)).astype(jnp.uint8)
 
 
-def decode(codes: Array, signed: bool) -> Array:
-  """The float32 values in [-1, 1] or [0, 1] of uint8 ``codes``."""
+def decode(codes: Array) -> Array:
+  """The float32 values in [-1, 1] or [0, 1] of int8 or uint8 ``codes``."""
+  signed = codes.dtype == jnp.int8
   c = codes.astype(jnp.int32)
   if signed:
-    index = jnp.abs(c - _center(True))
-    sign = jnp.where(c < _center(True), np.uint32(1 << 31), np.uint32(0))
+    index = jnp.abs(c)
+    sign = jnp.where(c < 0, np.uint32(1 << 31), np.uint32(0))
+    nan = c == NAN_CODE_SIGNED
   else:
     index = c
     sign = np.uint32(0)
+    nan = c == NAN_CODE
   raw = jnp.zeros(c.shape, jnp.uint32)
   for k0, count, log2_n, first in reversed(_segments(signed)):
     # The run's lowest octave starts at magnitude index ``bottom``.
@@ -180,67 +190,36 @@ def decode(codes: Array, signed: bool) -> Array:
              | (point << np.uint32(23 - log2_n)))
     raw = jnp.where(index >= bottom, value, raw)
   values = jax.lax.bitcast_convert_type(raw | sign, jnp.float32)
-  return jnp.where(c == NAN_CODE, np.float32(np.nan), values)
+  return jnp.where(nan, np.float32(np.nan), values)
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class QuantizedMoment:
-  """One moment leaf stored block-wise in 8 bits.
-
-  A pytree node: ``codes`` and ``scales`` are its children (so ``jit``,
-  ``eval_shape`` and orbax see two arrays); ``shape`` and ``signed`` are
-  static.
-
-  Attributes:
-    codes: uint8 array ``(n_blocks, block_size)``, indices into the code map.
-    scales: float32 array ``(n_blocks,)``, the largest finite |value| of each
-      block (the last block is zero-padded).
-    shape: the shape of the moment it stands for.
-    signed: first moment (signed code) or second moment (unsigned code).
-    stochastic: how it is rounded when stored again (see
-      :class:`BlockwiseInt8`).
-  """
-
-  codes: Array
-  scales: Array
-  shape: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
-  signed: bool = dataclasses.field(metadata=dict(static=True))
-  stochastic: bool = dataclasses.field(default=True,
-                                       metadata=dict(static=True))
-
-  @property
-  def dtype(self):
-    return jnp.dtype(jnp.float32)
-
-  @property
-  def size(self) -> int:
-    return int(np.prod(self.shape, dtype=np.int64))
-
-  @property
-  def block_size(self) -> int:
-    return self.codes.shape[-1]
-
-  @property
-  def nbytes(self) -> int:
-    return int(self.codes.size * 1 + self.scales.size * 4)
+def code_dtype(signed: bool):
+  """int8 codes for first moments (signed), uint8 for second moments."""
+  return jnp.dtype(jnp.int8) if signed else jnp.dtype(jnp.uint8)
 
 
 @dataclasses.dataclass(frozen=True)
 class BlockwiseInt8:
-  """The ``"int8"`` storage format, with its two knobs.
+  """The ``"int8"`` storage format, with its knobs.
 
   Pass an instance as ``mu_dtype`` / ``nu_dtype`` of any jadam optimizer;
   the string ``"int8"`` means ``BlockwiseInt8()``.
 
+  A quantized moment takes two arrays in the optimizer state: its codes, an
+  int8 (first moment) or uint8 (second moment) array of the parameter's
+  shape, in the ``mu`` / ``nu`` field; and its float32 block scales, shape
+  ``(n_blocks,)``, in the state's ``scales`` field. Blocks are runs of
+  ``block_size`` consecutive elements of the flattened parameter, the last
+  one possibly shorter.
+
   Attributes:
-    block_size: elements per block sharing one float32 scale (Dettmers et
-      al. use 2048 for their CUDA kernels, 256 in the paper's ablations;
-      smaller blocks isolate outliers better and cost 4/block_size extra
-      bytes per element).
-    min_size: leaves with fewer elements are stored in float32.
-    stochastic: round to a random neighbouring code (unbiased), or to the
-      nearest one (as the paper).
+    block_size: elements per block sharing one float32 scale, a power of two
+      (Dettmers et al. use 2048 in their CUDA kernels and study 256 and
+      smaller; smaller blocks isolate outliers better and cost
+      4/block_size extra bytes per element).
+    min_size: parameters with fewer elements keep this moment in float32.
+    stochastic: round to a random neighbouring code, unbiased (the default),
+      or to the nearest one (as the paper).
 
   Example:
     >>> import jadam
@@ -253,8 +232,10 @@ class BlockwiseInt8:
   stochastic: bool = True
 
   def __post_init__(self):
-    if not (isinstance(self.block_size, int) and self.block_size > 0):
-      raise ValueError(f"block_size must be a positive int, got "
+    if not (isinstance(self.block_size, int) and self.block_size > 0
+            and self.block_size & (self.block_size - 1) == 0):
+      raise ValueError("block_size must be a positive power of two (so that "
+                       "a state's scales determine its blocks), got "
                        f"{self.block_size!r}.")
     if not (isinstance(self.min_size, int) and self.min_size >= 0):
       raise ValueError(f"min_size must be an int >= 0, got {self.min_size!r}.")
@@ -266,16 +247,18 @@ class BlockwiseInt8:
     return -(-size // self.block_size)
 
 
+def block_size_of(size: int, n_blocks: int) -> int:
+  """The power-of-two block size that cuts ``size`` elements into
+  ``n_blocks`` blocks (unique: different powers of two give different block
+  counts unless one block holds everything)."""
+  if n_blocks <= 1:
+    return max(1, 1 << max(size - 1, 0).bit_length())
+  return 1 << (-(-size // n_blocks) - 1).bit_length()
+
+
 def block_scales(x: Array) -> Array:
   """The largest finite |x| along the last axis, with 1 for all-zero blocks."""
   finite = jnp.where(jnp.isfinite(x), jnp.abs(x), 0.0)
-  # A tree of elementwise maxima of halves rather than a reduce: XLA:CPU
-  # materialises the input of a reduction, but fuses this whole tree into its
-  # producer, so decode → update → scale → encode never writes a float32 copy
-  # of a whole moment (see docs/memory.md for the compiled memory check).
-  while finite.shape[-1] > 1 and finite.shape[-1] % 2 == 0:
-    half = finite.shape[-1] // 2
-    finite = jnp.maximum(finite[..., :half], finite[..., half:])
   scale = jnp.max(finite, axis=-1)
   return jnp.where(scale > 0, scale, jnp.float32(1.0))
 
@@ -284,57 +267,61 @@ def quantize_blocks(x: Array, signed: bool,
                     bits: Optional[Array] = None) -> tuple[Array, Array]:
   """Codes and scales of float32 tiles ``x`` of shape ``(..., block)``."""
   scale = block_scales(x)
-  y = x / scale[..., None]
-  return encode(y, signed, bits), scale
+  return encode(x / scale[..., None], signed, bits), scale
 
 
-def dequantize_blocks(codes: Array, scales: Array, signed: bool) -> Array:
+def dequantize_blocks(codes: Array, scales: Array) -> Array:
   """float32 tiles ``(..., block)`` from codes and per-block scales."""
-  return decode(codes, signed) * scales[..., None]
+  return decode(codes) * scales[..., None]
 
 
-def to_blocks(x: Array, block_size: int) -> Array:
-  """``x`` flattened, zero-padded to whole blocks, as ``(n_blocks, block)``."""
+def to_blocks(x: Array, block_size: int, fill: float = 0) -> Array:
+  """``x`` flattened, padded with ``fill`` to whole blocks, as
+  ``(n_blocks, block)``."""
   flat = x.reshape(-1)
   pad = -flat.size % block_size
   if pad:
-    flat = jnp.pad(flat, (0, pad))
+    flat = jnp.pad(flat, (0, pad), constant_values=fill)
   return flat.reshape(-1, block_size)
 
 
 def from_blocks(tiles: Array, shape: tuple[int, ...]) -> Array:
   """The inverse of :func:`to_blocks`."""
-  size = int(np.prod(shape, dtype=np.int64))
+  size = math.prod(shape)
   return tiles.reshape(-1)[:size].reshape(shape)
 
 
 def quantize(x: Array, signed: bool, block_size: int = 256,
-             bits: Optional[Array] = None) -> QuantizedMoment:
-  """A whole float array as a :class:`QuantizedMoment` (for tests and tools).
+             bits: Optional[Array] = None) -> tuple[Array, Array]:
+  """A whole float array as codes and block scales.
 
   Args:
     x: the values (any float dtype; they are quantized from float32).
     signed: signed code (first moments) or unsigned (second moments, x >= 0).
     block_size: elements per block.
-    bits: uint32 random bits of the padded ``(n_blocks, block_size)`` shape
-      for stochastic rounding, or None for nearest.
+    bits: uint32 random bits of ``x.shape`` for stochastic rounding, or None
+      for nearest.
 
   Returns:
-    The :class:`QuantizedMoment`.
+    ``(codes, scales)``: codes of ``x.shape`` (int8 if signed, else uint8)
+    and float32 scales of shape ``(n_blocks,)``.
 
   Example:
     >>> import jax.numpy as jnp
     >>> from jadam import _quant
-    >>> q = _quant.quantize(jnp.linspace(-1, 1, 1000), signed=True)
-    >>> q.codes.shape, q.scales.shape
-    ((4, 256), (4,))
+    >>> codes, scales = _quant.quantize(jnp.linspace(-1, 1, 1000), signed=True)
+    >>> codes.shape, codes.dtype, scales.shape
+    ((1000,), dtype('int8'), (4,))
   """
-  codes, scales = quantize_blocks(
-      to_blocks(x.astype(jnp.float32), block_size), signed, bits)
-  return QuantizedMoment(codes, scales, tuple(x.shape), signed,
-                         stochastic=bits is not None)
+  tiles = to_blocks(x.astype(jnp.float32), block_size)
+  if bits is not None:
+    bits = to_blocks(bits, block_size)
+  codes, scales = quantize_blocks(tiles, signed, bits)
+  return from_blocks(codes, x.shape), scales
 
 
-def dequantize(q: QuantizedMoment) -> Array:
-  """The float32 array a :class:`QuantizedMoment` stands for."""
-  return from_blocks(dequantize_blocks(q.codes, q.scales, q.signed), q.shape)
+def dequantize(codes: Array, scales: Array) -> Array:
+  """The float32 array that ``codes`` and block ``scales`` stand for."""
+  block = block_size_of(codes.size, scales.shape[0])
+  return from_blocks(dequantize_blocks(to_blocks(codes, block), scales),
+                     codes.shape)

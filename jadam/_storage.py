@@ -11,21 +11,22 @@ Formats:
 * bfloat16 / float16: rounded *stochastically* when stored (unbiased, see
   :mod:`jadam._rounding`), seeded by the step count and the leaf's position,
   so a v multiplied by β2 = 0.999 decays in expectation although 0.999 is not
-  a bfloat16 decay factor. float16 keeps √v (:class:`SquareRootMoment`)
-  because v itself under- and overflows float16.
+  a bfloat16 decay factor. float16 keeps second moments as √v, because v
+  itself under- and overflows float16.
 * ``"int8"`` / :class:`jadam.BlockwiseInt8`: block-wise 8-bit codes with a
-  float32 scale per block (:mod:`jadam._quant`), leaves below ``min_size``
-  elements in float32.
-* A complex first moment in a format without complex numbers is kept as its
-  real and imaginary parts (:class:`SplitComplex`).
+  float32 scale per block (:mod:`jadam._quant`); leaves below ``min_size``
+  elements stay float32.
+* These formats have no complex numbers, so a complex first moment stored in
+  them is kept in the compute dtype (complex64 or wider).
 
-Compressed formats are small pytree nodes (:data:`STORED_NODES`) standing for
-one parameter leaf; :func:`decode` reads any of them back as an array.
+Every moment is one array of its parameter's shape (values, √v, or codes),
+so states stay plain trees of arrays for ``jit``, Flax NNX and orbax; int8
+block scales are a separate tree (the state's ``scales`` field).
+:func:`decode_moments` reads any state's moments back as float arrays.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Any, Optional, Union
 
@@ -64,61 +65,6 @@ def zeros(like: Array, shape: tuple[int, ...], dtype: Any) -> Array:
   return _sharding.zeros_placed_like(like, shape, dtype)
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class SquareRootMoment:
-  """A second moment kept as √v in float16.
-
-  float16 cannot hold v = g² for most gradients: its smallest normal number
-  is 6.1e-5, so |g| < 8e-3 gives a v that loses precision and |g| < 2.4e-4
-  one that underflows to zero, while |g| > 256 overflows. √v has the range of
-  g itself, which float16 covers from 6e-8 to 65504.
-
-  Attributes:
-    root: float16 array of the parameter's shape, √v.
-  """
-
-  root: Array
-
-  @property
-  def shape(self) -> tuple[int, ...]:
-    return tuple(self.root.shape)
-
-  @property
-  def dtype(self):
-    return self.root.dtype
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class SplitComplex:
-  """A complex first moment stored as two real moments (bfloat16, float16
-  and int8 have no complex counterpart).
-
-  Attributes:
-    real: the real part, in the storage format.
-    imag: the imaginary part, in the storage format.
-  """
-
-  real: Any
-  imag: Any
-
-  @property
-  def shape(self) -> tuple[int, ...]:
-    return tuple(self.real.shape)
-
-
-STORED_NODES = (_quant.QuantizedMoment, SquareRootMoment, SplitComplex)
-
-
-def is_stored_node(x: Any) -> bool:
-  """True for a compressed moment that stands for one parameter leaf.
-
-  Use as ``is_leaf`` when walking a moment tree next to the parameters.
-  """
-  return isinstance(x, STORED_NODES)
-
-
 def canonical_storage(name: str, dtype: Any) -> Storage:
   """The storage format asked for by ``mu_dtype=`` / ``nu_dtype=``.
 
@@ -135,8 +81,16 @@ def canonical_storage(name: str, dtype: Any) -> Storage:
   return _quant.BlockwiseInt8() if canonical == "int8" else canonical
 
 
-def init_moment(param: Array, storage: Storage, *, real: bool,
-                squared: bool = False) -> Any:
+def quantized(param: Any, storage: Storage, *, real: bool) -> bool:
+  """Whether this moment of ``param`` is stored as int8 block codes."""
+  if not isinstance(storage, _quant.BlockwiseInt8):
+    return False
+  if not real and jnp.issubdtype(param.dtype, jnp.complexfloating):
+    return False  # a complex first moment has no 8-bit code: see init_moment
+  return storage.applies_to(math.prod(param.shape))
+
+
+def init_moment(param: Array, storage: Storage, *, real: bool) -> Array:
   """Zeros for one moment of one parameter in its storage format.
 
   Args:
@@ -144,64 +98,70 @@ def init_moment(param: Array, storage: Storage, *, real: bool,
     storage: canonical storage dtype name, a :class:`~jadam.BlockwiseInt8`,
       or None to follow the parameter.
     real: the moment is of |g|² and so real even for complex parameters.
-    squared: the moment has the units of g² (Adam's v, AMSGrad's max v̂,
-      but not AdaMax's u); float16 then keeps √v.
 
   Returns:
-    An array, or a node of :data:`STORED_NODES` for compressed formats.
+    An array of the parameter's shape: the moment, or its int8 / uint8 codes.
+    bfloat16, float16 and int8 have no complex form, so a complex first
+    moment stored in them is kept in the compute dtype instead.
   """
   if storage is None:
     dtype = real_dtype(param.dtype) if real else param.dtype
     return zeros(param, param.shape, dtype)
-  complex_value = (not real
-                   and jnp.issubdtype(param.dtype, jnp.complexfloating))
+  compute = compute_dtype(param.dtype)
+  if real:
+    compute = real_dtype(compute)
   if isinstance(storage, _quant.BlockwiseInt8):
-    if not storage.applies_to(math.prod(param.shape)):
-      # Small leaves stay in the compute dtype, as in Dettmers et al.
-      dtype = compute_dtype(param.dtype)
-      return zeros(param, param.shape, real_dtype(dtype) if real else dtype)
-    if complex_value:
-      return SplitComplex(_init_real(param, storage, signed=True),
-                          _init_real(param, storage, signed=True))
-    return _init_real(param, storage, signed=not real)
+    if quantized(param, storage, real=real):
+      return zeros(param, param.shape, _quant.code_dtype(signed=not real))
+    # Small leaves stay in the compute dtype, as in Dettmers et al.
+    return zeros(param, param.shape, compute)
   dtype = jnp.dtype(storage)
-  if complex_value:
-    if dtype.itemsize >= 4:
-      # float32 storage of a complex64 moment means complex64, and so on.
-      return zeros(param, param.shape, jnp.result_type(dtype, jnp.complex64))
-    return SplitComplex(zeros(param, param.shape, dtype),
-                        zeros(param, param.shape, dtype))
-  if squared and dtype == jnp.float16:
-    return SquareRootMoment(zeros(param, param.shape, dtype))
+  if jnp.issubdtype(compute, jnp.complexfloating):
+    dtype = (jnp.result_type(dtype, jnp.complex64) if dtype.itemsize >= 4
+             else compute)
   return zeros(param, param.shape, dtype)
 
 
-def _init_real(param: Array, storage: _quant.BlockwiseInt8, *,
-               signed: bool) -> _quant.QuantizedMoment:
-  """Zero codes and scales for a real moment of ``param``'s shape."""
-  n_blocks = storage.n_blocks(math.prod(param.shape))
-  return _quant.QuantizedMoment(
-      codes=zeros(param, (n_blocks, storage.block_size), jnp.uint8),
-      scales=zeros(param, (n_blocks,), jnp.float32),
-      shape=tuple(param.shape), signed=signed,
-      stochastic=storage.stochastic)
+def init_scales(param: Array, storage: Storage, *, real: bool) -> Array:
+  """The float32 block scales of an int8 moment, or a scalar placeholder
+  (orbax cannot save empty arrays)."""
+  if quantized(param, storage, real=real):
+    n_blocks = storage.n_blocks(math.prod(param.shape))
+    return zeros(param, (n_blocks,), jnp.float32)
+  return zeros(param, (), jnp.float32)
 
 
-def load(stored: Any, dtype: Any) -> Array:
-  """A stored moment as one array in the compute ``dtype``."""
-  if isinstance(stored, _quant.QuantizedMoment):
-    return _quant.dequantize(stored).astype(dtype)
-  if isinstance(stored, SquareRootMoment):
-    root = stored.root.astype(dtype)
-    return root * root
-  if isinstance(stored, SplitComplex):
-    real = real_dtype(dtype)
-    return jax.lax.complex(load(stored.real, real), load(stored.imag, real))
-  return stored.astype(dtype)
+def _is_codes(stored: Array) -> bool:
+  return jnp.dtype(stored.dtype) in (jnp.int8, jnp.uint8)
 
 
-def store(value: Array, like: Any, bits: Optional[Array]) -> Any:
-  """A moment computed in the compute dtype, put back in ``like``'s format.
+def _is_root(stored: Array, root: bool) -> bool:
+  # float16 cannot hold v = g² (it underflows below |g| ≈ 2.4e-4 and
+  # overflows above |g| = 256); √v has the range of g itself.
+  return root and jnp.dtype(stored.dtype) == jnp.float16
+
+
+def load(stored: Array, dtype: Any, *, root: bool = False,
+         scales: Optional[Array] = None) -> Array:
+  """A stored moment as one array in the compute ``dtype``.
+
+  Args:
+    stored: the moment, its float16 square root, or its int8/uint8 codes.
+    dtype: the compute dtype.
+    root: the moment is a second moment (v, max v̂ or AdaMax's u), which
+      float16 storage keeps as its square root.
+    scales: the block scales, for codes.
+  """
+  if _is_codes(stored):
+    return _quant.dequantize(stored, scales).astype(dtype)
+  value = stored.astype(dtype)
+  return value * value if _is_root(stored, root) else value
+
+
+def store(value: Array, like: Array, bits: Optional[Array], *,
+          root: bool = False) -> Array:
+  """A float moment computed in the compute dtype, put back in ``like``'s
+  format (codes are stored tile by tile, see :func:`_write`).
 
   Narrow formats round stochastically (unbiased), using the top 16 of the
   uint32 random ``bits`` (of ``value.shape``; None if ``like`` needs none):
@@ -209,78 +169,63 @@ def store(value: Array, like: Any, bits: Optional[Array]) -> Any:
   bfloat16 value every step and never decays, and gradients smaller than the
   spacing of the stored first moment never enter it.
   """
-  if isinstance(like, _quant.QuantizedMoment):
-    tiles = _quant.to_blocks(value.astype(jnp.float32), like.block_size)
-    if like.stochastic:
-      bits = _quant.to_blocks(bits, like.block_size)
-    codes, scales = _quant.quantize_blocks(
-        tiles, like.signed, bits if like.stochastic else None)
-    return dataclasses.replace(like, codes=codes, scales=scales)
-  if isinstance(like, SquareRootMoment):
-    return SquareRootMoment(store(jnp.sqrt(value), like.root, bits))
-  if isinstance(like, SplitComplex):
-    return SplitComplex(
-        store(jnp.real(value), like.real, bits),
-        store(jnp.imag(value), like.imag,
-              None if bits is None else _rounding.remix(bits)))
+  if _is_root(like, root):
+    value = jnp.sqrt(value)
   if jnp.dtype(like.dtype).itemsize < 4:
     return _rounding.round_stochastic(value, like.dtype, bits)
   return value.astype(like.dtype)
 
 
-def _needs_bits(stored: Any) -> bool:
-  """Whether storing into ``stored`` rounds stochastically."""
-  for leaf in jax.tree.leaves(stored, is_leaf=is_stored_node):
-    if isinstance(leaf, _quant.QuantizedMoment):
-      if leaf.stochastic:
-        return True
-    elif isinstance(leaf, (SquareRootMoment, SplitComplex)):
-      if _needs_bits(dataclasses.astuple(leaf)):
-        return True
-    elif jnp.dtype(leaf.dtype).itemsize < 4:
-      return True
-  return False
+def decode_moments(state: Any, dtype: Any = jnp.float32) -> _rule.Moments:
+  """The moments of a jadam Adam-family state, as arrays whatever their
+  storage.
 
-
-def decode(stored: Any, dtype: Any = jnp.float32) -> Array:
-  """The values of one stored moment leaf, in ``dtype`` (complex kept).
-
-  Works for every storage format, compressed or not; apply it with
-  ``jax.tree.map(decode, state.nu, is_leaf=is_stored_node)`` to read a whole
-  moment tree (for example to log statistics of v).
-  """
-  if isinstance(stored, SplitComplex):
-    return load(stored, jnp.result_type(dtype, jnp.complex64))
-  return load(stored, dtype)
-
-
-def decode_moments(tree: Any, dtype: Any = jnp.float32) -> Any:
-  """A moment tree from an optimizer state, with every leaf as an array.
-
-  Compressed moments (int8 blocks, float16 √v, split complex) are decoded;
-  plain arrays are cast to ``dtype``. Use it to log or inspect moments
-  whatever their storage format.
+  int8 codes are decoded with their block scales, float16 second moments
+  squared back from √v, and everything cast to ``dtype`` (complex moments
+  stay complex). Use it to log or inspect moments.
 
   Args:
-    tree: for example ``state.mu`` or ``state.nu`` of a jadam state.
-    dtype: float dtype of the result (complex moments stay complex).
+    state: a :class:`~jadam.ScaleByAdamState` or
+      :class:`~jadam.ScaleByAmsgradState` (find it inside a chain's state
+      first, for example ``state[0]`` of ``jadam.adam``'s).
+    dtype: float dtype of the result.
 
   Returns:
-    A tree with the parameters' structure.
+    ``Moments(mu, nu, nu_max)`` of trees with the parameters' structure
+    (``nu_max`` is None except for AMSGrad).
 
   Example:
     >>> import jax.numpy as jnp, jadam
     >>> state = jadam.scale_by_adam(nu_dtype="int8").init({"w": jnp.ones(8192)})
-    >>> jadam.decode_moments(state.nu)["w"].shape
-    (8192,)
+    >>> state.nu["w"].dtype, jadam.decode_moments(state).nu["w"].dtype
+    (dtype('uint8'), dtype('float32'))
   """
-  return jax.tree.map(lambda leaf: decode(leaf, dtype), tree,
-                      is_leaf=is_stored_node)
+  scales = getattr(state, "scales", None)
+  nu_max = getattr(state, "nu_max", None)
+
+  def decode(tree, scale_tree, root):
+    if tree is None:
+      return None
+    def leaf(stored, scale):
+      out = dtype
+      if jnp.iscomplexobj(stored):
+        out = jnp.result_type(dtype, jnp.complex64)
+      return load(stored, out, root=root, scales=scale)
+    if scale_tree is None:
+      return jax.tree.map(lambda x: leaf(x, None), tree)
+    return jax.tree.map(leaf, tree, scale_tree)
+
+  return _rule.Moments(
+      mu=decode(state.mu, None if scales is None else scales.mu, False),
+      nu=decode(state.nu, None if scales is None else scales.nu, True),
+      nu_max=decode(nu_max, None if scales is None else scales.nu_max, True))
 
 
 def step_leaf(g: Array, stored: _rule.Moments, t: Array,
-              rule: _rule.AdamRule, index: int = 0
-              ) -> tuple[Array, _rule.Moments]:
+              rule: _rule.AdamRule, index: int = 0,
+              scales: Optional[_rule.Moments] = None,
+              formats: Optional[_rule.Moments] = None
+              ) -> tuple[Array, _rule.Moments, Optional[_rule.Moments]]:
   """Load one leaf's moments, take one Adam step, store them again.
 
   Args:
@@ -291,31 +236,34 @@ def step_leaf(g: Array, stored: _rule.Moments, t: Array,
     index: the leaf's position in the tree; with ``t`` it seeds stochastic
       rounding, so that every leaf and step draws different bits and a run
       is reproducible without keeping a key in the state.
+    scales: the block scales of int8 moments (empty arrays for the others),
+      or None if no moment is int8.
+    formats: the storage formats the moments were created with.
 
   Returns:
-    ``(direction, stored_moments)``: the direction in the gradient's dtype.
+    ``(direction, stored_moments, scales)``: the direction in the gradient's
+    dtype, the moments and scales in their storage formats.
   """
   seed = _rounding.salt(t, index)
-  block_sizes = [leaf.block_size for leaf in jax.tree.leaves(
-      stored, is_leaf=lambda x: isinstance(x, _quant.QuantizedMoment))
-                 if isinstance(leaf, _quant.QuantizedMoment)]
-  if block_sizes and g.size:
-    return _step_tiled(g, stored, t, rule, seed, math.lcm(*block_sizes))
+  if g.size and any(x is not None and _is_codes(x) for x in stored):
+    return _step_tiled(g, stored, t, rule, seed, scales, formats)
   dtype = compute_dtype(g.dtype)
   real = real_dtype(dtype)
   moments = _rule.Moments(
       mu=load(stored.mu, dtype),
-      nu=load(stored.nu, real),
-      nu_max=None if stored.nu_max is None else load(stored.nu_max, real))
+      nu=load(stored.nu, real, root=True),
+      nu_max=None if stored.nu_max is None else load(stored.nu_max, real,
+                                                     root=True))
   direction, new = _rule.adam_step(g.astype(dtype), moments, t, rule)
-  bits = (_rounding.random_bits(g.shape, seed) if _needs_bits(stored)
-          else None)
+  narrow = any(x is not None and jnp.dtype(x.dtype).itemsize < 4
+               for x in stored)
+  bits = _rounding.random_bits(g.shape, seed) if narrow else None
   mu_bits, nu_bits, max_bits = _streams(bits)
   return direction.astype(g.dtype), _rule.Moments(
       mu=store(new.mu, stored.mu, mu_bits),
-      nu=store(new.nu, stored.nu, nu_bits),
+      nu=store(new.nu, stored.nu, nu_bits, root=True),
       nu_max=None if new.nu_max is None else store(
-          new.nu_max, stored.nu_max, max_bits))
+          new.nu_max, stored.nu_max, max_bits, root=True)), scales
 
 
 def _streams(bits: Optional[Array]):
@@ -327,14 +275,15 @@ def _streams(bits: Optional[Array]):
 
 
 # Elements per tile of the quantized path: small enough that a tile's float32
-# intermediates stay in cache, large enough that the loop costs nothing.
+# intermediates stay in cache, large enough that the loop costs little.
 TILE_ELEMENTS = 1 << 18
 
 
 def _step_tiled(g: Array, stored: _rule.Moments, t: Array,
-                rule: _rule.AdamRule, seed: Array, unit: int
-                ) -> tuple[Array, _rule.Moments]:
-  """:func:`step_leaf` for leaves with block-quantized moments.
+                rule: _rule.AdamRule, seed: Array,
+                scales: _rule.Moments, formats: _rule.Moments
+                ) -> tuple[Array, _rule.Moments, _rule.Moments]:
+  """:func:`step_leaf` for leaves with int8 moments.
 
   A loop over tiles of whole blocks decodes one tile of each moment, applies
   the rule to it, and re-encodes it into the codes in place, so a moment is
@@ -347,6 +296,20 @@ def _step_tiled(g: Array, stored: _rule.Moments, t: Array,
   dtype = compute_dtype(g.dtype)
   real = real_dtype(dtype)
   n = g.size
+  names = [name for name in _rule.Moments._fields
+           if getattr(stored, name) is not None]
+  # Static per moment: block size (None for floats), stochastic rounding,
+  # √v storage, compute dtype.
+  static = {}
+  for name in names:
+    x, s = getattr(stored, name), getattr(scales, name)
+    block = _quant.block_size_of(n, s.shape[0]) if _is_codes(x) else None
+    spec = getattr(formats, name) if formats is not None else None
+    stochastic = (spec.stochastic if isinstance(spec, _quant.BlockwiseInt8)
+                  else True)
+    static[name] = (block, stochastic, name != "mu",
+                    dtype if name == "mu" else real)
+  unit = math.lcm(*[b for b, *_ in static.values() if b is not None])
   tile = unit * max(1, TILE_ELEMENTS // unit)
   n_loop, rest = divmod(n, tile)
   flat_g = g.reshape(-1)
@@ -355,89 +318,73 @@ def _step_tiled(g: Array, stored: _rule.Moments, t: Array,
   out_dtype = dtype if cautious else g.dtype
 
   def tile_step(start, length, carry):
-    moments, direction = carry
-    padded = -(-length // unit) * unit
+    values, scale_values, direction = carry
     g_tile = jax.lax.dynamic_slice(flat_g, (start,), (length,)).astype(dtype)
-    loaded = _rule.Moments(
-        mu=_read(moments.mu, start, length, dtype),
-        nu=_read(moments.nu, start, length, real),
-        nu_max=None if moments.nu_max is None else _read(
-            moments.nu_max, start, length, real))
-    d_tile, new = _rule.adam_step(g_tile, loaded, t, tile_rule)
-    bits = (_rounding.random_bits((padded,), seed, offset=start)
-            if _needs_bits(moments) else None)
-    mu_bits, nu_bits, max_bits = _streams(bits)
-    moments = _rule.Moments(
-        mu=_write(moments.mu, new.mu, start, mu_bits),
-        nu=_write(moments.nu, new.nu, start, nu_bits),
-        nu_max=None if new.nu_max is None else _write(
-            moments.nu_max, new.nu_max, start, max_bits))
+    loaded = {name: _read(values[name], scale_values[name], start, length,
+                          *static[name]) for name in names}
+    d_tile, new = _rule.adam_step(g_tile, _rule.Moments(**loaded), t,
+                                  tile_rule)
+    padded = -(-length // unit) * unit
+    bits = _rounding.random_bits((padded,), seed, offset=start)
+    streams = dict(zip(_rule.Moments._fields, _streams(bits)))
+    for name in names:
+      values[name], scale_values[name] = _write(
+          values[name], scale_values[name], getattr(new, name), start,
+          streams[name], *static[name][:3])
     direction = jax.lax.dynamic_update_slice(
         direction, d_tile.astype(out_dtype), (start,))
-    return moments, direction
+    return values, scale_values, direction
 
-  carry = (stored, jnp.zeros((n,), out_dtype))
+  carry = ({name: getattr(stored, name) for name in names},
+           {name: getattr(scales, name) for name in names},
+           jnp.zeros((n,), out_dtype))
   if n_loop:
     carry = jax.lax.fori_loop(
         0, n_loop, lambda i, c: tile_step(i * tile, tile, c), carry)
   if rest:
     carry = tile_step(n_loop * tile, rest, carry)
-  moments, direction = carry
+  values, scale_values, direction = carry
   direction = direction.reshape(g.shape)
   if cautious:
     direction = _rule.caution(direction, g.astype(dtype))
-  return direction.astype(g.dtype), moments
+  new_stored = _rule.Moments(**{name: values.get(name)
+                                for name in _rule.Moments._fields})
+  new_scales = scales._replace(**scale_values)
+  return direction.astype(g.dtype), new_stored, new_scales
 
 
-def _read(stored: Any, start: Any, length: int, dtype: Any) -> Array:
+def _read(stored: Array, scales: Array, start: Any, length: int,
+          block: Optional[int], stochastic: bool, root: bool,
+          dtype: Any) -> Array:
   """Elements ``[start, start + length)`` of a stored moment, flat."""
-  if isinstance(stored, _quant.QuantizedMoment):
-    block = stored.block_size
-    n_blocks = -(-length // block)
-    first = start // block
-    codes = jax.lax.dynamic_slice(stored.codes, (first, 0), (n_blocks, block))
-    scales = jax.lax.dynamic_slice(stored.scales, (first,), (n_blocks,))
-    values = _quant.dequantize_blocks(codes, scales, stored.signed)
-    return values.reshape(-1)[:length].astype(dtype)
-  if isinstance(stored, SquareRootMoment):
-    root = _read(stored.root, start, length, dtype)
-    return root * root
-  if isinstance(stored, SplitComplex):
-    real = real_dtype(dtype)
-    return jax.lax.complex(_read(stored.real, start, length, real),
-                           _read(stored.imag, start, length, real))
-  flat = stored.reshape(-1)
-  return jax.lax.dynamic_slice(flat, (start,), (length,)).astype(dtype)
+  del stochastic
+  flat = jax.lax.dynamic_slice(stored.reshape(-1), (start,), (length,))
+  if block is None:
+    value = flat.astype(dtype)
+    return value * value if _is_root(stored, root) else value
+  n_blocks = -(-length // block)
+  tile_scales = jax.lax.dynamic_slice(scales, (start // block,), (n_blocks,))
+  values = _quant.dequantize_blocks(_quant.to_blocks(flat, block),
+                                    tile_scales)
+  return values.reshape(-1)[:length].astype(dtype)
 
 
-def _write(stored: Any, value: Array, start: Any,
-           bits: Optional[Array]) -> Any:
-  """``stored`` with elements ``[start, start + len(value))`` set to
-  ``value`` (flat, compute dtype), rounded into its format."""
+def _write(stored: Array, scales: Array, value: Array, start: Any,
+           bits: Array, block: Optional[int], stochastic: bool,
+           root: bool) -> tuple[Array, Array]:
+  """``stored`` (and ``scales``) with elements ``[start, start + n)`` set to
+  the flat compute-dtype ``value``, rounded into the storage format."""
   length = value.shape[0]
-  if isinstance(stored, _quant.QuantizedMoment):
-    block = stored.block_size
+  if block is None:
+    value = store(value, stored, bits[:length], root=root)
+  else:
     n_blocks = -(-length // block)
-    padded = n_blocks * block
-    value = value.astype(jnp.float32)
-    if padded > length:
-      value = jnp.pad(value, (0, padded - length))
-    tile_bits = (bits[:padded].reshape(n_blocks, block) if stored.stochastic
-                 else None)
-    codes, scales = _quant.quantize_blocks(
-        value.reshape(n_blocks, block), stored.signed, tile_bits)
-    first = start // block
-    return dataclasses.replace(
-        stored,
-        codes=jax.lax.dynamic_update_slice(stored.codes, codes, (first, 0)),
-        scales=jax.lax.dynamic_update_slice(stored.scales, scales, (first,)))
-  if isinstance(stored, SquareRootMoment):
-    return SquareRootMoment(_write(stored.root, jnp.sqrt(value), start, bits))
-  if isinstance(stored, SplitComplex):
-    return SplitComplex(
-        _write(stored.real, jnp.real(value), start, bits),
-        _write(stored.imag, jnp.imag(value), start,
-               None if bits is None else _rounding.remix(bits)))
-  value = store(value, stored, None if bits is None else bits[:length])
+    tiles = _quant.to_blocks(value.astype(jnp.float32), block)
+    tile_bits = _quant.to_blocks(bits, block)[:n_blocks] if stochastic else None
+    codes, tile_scales = _quant.quantize_blocks(tiles, stored.dtype == jnp.int8,
+                                                tile_bits)
+    value = codes.reshape(-1)[:length]
+    scales = jax.lax.dynamic_update_slice(scales, tile_scales,
+                                          (start // block,))
   flat = jax.lax.dynamic_update_slice(stored.reshape(-1), value, (start,))
-  return flat.reshape(stored.shape)
+  return flat.reshape(stored.shape), scales

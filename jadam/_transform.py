@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jadam import _quant
 from jadam import _rule
 from jadam import _storage
 from jadam import _validation
@@ -27,11 +28,15 @@ class ScaleByAdamState(NamedTuple):
     count: number of updates taken, an int32 that saturates instead of wrapping.
     mu: first moments m, one per parameter, in their storage format.
     nu: second moments v (u for AdaMax), one per parameter.
+    scales: only with int8 storage: ``Moments(mu, nu, nu_max)`` of trees of
+      float32 block scales (empty arrays where a moment is not quantized);
+      None otherwise. :func:`jadam.decode_moments` reads the moments back.
   """
 
   count: jax.Array
   mu: Any
   nu: Any
+  scales: Any = None
 
 
 class ScaleByAmsgradState(NamedTuple):
@@ -41,6 +46,7 @@ class ScaleByAmsgradState(NamedTuple):
   mu: Any
   nu: Any
   nu_max: Any
+  scales: Any = None
 
 
 def _check_rule(rule: _rule.AdamRule) -> None:
@@ -65,27 +71,32 @@ def _scale_by_rule(rule: _rule.AdamRule, mu_dtype: Any,
   _check_rule(rule)
   mu_storage = _storage.canonical_storage("mu_dtype", mu_dtype)
   nu_storage = _storage.canonical_storage("nu_dtype", nu_dtype)
-  # AdaMax's u has the units of |g|; Adam's v and max v̂ those of g².
-  squared = not rule.infinity_norm
+  quantized = any(isinstance(storage, _quant.BlockwiseInt8)
+                  for storage in (mu_storage, nu_storage))
+  formats = _rule.Moments(mu_storage, nu_storage, nu_storage)
 
   def init_fn(params):
     mu = jax.tree.map(
         lambda p: _storage.init_moment(p, mu_storage, real=False), params)
     nu = jax.tree.map(
-        lambda p: _storage.init_moment(p, nu_storage, real=True,
-                                       squared=squared), params)
+        lambda p: _storage.init_moment(p, nu_storage, real=True), params)
     count = jnp.zeros([], jnp.int32)
+    scales = None
+    if quantized:
+      scale_tree = lambda storage, real: jax.tree.map(
+          lambda p: _storage.init_scales(p, storage, real=real), params)
+      scales = _rule.Moments(
+          scale_tree(mu_storage, False), scale_tree(nu_storage, True),
+          scale_tree(nu_storage, True) if rule.amsgrad else None)
     if rule.amsgrad:
       nu_max = jax.tree.map(
-          lambda p: _storage.init_moment(p, nu_storage, real=True,
-                                         squared=True), params)
-      return ScaleByAmsgradState(count, mu, nu, nu_max)
-    return ScaleByAdamState(count, mu, nu)
+          lambda p: _storage.init_moment(p, nu_storage, real=True), params)
+      return ScaleByAmsgradState(count, mu, nu, nu_max, scales)
+    return ScaleByAdamState(count, mu, nu, scales)
 
   def update_fn(updates, state, params=None):
     del params
-    _validation.check_same_tree(updates, state.mu, what="optimizer state",
-                                is_leaf=_storage.is_stored_node)
+    _validation.check_same_tree(updates, state.mu, what="optimizer state")
     _validation.check_float_leaves(updates)
     count = optax.safe_increment(state.count)
     grads, treedef = jax.tree.flatten(updates)
@@ -93,20 +104,31 @@ def _scale_by_rule(rule: _rule.AdamRule, mu_dtype: Any,
     nus = treedef.flatten_up_to(state.nu)
     nu_maxes = (treedef.flatten_up_to(state.nu_max) if rule.amsgrad
                 else [None] * len(grads))
-    directions, new_moments = [], []
-    for index, (g, mu, nu, nu_max) in enumerate(
-        zip(grads, mus, nus, nu_maxes)):
-      direction, moments = _storage.step_leaf(
-          g, _rule.Moments(mu, nu, nu_max), count, rule, index=index)
+    scale_columns = [[None] * len(grads)] * 3
+    if state.scales is not None:
+      scale_columns = [treedef.flatten_up_to(tree) if tree is not None
+                       else [None] * len(grads) for tree in state.scales]
+    directions, new_moments, new_scales = [], [], []
+    for index, (g, mu, nu, nu_max, *leaf_scales) in enumerate(
+        zip(grads, mus, nus, nu_maxes, *scale_columns)):
+      direction, moments, scales = _storage.step_leaf(
+          g, _rule.Moments(mu, nu, nu_max), count, rule, index=index,
+          scales=_rule.Moments(*leaf_scales), formats=formats)
       directions.append(direction)
       new_moments.append(moments)
+      new_scales.append(scales)
     moment_trees = [treedef.unflatten(list(column))
                     for column in zip(*new_moments)] if grads else [
                         state.mu, state.nu, getattr(state, "nu_max", None)]
+    scales = state.scales
+    if scales is not None and grads:
+      scales = _rule.Moments(*(
+          None if tree is None else treedef.unflatten(list(column))
+          for tree, column in zip(scales, zip(*new_scales))))
     out = treedef.unflatten(directions)
     if rule.amsgrad:
-      return out, ScaleByAmsgradState(count, *moment_trees[:3])
-    return out, ScaleByAdamState(count, *moment_trees[:2])
+      return out, ScaleByAmsgradState(count, *moment_trees[:3], scales)
+    return out, ScaleByAdamState(count, *moment_trees[:2], scales)
 
   return optax.GradientTransformation(init_fn, update_fn)
 
