@@ -171,6 +171,19 @@ def test_flax_nnx_state_round_trips():
   np.testing.assert_array_equal(rebuilt(x), model(x))
 
 
+def test_flax_example_trains_flat_exactly_like_the_tree():
+  pytest.importorskip("flax")
+  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(
+      os.path.abspath(__file__))), "examples"))
+  import flat_flax  # pylint: disable=import-outside-toplevel
+  flat_losses, tree_losses, difference, linen_loss = flat_flax.main(
+      steps=50, width=8, depth=4)
+  assert difference < 1e-6
+  np.testing.assert_allclose(flat_losses, tree_losses, rtol=1e-6)
+  assert flat_losses[-1] < 0.8 * flat_losses[0]
+  assert np.isfinite(linen_loss)
+
+
 @pytest.mark.slow
 def test_benchmark_quick_run_writes_the_json_schema(tmp_path):
   out = tmp_path / "bench.json"
