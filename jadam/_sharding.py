@@ -65,12 +65,24 @@ def zeros_placed_like(like: Any, shape: Sequence[int], dtype: Any) -> Array:
     # One device: keep jnp's default (uncommitted) placement, as optax does.
     return jnp.zeros(shape, dtype)
   if shape != tuple(like.shape):
-    # Ask the compiler where the traced rule puts them; cheap, no allocation.
-    abstract = jax.ShapeDtypeStruct(like.shape, like.dtype, sharding=sharding)
-    sharding = jax.jit(
-        lambda p: _traced_zeros(p, shape, dtype)).lower(
-            abstract).compile().output_shardings
+    if not isinstance(sharding, NamedSharding):
+      return jnp.zeros(shape, dtype)
+    sharding = _leading_split(sharding, like.ndim, shape)
   return jnp.zeros(shape, dtype, device=sharding)
+
+
+def _leading_split(sharding: NamedSharding, ndim: int,
+                   shape: tuple[int, ...]) -> NamedSharding:
+  """Blocks of the flattened parameter, split as its leading dimension is.
+
+  Consecutive pieces of a flattened array lie on the devices of its leading
+  dimension's split (a split of a later dimension interleaves and cannot be
+  followed), provided the number of pieces divides evenly.
+  """
+  lead = sharding.spec[0] if ndim and len(sharding.spec) else None
+  if not shape or shape[0] % _axis_size(sharding.mesh, lead):
+    lead = None
+  return NamedSharding(sharding.mesh, PartitionSpec(lead))
 
 
 def _traced_zeros(like: Array, shape: tuple[int, ...], dtype: Any) -> Array:
@@ -86,13 +98,9 @@ def _traced_zeros(like: Array, shape: tuple[int, ...], dtype: Any) -> Array:
   if not shape or math.prod(shape) == 0 or like.size == 0:
     return jnp.zeros(shape, dtype)
   typed = jax.typeof(like).sharding
-  if _has_explicit_axes(typed) and like.ndim:
-    # Consecutive pieces of the flattened parameter follow its leading split.
-    lead = typed.spec[0] if typed.spec else None
-    if shape[0] % _axis_size(typed.mesh, lead):
-      lead = None
-    return jnp.zeros(shape, dtype, out_sharding=NamedSharding(
-        typed.mesh, PartitionSpec(lead)))
+  if _has_explicit_axes(typed):
+    return jax.lax.full(shape, 0, dtype,
+                        sharding=_leading_split(typed, like.ndim, shape))
   # View the flattened parameter as shape[0] consecutive pieces, broadcast to
   # ``shape``: an anchor carrying the parameter's split of the leading
   # dimension. Only its sharding is used; the compiler drops it as dead code.
@@ -272,7 +280,11 @@ def zero1(tx: optax.GradientTransformation, mesh: Mesh,
   exactly; traced inside ``jax.jit`` it fixes the ``axis`` dimension and lets
   the compiler choose the others (pass ``out_shardings=zero1_shardings(...)``
   to fix them too). ``update`` returns state sharded exactly like the state it
-  was given, so the split survives any number of jitted steps.
+  was given, so the split survives any number of jitted steps. On
+  ``Explicit`` mesh axes (the default of ``jax.make_mesh``) the updates come
+  back sharded like ``params``, so replicated parameters stay replicated; on
+  ``Auto`` axes the compiler decides, so give the jitted step
+  ``out_shardings`` for the parameters, as usual with ``Auto`` meshes.
 
   Args:
     tx: any optax transformation, e.g. ``jadam.adam(1e-3)``.
@@ -316,17 +328,20 @@ def zero1(tx: optax.GradientTransformation, mesh: Mesh,
 
   def update_fn(updates, state, params=None, **extra_args):
     new_updates, new_state = tx.update(updates, state, params, **extra_args)
-    # Updates leave sharded like the parameters (so that replicated
-    # parameters stay replicated: this is the all-gather of ZeRO), or like
-    # the gradients if no parameters are given; state leaves as it came in.
+    # On Explicit axes the updates computed from split state come out split;
+    # they are resharded like the parameters (or the gradients), which is
+    # ZeRO's all-gather, so replicated parameters stay replicated. On Auto
+    # axes the compiler places them: give the step out_shardings for params.
     anchor = updates if params is None else params
-    return (jax.tree.map(_keep_sharding, new_updates, anchor),
-            jax.tree.map(_keep_sharding, new_state, state))
+    new_updates = jax.tree.map(
+        lambda new, old: _keep_sharding(new, old, explicit_only=True),
+        new_updates, anchor)
+    return new_updates, jax.tree.map(_keep_sharding, new_state, state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def _keep_sharding(new: Any, old: Any) -> Any:
+def _keep_sharding(new: Any, old: Any, explicit_only: bool = False) -> Any:
   """``new`` sharded like ``old`` (arrays of the same shape; else unchanged)."""
   if not (isinstance(new, (jax.Array, jax.core.Tracer))
           and isinstance(old, (jax.Array, jax.core.Tracer))
@@ -335,6 +350,8 @@ def _keep_sharding(new: Any, old: Any) -> Any:
   typed = jax.typeof(old).sharding
   if _has_explicit_axes(typed):
     return jax.sharding.reshard(new, typed)
+  if explicit_only:
+    return new
   return shard_alike(new, old)[0]
 
 

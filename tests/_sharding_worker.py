@@ -14,6 +14,7 @@ import os
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                            + " --xla_force_host_platform_device_count=8")
 
+import functools  # pylint: disable=g-import-not-at-top,wrong-import-position
 import json  # pylint: disable=g-import-not-at-top,wrong-import-position
 import sys
 
@@ -80,13 +81,13 @@ def make_mesh(kind, axis_type):
 
 
 def optimizers():
+  """One optimizer per state layout (NAdam and RAdam are flags of the rule
+  with Adam's state, so they add no placement case)."""
   txs = {
       "adam": jadam.adam(1e-2),
       "adamw_bf16_mu": jadam.adamw(1e-2, mu_dtype=jnp.bfloat16),
       "amsgrad": jadam.amsgrad(1e-2),
       "adamax": jadam.adamax(1e-2),
-      "radam": jadam.radam(1e-2),
-      "nadam": jadam.nadam(1e-2),
       "clipped_adam": optax.chain(optax.clip_by_global_norm(1.0),
                                   jadam.scale_by_adam(),
                                   optax.scale_by_learning_rate(1e-2)),
@@ -269,7 +270,13 @@ def check_zero1(results):
       ys = put(y, mesh, BATCH_SPEC[kind])
       ztx = jadam.zero1(tx, mesh, "data")
 
-      @jax.jit
+      # Auto axes leave output placement to the compiler: say where the
+      # parameters go (replicated over data), as one does with Auto meshes.
+      # Explicit axes need nothing: zero1 reshards the updates itself.
+      param_out = (jax.tree.map(lambda a: a.sharding, sharded)
+                   if axis_type == AxisType.Auto else None)
+
+      @functools.partial(jax.jit, out_shardings=(param_out, None))
       def step(params, state, x, y, ztx=ztx):
         grads = jax.grad(loss_fn)(params, x, y)
         updates, state = ztx.update(grads, state, params)
@@ -340,7 +347,9 @@ def check_int8(results):
     from jadam._quant import BlockwiseInt8  # pylint: disable=g-import-not-at-top
     fmt = BlockwiseInt8(block_size=32, min_size=0)
     tx = jadam.adam(1e-2, mu_dtype=fmt, nu_dtype=fmt)
-  except (ImportError, TypeError, ValueError) as e:
+    state = jax.eval_shape(tx.init, make_problem()[0])
+    state[0].scales.mu["w2"]  # pylint: disable=pointless-statement
+  except (ImportError, TypeError, ValueError, AttributeError) as e:
     results["int8"] = {"available": False, "why": f"{type(e).__name__}: {e}"}
     return
   params, x, y = make_problem()
@@ -372,17 +381,81 @@ def check_int8(results):
     except Exception as e:  # pylint: disable=broad-except
       out[f"{axis_type.name}/step_error"] = f"{type(e).__name__}: {e}"[:300]
     for name, state in states.items():
-      q = state[0].mu["w2"]
+      codes = state[0].mu["w2"]
+      # Codes are parameter-shaped int8 arrays; the float32 block scales
+      # live beside them in ``state.scales`` (shape (n_blocks,)).
+      scales = state[0].scales.mu["w2"]
       out[f"{axis_type.name}/{name}"] = {
-          "codes": str(q.codes.sharding.spec), "scales": str(
-              q.scales.sharding.spec)}
+          "codes_dtype": str(codes.dtype),
+          "codes": str(codes.sharding.spec),
+          "codes_follow_param": codes.sharding.is_equivalent_to(
+              sharded["w2"].sharding, codes.ndim),
+          "scales_shape": list(scales.shape),
+          "scales": str(scales.sharding.spec)}
   results["int8"] = out
+
+
+def check_flat(results):
+  """The fast path: one flat buffer per dtype, split or replicated over data.
+
+  Split is the FSDP-like layout (each device keeps 1/8 of the parameters and
+  of the state); the loss gathers the buffer before slicing it into leaves.
+  """
+  if not hasattr(jadam, "FlatView"):
+    results["flat"] = {"available": False}
+    return
+  params, x, y = make_problem()
+  view = jadam.FlatView(params)
+  flat = view.ravel(params)
+  tx = TXS["adam"]
+
+  def flat_loss(flat, x, y):
+    gathered = {}
+    for key, buffer in flat.items():
+      typed = jax.typeof(buffer).sharding
+      if not typed.mesh.empty and AxisType.Explicit in typed.mesh.axis_types:
+        buffer = jax.sharding.reshard(buffer, NamedSharding(typed.mesh, P()))
+      gathered[key] = buffer
+    return loss_fn(view.unravel(gathered), x, y)
+
+  def train(flat, x, y, state):
+    @jax.jit
+    def step(flat, state):
+      grads = jax.grad(flat_loss)(flat, x, y)
+      updates, state = tx.update(grads, state, flat)
+      return optax.apply_updates(flat, updates), state
+    for _ in range(STEPS):
+      flat, state = step(flat, state)
+    return flat, state
+
+  device = jax.devices()[0]
+  one = jax.device_put((flat, x, y), device)
+  reference, _ = train(*one, tx.init(one[0]))
+  out = {"available": True, "buffers": {k: int(v.size) for k, v in flat.items()}}
+  for axis_type in (AxisType.Auto, AxisType.Explicit):
+    mesh = make_mesh("data", axis_type)
+    for layout, spec in (("split", P("data")), ("replicated", P())):
+      placed = put(flat, mesh, {k: spec for k in flat})
+      abstract = jax.tree.map(
+          lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
+          placed)
+      state = jax.jit(tx.init)(placed)
+      p, s = train(placed, put(x, mesh, P("data")), put(y, mesh, P("data")),
+                   state)
+      out[f"{axis_type.name}/{layout}"] = {
+          "jit_init": follows_params(tx, state, placed),
+          "abstract_init": follows_params(
+              tx, jadam.abstract_state(tx, abstract), placed),
+          "after_steps": follows_params(tx, s, placed),
+          "error_vs_single_device": relative_error(p, reference),
+      }
+  results["flat"] = out
 
 
 def main():
   results = {"device_count": jax.device_count(), "jax": jax.__version__}
   for check in (check_placement, check_shard_map, check_zero1,
-                check_zero1_bytes, check_int8):
+                check_zero1_bytes, check_int8, check_flat):
     try:
       check(results)
     except Exception as e:  # pylint: disable=broad-except

@@ -177,17 +177,34 @@ def int8_results(mesh_results):
 
 
 @pytest.mark.parametrize("axis_type", ["Auto", "Explicit"])
-def test_int8_init_splits_codes_and_scales_like_the_parameter_blocks(
+def test_int8_codes_follow_the_parameter_and_scales_its_blocks(
     mesh_results, axis_type):
   result = int8_results(mesh_results)
   for path in ("jit", "eager", "abstract"):
     placed = result[f"{axis_type}/{path}"]
-    assert placed["codes"].startswith("P('model'"), placed
-    assert placed["scales"].startswith("P('model'"), placed
+    assert placed["codes_dtype"] in ("int8", "uint8"), placed
+    assert placed["codes_follow_param"], placed
+    # w2 (32, 8) split in 8 over "model": 8 blocks of 32, one per device.
+    assert placed["scales_shape"] == [8], placed
+    assert placed["scales"] == "P('model',)", placed
 
 
 def test_int8_jitted_steps_keep_codes_split_on_auto_mesh(mesh_results):
   result = int8_results(mesh_results)
   assert "Auto/step_error" not in result, result["Auto/step_error"]
   assert result["Auto/finite"]
-  assert result["Auto/after_steps"]["codes"].startswith("P('model'")
+  assert result["Auto/after_steps"]["codes_follow_param"]
+  assert result["Auto/after_steps"]["scales"] == "P('model',)"
+
+
+@pytest.mark.parametrize("layout", ["Auto/split", "Auto/replicated",
+                                    "Explicit/split", "Explicit/replicated"])
+def test_flat_buffers_state_follows_and_trains_like_one_device(
+    mesh_results, layout):
+  result = mesh_results["flat"]
+  if not result["available"]:
+    pytest.skip("the flat fast path is not in this checkout")
+  placed = result[layout]
+  assert placed["jit_init"] and placed["abstract_init"]
+  assert placed["after_steps"]
+  assert placed["error_vs_single_device"] < TOLERANCE
