@@ -181,7 +181,7 @@ def regression_mse(params, x, y):
 
 
 def train_bf16_params(mode: str, epochs: int = 20, seed: int = 0,
-                      learning_rate: float = 1e-3, batch_size: int = 64):
+                      learning_rate: float = 3e-4, batch_size: int = 64):
   """The regression data fitted by a 8 → 64 → 64 → 1 MLP whose parameters
   are float32 (``mode="float32"``) or bfloat16, updated with round-to-nearest
   (``"bfloat16"``) or with ``jadam.stochastic_rounding`` (``"bfloat16 +
@@ -272,7 +272,7 @@ def _plot(results: dict, directory: pathlib.Path) -> None:
   fig, ax = plt.subplots(figsize=(6, 4))
   for mode, losses in results["bf16_params"].items():
     ax.plot(range(1, len(losses) + 1), losses, label=mode)
-  ax.set(title="bfloat16 parameters, Adam lr 1e-3", xlabel="epoch",
+  ax.set(title="bfloat16 parameters, Adam lr 3e-4", xlabel="epoch",
          ylabel="full-data MSE", yscale="log")
   ax.legend()
   fig.tight_layout()
