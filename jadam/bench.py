@@ -199,6 +199,11 @@ IMPLS: dict[str, Callable[[Shapes], Runner]] = {
     "jadam_tree": jax_impl(lambda: _alias.adam(LEARNING_RATE), flat=False),
     "optax": jax_impl(lambda: optax.adam(LEARNING_RATE), flat=False),
     "torch_fused": _torch_factory,
+    # Lean moment storage on the recommended configuration (docs/memory.md).
+    "jadam_bf16": jax_impl(lambda: _alias.adam(
+        LEARNING_RATE, mu_dtype="bfloat16", nu_dtype="bfloat16"), flat=True),
+    "jadam_int8": jax_impl(lambda: _alias.adam(
+        LEARNING_RATE, mu_dtype="int8", nu_dtype="int8"), flat=True),
 }
 
 # Rows that need something optional: name -> "is it available?".
