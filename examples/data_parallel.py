@@ -63,6 +63,8 @@ def parse_args(argv=None):
   parser.add_argument("--batch-size", type=int, default=32)
   parser.add_argument("--learning-rate", type=float, default=3e-3)
   parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--samples", type=int, default=4096,
+                      help="size of the generated regression data set")
   parser.add_argument("--zero1", action="store_true",
                       help="split the optimizer state over the data axis")
   parser.add_argument("--out", default=None,
@@ -103,7 +105,7 @@ def train(args) -> dict:
     raise ValueError(f"--batch-size {args.batch_size} must divide evenly "
                      f"over {jax.device_count()} devices.")
 
-  x, y = make_regression(seed=args.seed)
+  x, y = make_regression(n_samples=args.samples, seed=args.seed)
   steps_per_epoch = len(x) // args.batch_size
   schedule = optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=args.learning_rate,
@@ -202,7 +204,8 @@ def launch(args) -> list[dict]:
              "--coordinator", coordinator, "--epochs", str(args.epochs),
              "--batch-size", str(args.batch_size),
              "--learning-rate", str(args.learning_rate),
-             "--seed", str(args.seed), "--out", out]
+             "--seed", str(args.seed), "--samples", str(args.samples),
+             "--out", out]
       if args.zero1:
         cmd.append("--zero1")
       procs.append(subprocess.Popen(cmd, env=env))

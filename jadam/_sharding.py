@@ -8,8 +8,10 @@ only decides *placement*:
   :func:`jadam._storage.zeros`, which calls :func:`zeros_placed_like` here.
   Plain ``jnp.zeros`` under ``jax.jit`` has no data dependence on the
   parameter, so the compiler is free to put it anywhere (in practice whole on
-  one device); tying the zeros to the parameter with a sharding group makes
-  them take the parameter's sharding, on a data, model or mixed mesh alike.
+  one device). On ``Explicit`` mesh axes the zeros copy the sharding in the
+  parameter's type; on ``Auto`` axes a sharding group
+  (``jax.experimental.shard_alike``) makes the compiler give them the
+  parameter's sharding, on a data, model or mixed mesh alike.
 * :func:`abstract_state` / :func:`state_shardings`: the shapes and shardings
   of ``tx.init(params)`` without allocating it (for ``out_shardings`` or for
   restoring a checkpoint onto a mesh).
@@ -241,7 +243,7 @@ def zero1_shardings(tx: optax.GradientTransformation, params: PyTree,
     >>> params = {"w": jax.ShapeDtypeStruct((8, 4), "float32",
     ...                                     sharding=NamedSharding(mesh, P()))}
     >>> jadam.zero1_shardings(jadam.adam(1e-3), params)[0].mu["w"].spec
-    PartitionSpec('data', None)
+    P('data', None)
   """
   def widen(abstract):
     sharding = abstract.sharding
@@ -307,21 +309,28 @@ def zero1(tx: optax.GradientTransformation, mesh: Mesh,
   _check_axis(mesh, axis)
   tx = optax.with_extra_args_support(tx)
 
+  axis_is_explicit = (mesh.axis_types[mesh.axis_names.index(axis)]
+                      == jax.sharding.AxisType.Explicit)
+
   def place(leaf):
     if not isinstance(leaf, (jax.Array, jax.core.Tracer)) or leaf.ndim == 0:
       return leaf
+    if not isinstance(leaf, jax.core.Tracer):
+      # Eager: the leaf's sharding is known exactly (or it is off the mesh).
+      on_mesh = (isinstance(leaf.sharding, NamedSharding)
+                 and leaf.sharding.mesh == mesh)
+      base = leaf.sharding.spec if on_mesh else PartitionSpec()
+      return jax.device_put(leaf, NamedSharding(
+          mesh, add_axis(base, leaf.shape, mesh, axis)))
     typed = jax.typeof(leaf).sharding
-    if _has_explicit_axes(typed):
-      spec = add_axis(typed.spec, leaf.shape, mesh, axis)
-      return jax.sharding.reshard(leaf, NamedSharding(mesh, spec))
-    if isinstance(leaf, jax.core.Tracer):
-      base = PartitionSpec(*[PartitionSpec.UNCONSTRAINED] * leaf.ndim)
-    elif isinstance(leaf.sharding, NamedSharding) and leaf.sharding.mesh == mesh:
-      base = leaf.sharding.spec
-    else:
-      base = PartitionSpec()
-    spec = add_axis(base, leaf.shape, mesh, axis)
-    return jax.lax.with_sharding_constraint(leaf, NamedSharding(mesh, spec))
+    if _has_explicit_axes(typed) or axis_is_explicit:
+      base = typed.spec if _has_explicit_axes(typed) else PartitionSpec()
+      return jax.sharding.reshard(leaf, NamedSharding(
+          mesh, add_axis(base, leaf.shape, mesh, axis)))
+    # Auto axes under tracing: the other dimensions are the compiler's choice.
+    base = PartitionSpec(*[PartitionSpec.UNCONSTRAINED] * leaf.ndim)
+    return jax.lax.with_sharding_constraint(leaf, NamedSharding(
+        mesh, add_axis(base, leaf.shape, mesh, axis)))
 
   def init_fn(params):
     return jax.tree.map(place, tx.init(params))

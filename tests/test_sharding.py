@@ -208,3 +208,16 @@ def test_flat_buffers_state_follows_and_trains_like_one_device(
   assert placed["jit_init"] and placed["abstract_init"]
   assert placed["after_steps"]
   assert placed["error_vs_single_device"] < TOLERANCE
+
+
+@pytest.mark.parametrize("axis_type", [jax.sharding.AxisType.Auto,
+                                       jax.sharding.AxisType.Explicit])
+def test_zero1_init_moves_off_mesh_parameters_state_onto_the_mesh(axis_type):
+  mesh = jax.make_mesh((1,), ("data",), axis_types=(axis_type,))
+  tx = jadam.zero1(jadam.adam(1e-3), mesh)
+  state = tx.init({"w": jnp.zeros((8, 4))})
+  assert state[0].mu["w"].sharding == NamedSharding(mesh, P("data", None))
+  updates, state = jax.jit(tx.update)({"w": jnp.ones((8, 4))}, state)
+  assert state[0].nu["w"].sharding.is_equivalent_to(
+      NamedSharding(mesh, P("data", None)), 2)
+  assert jnp.allclose(updates["w"], -1e-3)
