@@ -43,6 +43,7 @@ import optax
 from jadam import _alias
 from jadam import _bench_lm
 from jadam import _flat
+from jadam import _health
 
 Shapes = Mapping[str, tuple[int, ...]]
 LEARNING_RATE = 1e-3
@@ -204,6 +205,11 @@ IMPLS: dict[str, Callable[[Shapes], Runner]] = {
         LEARNING_RATE, mu_dtype="bfloat16", nu_dtype="bfloat16"), flat=True),
     "jadam_int8": jax_impl(lambda: _alias.adam(
         LEARNING_RATE, mu_dtype="int8", nu_dtype="int8"), flat=True),
+    # Overhead of the health wrappers around the recommended configuration.
+    "jadam_skip_nonfinite": jax_impl(lambda: _health.skip_nonfinite(
+        _alias.adam(LEARNING_RATE)), flat=True),
+    "jadam_telemetry": jax_impl(lambda: _health.with_telemetry(
+        _alias.adam(LEARNING_RATE)), flat=True),
 }
 
 # Rows that need something optional: name -> "is it available?".
@@ -269,6 +275,12 @@ TRAIN_IMPLS: dict[str, Callable[[bool], Runner]] = {
         lambda: _alias.adam(LEARNING_RATE), flat=True, quick=quick),
     "optax": lambda quick: TrainRunner(
         lambda: optax.adam(LEARNING_RATE), flat=False, quick=quick),
+    "jadam_skip_nonfinite": lambda quick: TrainRunner(
+        lambda: _health.skip_nonfinite(_alias.adam(LEARNING_RATE)), flat=True,
+        quick=quick),
+    "jadam_telemetry": lambda quick: TrainRunner(
+        lambda: _health.with_telemetry(_alias.adam(LEARNING_RATE)), flat=True,
+        quick=quick),
 }
 
 
