@@ -1,0 +1,162 @@
+"""What was tried to bring one flat Adam step nearer the bandwidth floor.
+
+``python -m jadam._bench_kernels`` times ``jadam.adam`` on one flat float32
+buffer of 16M elements (the ``single_16m`` tree) compiled several ways,
+interleaved in one process with the in-place copy that sets the floor:
+
+* ``xla``: the default, as in ``python -m jadam.bench``. XLA:CPU emits three
+  loops (first moment, second moment, parameter), 40 bytes per parameter.
+* ``fast_math``: ``compiler_options={"xla_cpu_enable_fast_math": True}``.
+* ``vector_512``: ``compiler_options={"xla_cpu_prefer_vector_width": 512}``.
+* ``chunked_<n>`` (``--blocks n``): one pass in blocks of n elements
+  (``lax.fori_loop``), each block stepped by the same ``opt.update``, so that
+  a block's moments stay in cache between the moment and parameter loops (28
+  bytes per parameter in principle). In practice XLA recomputes the update
+  inside the in-place parameter write from the old moments, which the
+  in-place moment writes have overwritten, so its copy insertion keeps a full
+  copy of the moments in every iteration: seconds per step. The loop also
+  runs on one thread.
+* with ``--multi-output-fusion`` the whole run is repeated in a subprocess
+  with ``XLA_FLAGS=--xla_backend_extra_options=xla_cpu_use_multi_output_fusion``
+  (process-wide; XLA then computes both moments in one loop: 36 bytes).
+
+The Adam arithmetic is always :func:`jadam.adam`'s; only the compilation and
+the walk over the buffer change.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jadam import _alias
+
+SIZE = 1 << 24
+
+
+def _step(opt):
+  def step(params, state, grads):
+    updates, state = opt.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+  return step
+
+
+def _chunked_step(opt, block: int):
+  """The optimizer step taken block by block in one pass over the buffer."""
+  def step(params, state, grads):
+    count = state[0].count
+    slice_ = lambda x, start: jax.lax.dynamic_slice(x, (start,), (block,))
+    put = lambda x, new, start: jax.lax.dynamic_update_slice(x, new, (start,))
+
+    def body(i, carry):
+      params, state = carry
+      start = i * block
+      sliced = jax.tree.map(
+          lambda x: slice_(x, start) if x.ndim else x, state)
+      # Each block sees the step count of the whole step.
+      sliced = (sliced[0]._replace(count=count),) + tuple(sliced[1:])
+      updates, new = opt.update(slice_(grads, start), sliced,
+                                slice_(params, start))
+      # Materialise the block's results before writing any of them back, so
+      # that XLA does not recompute them from moments already overwritten
+      # (which would make it keep a full copy of the old moments).
+      new_params, new = jax.lax.optimization_barrier(
+          (slice_(params, start) + updates, new))
+      state = jax.tree.map(
+          lambda x, y: put(x, y, start) if x.ndim else y, state, new)
+      return put(params, new_params, start), state
+
+    return jax.lax.fori_loop(0, SIZE // block, body, (params, state))
+  return step
+
+
+def _variants(blocks):
+  plain = lambda opt: _step(opt)
+  variants = {"xla": (plain, None),
+              "fast_math": (plain, {"xla_cpu_enable_fast_math": True}),
+              "vector_512": (plain, {"xla_cpu_prefer_vector_width": 512})}
+  for block in blocks:
+    variants[f"chunked_{block // 1024}k"] = (
+        lambda opt, block=block: _chunked_step(opt, block), None)
+  return variants
+
+
+def measure(steps: int, blocks) -> dict[str, float]:
+  """Median ms per variant, plus the floor (28 B/param over copy bandwidth)."""
+  grads = jnp.asarray(
+      1e-3 * np.random.default_rng(1).standard_normal(SIZE, np.float32))
+  runners = {}
+  for name, (make, options) in _variants(blocks).items():
+    opt = _alias.adam(1e-3)
+    params = jnp.ones(SIZE)
+    state = opt.init(params)
+    lowered = jax.jit(make(opt), donate_argnums=(0, 1)).lower(
+        params, state, grads)
+    compiled = lowered.compile(options) if options else lowered.compile()
+    runners[name] = [compiled, params, state, []]
+  copy = [jax.jit(jnp.negative, donate_argnums=0), jnp.ones(SIZE), []]
+  finals = {}
+  for i in range(steps + 3):
+    for name, runner in runners.items():
+      start = time.perf_counter()
+      runner[1], runner[2] = runner[0](runner[1], runner[2], grads)
+      jax.block_until_ready(runner[1:3])
+      if i >= 3:
+        runner[3].append(time.perf_counter() - start)
+    start = time.perf_counter()
+    copy[1] = copy[0](copy[1])
+    copy[1].block_until_ready()
+    if i >= 3:
+      copy[2].append(time.perf_counter() - start)
+  for name, runner in runners.items():
+    finals[name] = np.asarray(runner[1])
+  reference = finals["xla"]
+  for name, final in finals.items():
+    difference = float(np.max(np.abs(final - reference)))
+    if difference > 1e-6:
+      raise AssertionError(f"{name} differs from xla by {difference}")
+  result = {name: 1e3 * statistics.median(r[3]) for name, r in runners.items()}
+  bandwidth = 8 * SIZE / statistics.median(copy[2])
+  result["floor"] = 1e3 * 28 * SIZE / bandwidth
+  return result
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--steps", type=int, default=15)
+  parser.add_argument("--blocks", default="",
+                      help="block sizes of chunked variants to add, e.g. "
+                      "262144 (slow: see the module docstring)")
+  parser.add_argument("--multi-output-fusion", action="store_true",
+                      help="repeat in a subprocess with XLA's CPU "
+                      "multi-output fusion enabled")
+  args = parser.parse_args(argv)
+  blocks = [int(b) for b in args.blocks.split(",") if b]
+  result = measure(args.steps, blocks)
+  floor = result.pop("floor")
+  label = ("multi-output fusion" if "xla_cpu_use_multi_output_fusion"
+           in os.environ.get("XLA_FLAGS", "") else "default flags")
+  print(f"single_16m, {label}: floor {floor:.2f} ms")
+  for name, ms in result.items():
+    print(f"  {name:14s} {ms:7.2f} ms  {ms / floor:.2f}x floor")
+  if args.multi_output_fusion:
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_backend_extra_"
+                        "options=xla_cpu_use_multi_output_fusion").strip()
+    subprocess.run([sys.executable, "-m", "jadam._bench_kernels", "--steps",
+                    str(args.steps), "--blocks", args.blocks], env=env,
+                   check=True)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
