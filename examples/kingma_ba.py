@@ -43,15 +43,18 @@ import jadam
 PROBLEMS = ("logreg", "mlp")
 DOCS_IMG = pathlib.Path(__file__).resolve().parent.parent / "docs" / "img"
 
-# Learning rates picked once per optimizer and problem as the value of
+# Learning rates picked per optimizer and problem as the value of
 # LEARNING_RATE_GRID with the lowest final training cost after 30 epochs
 # with seed 0 (``--tune`` reruns the search; for the MLP the grid was run up
 # to 0.3, where every optimizer was already worse than at its best rate).
-# Adam's rate serves both Adam curves.
+# One exception: Adam on the MLP runs at the paper's default α = 1e-3, not
+# at the grid's 3e-3. At 3e-3 this network is chaotic: optax's Adam started
+# one float32 ulp away from itself leaves its own curve after 5 epochs, so
+# no two float32 implementations can give coinciding curves there.
 LEARNING_RATES = {
     "logreg": {"Adam": 0.3, "SGD Nesterov": 3.0, "AdaGrad": 3.0,
                "RMSProp": 0.3},
-    "mlp": {"Adam": 3e-3, "SGD Nesterov": 3e-2, "AdaGrad": 0.1,
+    "mlp": {"Adam": 1e-3, "SGD Nesterov": 3e-2, "AdaGrad": 0.1,
             "RMSProp": 1e-3},
 }
 L2_PENALTY = 1e-4       # logistic regression only, as in the paper
@@ -308,7 +311,7 @@ def format_table(problem: str, results: Mapping[str, StudyResult]) -> str:
            "| --- | --- | --- |"]
   for name, r in results.items():
     lines.append(
-        f"| {name} | {r.final_loss.mean():.4f} ± {r.final_loss.std():.4f} "
+        f"| {name} | {r.final_loss.mean():.3g} ± {r.final_loss.std():.2g} "
         f"| {100 * r.test_accuracy.mean():.2f}% ± {100 * r.test_accuracy.std():.2f} |")
   return "\n".join(lines)
 

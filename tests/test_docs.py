@@ -1,0 +1,102 @@
+"""The documentation site builds, and the convergence study it reports runs."""
+
+import pathlib
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import jadam
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "examples"))
+
+
+def _nav_pages():
+  text = (ROOT / "mkdocs.yml").read_text()
+  nav = text[text.index("\nnav:"):]
+  nav = nav[:re.search(r"\n\S", nav[1:]).start() + 1]
+  return re.findall(r":\s*([\w./-]+\.md)", nav)
+
+
+def test_every_nav_page_and_image_exists():
+  pages = _nav_pages()
+  assert {"index.md", "getting-started.md", "algorithms.md", "migrating.md",
+          "convergence.md", "api.md"} <= set(pages)
+  for page in pages:
+    text = (ROOT / "docs" / page).read_text()
+    assert text.strip(), page
+    for image in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text):
+      assert (ROOT / "docs" / image).is_file(), (page, image)
+
+
+def test_mkdocs_build_is_strict_clean(tmp_path):
+  pytest.importorskip("mkdocs", reason="needs the docs extra")
+  pytest.importorskip("mkdocstrings")
+  result = subprocess.run(
+      [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir",
+       str(tmp_path / "site")], cwd=ROOT, capture_output=True, text=True,
+      timeout=300, env={"NO_MKDOCS_2_WARNING": "1", "PATH": "/usr/bin:/bin",
+                        "HOME": str(tmp_path)})
+  assert result.returncode == 0, result.stderr[-3000:]
+  api = (tmp_path / "site" / "api" / "index.html").read_text()
+  # mkdocstrings rendered the docstrings, not just the headings.
+  assert "Kingma" in api and "jadam.adamw" in api
+  assert "Decoupled Weight Decay" in api
+
+
+# --- The convergence study (examples/kingma_ba.py) at a small size ----------
+
+@pytest.fixture(scope="module")
+def study():
+  import kingma_ba
+  return kingma_ba
+
+
+@pytest.mark.slow
+def test_study_jadam_and_optax_adam_curves_coincide(study):
+  data = study.load_data()
+  for problem in study.PROBLEMS:
+    paper_set = study.default_optimizers(problem)
+    assert list(paper_set) == ["jadam Adam", "optax Adam", "SGD Nesterov",
+                               "AdaGrad", "RMSProp"]
+    adam_rate = study.LEARNING_RATES[problem]["Adam"]
+    optimizers = {
+        "jadam Adam": paper_set["jadam Adam"],
+        "optax Adam": paper_set["optax Adam"],
+        # A second, separately built jadam Adam: the seed fixes the
+        # initialisation, the batches and the dropout masks, so it repeats.
+        "again": jadam.adam(study._schedule(problem, adam_rate)),
+    }
+    results = study.run_study(problem, optimizers, epochs=3, seeds=(0, 1),
+                              hidden=256, data=data, show_progress=False)
+    ours, theirs = results["jadam Adam"], results["optax Adam"]
+    assert ours.epoch_loss.shape == (2, 3)
+    worst, agree = study.curve_gap(ours, theirs)
+    assert agree == 3 and worst < 1e-5, (problem, worst)
+    np.testing.assert_allclose(ours.final_loss, theirs.final_loss, rtol=1e-5)
+    np.testing.assert_array_equal(ours.test_accuracy, theirs.test_accuracy)
+    np.testing.assert_array_equal(results["again"].epoch_loss, ours.epoch_loss)
+    assert np.all(ours.epoch_loss[:, -1] < 0.5 * ours.epoch_loss[:, 0])
+    assert np.all(ours.test_accuracy > 0.9), problem
+
+
+@pytest.mark.slow
+def test_study_script_writes_figure_table_and_control(study, tmp_path, capsys):
+  study.main(["--problems", "mlp", "--epochs", "2", "--seeds", "0",
+              "--hidden", "256", "--out-dir", str(tmp_path)])
+  out = capsys.readouterr().out
+  png = tmp_path / "kingma_ba_mlp.png"
+  assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  assert "| mlp | final training cost | test accuracy |" in out
+  for name in ("jadam Adam", "optax Adam", "SGD Nesterov", "AdaGrad",
+               "RMSProp"):
+    row = re.search(rf"\| {name} \| (\S+) ± \S+ \| (\S+)% ± \S+ \|", out)
+    assert row, name
+    # Every optimizer learns: below the uniform guess's cost ln 10 = 2.30,
+    # far above the 10% accuracy of chance.
+    assert float(row.group(1)) < 2.0 and float(row.group(2)) > 50.0, row[0]
+  assert "jadam Adam vs optax Adam: curves agree to 1e-5 for the first 2" in out
+  assert "optax Adam, θ0 + 1 ulp vs optax Adam" in out
