@@ -24,7 +24,6 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jadam import _rule
 from jadam import _storage
 from jadam import _transform
 
@@ -186,7 +185,7 @@ def _norm(tree: Any) -> Array:
   leaves = _nonempty_leaves(tree)
   if not leaves:
     return jnp.zeros([], jnp.float32)
-  squares = [jnp.sum(_rule.abs_sq(x)) for x in leaves]
+  squares = [jnp.real(jnp.vdot(x, x)) for x in leaves]
   return jnp.sqrt(sum(squares)).astype(jnp.float32)
 
 
@@ -218,6 +217,11 @@ def second_moments(state: Any) -> list[Any]:
 
 def _measure(grads: Any, updates: Any, params: Optional[Any],
              inner_state: Any) -> HealthStats:
+  # The barrier keeps XLA from sharing subexpressions (such as g·g) between
+  # these reductions and the optimizer's fused loops, which would force the
+  # shared values to be written out to memory.
+  grads, updates, params, inner_state = jax.lax.optimization_barrier(
+      (grads, updates, params, inner_state))
   grad_norm = _norm(grads)
   update_norm = _norm(updates)
   if params is None:
