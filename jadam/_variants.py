@@ -26,6 +26,7 @@ import optax
 from optax import contrib as optax_contrib
 
 from jadam import _alias
+from jadam import _quant
 from jadam import _rounding
 from jadam import _rule
 from jadam import _storage
@@ -42,45 +43,109 @@ def _check_decay(name: str, value: Any) -> None:
     _validation.check_decay(name, value)
 
 
-def _walk(leaf_step: Callable[..., tuple[Array, tuple[Any, ...]]],
-          updates: Any, moment_trees: Sequence[Any],
-          t: Array) -> tuple[Any, list[Any]]:
-  """Apply ``leaf_step(g, seed, *stored_moments)`` leaf by leaf.
+class _Moment:
+  """One moment of a variant: its storage format, and reading and writing it.
 
-  Moment trees are flattened *up to* the gradients' structure, so a moment
-  kept as a compound node (for example a quantized array with its scales)
-  reaches ``leaf_step`` whole. ``seed`` depends on the step ``t`` and the
-  leaf's position, for the stochastic rounding of narrow storage formats.
+  The formats are those of :mod:`jadam._storage` (float dtypes, float16 √v
+  for second moments, int8 block codes with a separate tree of scales), so
+  ``mu_dtype``/``nu_dtype`` mean here what they mean for :func:`jadam.adam`.
+
+  Args:
+    storage: the canonical storage format (see ``_storage.canonical_storage``).
+    real: a moment of |g|² (real, and kept as √v in float16).
+    stream: distinguishes this moment's random bits from the others'.
+  """
+
+  def __init__(self, storage: _storage.Storage, *, real: bool, stream: int):
+    self.storage, self.real, self.stream = storage, real, stream
+
+  @property
+  def quantized(self) -> bool:
+    return isinstance(self.storage, _quant.BlockwiseInt8)
+
+  def init(self, params: Any) -> Any:
+    return jax.tree.map(
+        lambda p: _storage.init_moment(p, self.storage, real=self.real),
+        params)
+
+  def init_scales(self, params: Any) -> Any:
+    return jax.tree.map(
+        lambda p: _storage.init_scales(p, self.storage, real=self.real),
+        params)
+
+  def read(self, stored: Array, scales: Optional[Array], dtype: Any) -> Array:
+    if self.real:
+      dtype = _storage.real_dtype(dtype)
+    return _storage.load(stored, dtype, root=self.real, scales=scales)
+
+  def write(self, value: Array, stored: Array, scales: Optional[Array],
+            seed: Array) -> tuple[Array, Optional[Array]]:
+    narrow = jnp.dtype(stored.dtype).itemsize < 4
+    bits = (_rounding.random_bits(stored.shape,
+                                  _rounding.salt(seed, self.stream))
+            if narrow else None)
+    if jnp.dtype(stored.dtype) in (jnp.int8, jnp.uint8):
+      # The whole leaf is re-encoded at once (jadam.adam walks int8 leaves
+      # tile by tile to bound its float32 working memory; XLA fuses this
+      # elementwise encode with the variant's arithmetic instead).
+      codes, scales = _quant.quantize(
+          value, signed=stored.dtype == jnp.int8,
+          block_size=self.storage.block_size,
+          bits=bits if self.storage.stochastic else None)
+      return codes, scales
+    return _storage.store(value, stored, bits, root=self.real), scales
+
+
+def _init_state_trees(moments: Sequence[_Moment],
+                      params: Any) -> tuple[list[Any], Optional[list[Any]]]:
+  """Zero moments, and their int8 scales if any moment is int8 (else None)."""
+  stored = [moment.init(params) for moment in moments]
+  if not any(moment.quantized for moment in moments):
+    return stored, None
+  return stored, [moment.init_scales(params) for moment in moments]
+
+
+def _walk(leaf_step: Callable[..., tuple[Array, Sequence[Array]]],
+          updates: Any, t: Array, moments: Sequence[_Moment],
+          stored_trees: Sequence[Any], scale_trees: Optional[Sequence[Any]]
+          ) -> tuple[Any, list[Any], Optional[list[Any]]]:
+  """Load each leaf's moments, apply ``leaf_step``, store them again.
+
+  ``leaf_step(g, *moments)`` gets the gradient and the moments in the
+  compute dtype (float32 or wider) and returns ``(direction, new_moments)``;
+  this function owns the storage formats. ``t`` and the leaf's position seed
+  the stochastic rounding of narrow formats.
 
   Returns:
-    ``(directions, new_moment_trees)`` with the gradients' structure.
+    ``(directions, new_stored_trees, new_scale_trees)``.
   """
-  _validation.check_same_tree(updates, moment_trees[0],
-                              what="optimizer state",
-                              is_leaf=_storage.is_stored_node)
+  _validation.check_same_tree(updates, stored_trees[0],
+                              what="optimizer state")
   _validation.check_float_leaves(updates)
   grads, treedef = jax.tree.flatten(updates)
-  columns = [treedef.flatten_up_to(tree) for tree in moment_trees]
-  directions, new_columns = [], [[] for _ in moment_trees]
-  for index, (g, *stored) in enumerate(zip(grads, *columns)):
-    direction, new_stored = leaf_step(g, _rounding.salt(t, index), *stored)
-    directions.append(direction)
-    for column, value in zip(new_columns, new_stored):
-      column.append(value)
-  return (treedef.unflatten(directions),
-          [treedef.unflatten(column) for column in new_columns])
-
-
-def _init_moments(params: Any, storage: _storage.Storage, *, real: bool,
-                  squared: bool = False) -> Any:
-  return jax.tree.map(
-      lambda p: _storage.init_moment(p, storage, real=real, squared=squared),
-      params)
-
-
-def _store(value: Array, like: Any, seed: Array, which: int) -> Any:
-  """Store one moment; ``which`` separates the random bits of each moment."""
-  return _storage.store(value, like, _rounding.salt(seed, which))
+  stored_columns = [treedef.flatten_up_to(tree) for tree in stored_trees]
+  scale_columns = ([treedef.flatten_up_to(tree) for tree in scale_trees]
+                   if scale_trees is not None
+                   else [[None] * len(grads) for _ in moments])
+  directions = []
+  new_stored = [[] for _ in moments]
+  new_scales = [[] for _ in moments]
+  for index, g in enumerate(grads):
+    dtype = _storage.compute_dtype(g.dtype)
+    seed = _rounding.salt(t, index)
+    loaded = [moment.read(column[index], scales[index], dtype)
+              for moment, column, scales in zip(moments, stored_columns,
+                                                scale_columns)]
+    direction, values = leaf_step(g.astype(dtype), *loaded)
+    directions.append(direction.astype(g.dtype))
+    for k, moment in enumerate(moments):
+      stored, scales = moment.write(values[k], stored_columns[k][index],
+                                    scale_columns[k][index], seed)
+      new_stored[k].append(stored)
+      new_scales[k].append(scales)
+  unflatten = lambda columns: [treedef.unflatten(c) for c in columns]
+  return (treedef.unflatten(directions), unflatten(new_stored),
+          unflatten(new_scales) if scale_trees is not None else None)
 
 
 # ---------------------------------------------------------------------------
@@ -149,14 +214,17 @@ def scale_by_adopt(
   _validation.check_decay("b1", b1)
   _validation.check_decay("b2", b2)
   _validation.check_nonnegative("eps", eps)
-  mu_storage = _storage.canonical_storage("mu_dtype", mu_dtype)
-  nu_storage = _storage.canonical_storage("nu_dtype", nu_dtype)
+  moments = (
+      _Moment(_storage.canonical_storage("mu_dtype", mu_dtype), real=False,
+              stream=1),
+      _Moment(_storage.canonical_storage("nu_dtype", nu_dtype), real=True,
+              stream=2))
 
   def init_fn(params):
+    (mu, nu), scales = _init_state_trees(moments, params)
     return _transform.ScaleByAdamState(
-        count=jnp.zeros([], jnp.int32),
-        mu=_init_moments(params, mu_storage, real=False),
-        nu=_init_moments(params, nu_storage, real=True, squared=True))
+        jnp.zeros([], jnp.int32), mu, nu,
+        None if scales is None else _rule.Moments(*scales, None))
 
   def update_fn(updates, state, params=None):
     del params
@@ -166,23 +234,23 @@ def scale_by_adopt(
     b2_t = jnp.where(first, 0.0, b2)
     bound = clip_value_fn(state.count) if use_clipping else None
 
-    def leaf_step(g, seed, stored_mu, stored_nu):
-      dtype = _storage.compute_dtype(g.dtype)
-      g_c = g.astype(dtype)
-      mu = _storage.load(stored_mu, dtype)
-      nu = _storage.load(stored_nu, _storage.real_dtype(dtype))
-      normalized = g_c / jnp.maximum(jnp.sqrt(nu), eps)
+    def leaf_step(g, mu, nu):
+      normalized = g / jnp.maximum(jnp.sqrt(nu), eps)
       if bound is not None:
         normalized = _clip(normalized, bound)
       mu = _rule.ema(normalized, mu, b1_t)
-      nu = _rule.ema(_rule.abs_sq(g_c), nu, b2_t)
+      nu = _rule.ema(_rule.abs_sq(g), nu, b2_t)
       direction = _rule.ema(normalized, mu, b1_t) if nesterov else mu
-      return direction.astype(g.dtype), (_store(mu, stored_mu, seed, 11),
-                                         _store(nu, stored_nu, seed, 22))
+      return direction, (mu, nu)
 
     t = optax.safe_increment(state.count)
-    out, (mu, nu) = _walk(leaf_step, updates, [state.mu, state.nu], t)
-    return out, _transform.ScaleByAdamState(t, mu, nu)
+    scales = state.scales
+    out, (mu, nu), new_scales = _walk(
+        leaf_step, updates, t, moments, [state.mu, state.nu],
+        None if scales is None else [scales.mu, scales.nu])
+    return out, _transform.ScaleByAdamState(
+        t, mu, nu,
+        None if new_scales is None else _rule.Moments(*new_scales, None))
 
   return optax.GradientTransformation(init_fn, update_fn)
 
@@ -241,12 +309,15 @@ class ScaleByAdemamixState(NamedTuple):
     m1: the fast EMA of g (decay β1), bias-corrected when used.
     m2: the slow EMA of g (decay β3), used as is.
     nu: the second moment v (decay β2).
+    scales: only with int8 storage: ``{"m1": ..., "m2": ..., "nu": ...}``
+      trees of float32 block scales; None otherwise.
   """
 
   count: jax.Array
   m1: Any
   m2: Any
   nu: Any
+  scales: Any = None
 
 
 def scale_by_ademamix(
@@ -300,14 +371,17 @@ def scale_by_ademamix(
   _check_decay("b3", b3)
   _validation.check_nonnegative("alpha", alpha)
   mu_storage = _storage.canonical_storage("mu_dtype", mu_dtype)
-  nu_storage = _storage.canonical_storage("nu_dtype", nu_dtype)
+  moments = (_Moment(mu_storage, real=False, stream=1),
+             _Moment(mu_storage, real=False, stream=3),
+             _Moment(_storage.canonical_storage("nu_dtype", nu_dtype),
+                     real=True, stream=2))
+  names = ("m1", "m2", "nu")
 
   def init_fn(params):
+    (m1, m2, nu), scales = _init_state_trees(moments, params)
     return ScaleByAdemamixState(
-        count=jnp.zeros([], jnp.int32),
-        m1=_init_moments(params, mu_storage, real=False),
-        m2=_init_moments(params, mu_storage, real=False),
-        nu=_init_moments(params, nu_storage, real=True, squared=True))
+        jnp.zeros([], jnp.int32), m1, m2, nu,
+        None if scales is None else dict(zip(names, scales)))
 
   def update_fn(updates, state, params=None):
     del params
@@ -316,24 +390,22 @@ def scale_by_ademamix(
     alpha_t = alpha(state.count) if callable(alpha) else alpha
     t = optax.safe_increment(state.count)
 
-    def leaf_step(g, seed, stored_m1, stored_m2, stored_nu):
-      dtype = _storage.compute_dtype(g.dtype)
-      g_c = g.astype(dtype)
-      m1 = _rule.ema(g_c, _storage.load(stored_m1, dtype), rule.b1)
-      m2 = _rule.ema(g_c, _storage.load(stored_m2, dtype), b3_t)
-      nu = _rule.ema(_rule.abs_sq(g_c),
-                     _storage.load(stored_nu, _storage.real_dtype(dtype)),
-                     rule.b2)
-      m1_hat = m1 / _rule.bias_correction(rule.b1, t).astype(dtype)
+    def leaf_step(g, m1, m2, nu):
+      m1 = _rule.ema(g, m1, rule.b1)
+      m2 = _rule.ema(g, m2, b3_t)
+      nu = _rule.ema(_rule.abs_sq(g), nu, rule.b2)
+      m1_hat = m1 / _rule.bias_correction(rule.b1, t).astype(m1.dtype)
       v_hat = nu / _rule.bias_correction(rule.b2, t).astype(nu.dtype)
       direction = (m1_hat + alpha_t * m2) / _rule.denominator(v_hat, rule)
-      return direction.astype(g.dtype), (_store(m1, stored_m1, seed, 11),
-                                         _store(m2, stored_m2, seed, 44),
-                                         _store(nu, stored_nu, seed, 22))
+      return direction, (m1, m2, nu)
 
-    out, (m1, m2, nu) = _walk(leaf_step, updates,
-                              [state.m1, state.m2, state.nu], t)
-    return out, ScaleByAdemamixState(t, m1, m2, nu)
+    scales = state.scales
+    out, (m1, m2, nu), new_scales = _walk(
+        leaf_step, updates, t, moments, [state.m1, state.m2, state.nu],
+        None if scales is None else [scales[name] for name in names])
+    return out, ScaleByAdemamixState(
+        t, m1, m2, nu,
+        None if new_scales is None else dict(zip(names, new_scales)))
 
   return optax.GradientTransformation(init_fn, update_fn)
 
@@ -386,10 +458,17 @@ def ademamix(
 
 
 class ScaleBySecondMomentState(NamedTuple):
-  """State of Adam without momentum: the count and v (no m to store)."""
+  """State of Adam without momentum: the count and v (no m to store).
+
+  Attributes:
+    count: number of updates taken (int32, saturating).
+    nu: the second moment v.
+    scales: only with int8 storage: a tree of v's float32 block scales.
+  """
 
   count: jax.Array
   nu: Any
+  scales: Any = None
 
 
 def _scale_by_adam_without_momentum(
@@ -402,28 +481,28 @@ def _scale_by_adam_without_momentum(
   """
   rule = _rule.AdamRule(0.0, b2, eps)
   _transform._check_rule(rule)  # pylint: disable=protected-access
-  nu_storage = _storage.canonical_storage("nu_dtype", nu_dtype)
+  moments = (_Moment(_storage.canonical_storage("nu_dtype", nu_dtype),
+                     real=True, stream=2),)
 
   def init_fn(params):
+    (nu,), scales = _init_state_trees(moments, params)
     return ScaleBySecondMomentState(
-        jnp.zeros([], jnp.int32),
-        _init_moments(params, nu_storage, real=True, squared=True))
+        jnp.zeros([], jnp.int32), nu, None if scales is None else scales[0])
 
   def update_fn(updates, state, params=None):
     del params
     t = optax.safe_increment(state.count)
 
-    def leaf_step(g, seed, stored_nu):
-      dtype = _storage.compute_dtype(g.dtype)
-      g_c = g.astype(dtype)
-      moments = _rule.Moments(
-          mu=jnp.zeros_like(g_c),
-          nu=_storage.load(stored_nu, _storage.real_dtype(dtype)))
-      direction, new = _rule.adam_step(g_c, moments, t, rule)
-      return direction.astype(g.dtype), (_store(new.nu, stored_nu, seed, 22),)
+    def leaf_step(g, nu):
+      direction, new = _rule.adam_step(
+          g, _rule.Moments(mu=jnp.zeros_like(g), nu=nu), t, rule)
+      return direction, (new.nu,)
 
-    out, (nu,) = _walk(leaf_step, updates, [state.nu], t)
-    return out, ScaleBySecondMomentState(t, nu)
+    out, (nu,), new_scales = _walk(
+        leaf_step, updates, t, moments, [state.nu],
+        None if state.scales is None else [state.scales])
+    return out, ScaleBySecondMomentState(
+        t, nu, None if new_scales is None else new_scales[0])
 
   return optax.GradientTransformation(init_fn, update_fn)
 
