@@ -80,7 +80,7 @@ def test_study_jadam_and_optax_adam_curves_coincide(study):
     np.testing.assert_array_equal(ours.test_accuracy, theirs.test_accuracy)
     np.testing.assert_array_equal(results["again"].epoch_loss, ours.epoch_loss)
     assert np.all(ours.epoch_loss[:, -1] < 0.5 * ours.epoch_loss[:, 0])
-    assert np.all(ours.test_accuracy > 0.9), problem
+    assert np.all(ours.test_accuracy > 0.8), problem  # chance: 0.1
 
 
 @pytest.mark.slow
