@@ -318,10 +318,13 @@ def _step_tiled(g: Array, stored: _rule.Moments, t: Array,
   out_dtype = dtype if cautious else g.dtype
 
   def tile_step(start, length, carry):
+    # Tiles are read from the old state and written into new arrays: a loop
+    # that reads and updates the same array in place makes XLA copy the
+    # whole array in every iteration to keep the reads safe.
     values, scale_values, direction = carry
     g_tile = jax.lax.dynamic_slice(flat_g, (start,), (length,)).astype(dtype)
-    loaded = {name: _read(values[name], scale_values[name], start, length,
-                          *static[name]) for name in names}
+    loaded = {name: _read(getattr(stored, name), getattr(scales, name), start,
+                          length, *static[name]) for name in names}
     d_tile, new = _rule.adam_step(g_tile, _rule.Moments(**loaded), t,
                                   tile_rule)
     padded = -(-length // unit) * unit
@@ -335,8 +338,8 @@ def _step_tiled(g: Array, stored: _rule.Moments, t: Array,
         direction, d_tile.astype(out_dtype), (start,))
     return values, scale_values, direction
 
-  carry = ({name: getattr(stored, name) for name in names},
-           {name: getattr(scales, name) for name in names},
+  carry = ({name: jnp.zeros_like(getattr(stored, name)) for name in names},
+           {name: jnp.zeros_like(getattr(scales, name)) for name in names},
            jnp.zeros((n,), out_dtype))
   if n_loop:
     carry = jax.lax.fori_loop(
@@ -359,11 +362,13 @@ def _read(stored: Array, scales: Array, start: Any, length: int,
   """Elements ``[start, start + length)`` of a stored moment, flat."""
   del stochastic
   flat = jax.lax.dynamic_slice(stored.reshape(-1), (start,), (length,))
+  tile_scales = None
+  if block is not None:
+    n_blocks = -(-length // block)
+    tile_scales = jax.lax.dynamic_slice(scales, (start // block,), (n_blocks,))
   if block is None:
     value = flat.astype(dtype)
     return value * value if _is_root(stored, root) else value
-  n_blocks = -(-length // block)
-  tile_scales = jax.lax.dynamic_slice(scales, (start // block,), (n_blocks,))
   values = _quant.dequantize_blocks(_quant.to_blocks(flat, block),
                                     tile_scales)
   return values.reshape(-1)[:length].astype(dtype)
