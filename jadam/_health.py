@@ -81,7 +81,8 @@ def skip_nonfinite(
   new and old state with ``jnp.where`` instead would look cheaper but is not:
   XLA then recomputes the new moments inside the parameter update from the
   old ones, which it must first copy because the donated state is
-  overwritten in place (measured: about three times slower than the cond).
+  overwritten in place (measured on a 4M-parameter optimizer step: +185%
+  step time, against +50 to +75% with the cond).
   Under ``jax.vmap`` the cond becomes a select, as for any ``lax.cond``.
 
   Unlike ``optax.apply_if_finite`` this never gives up and applies a bad
@@ -347,8 +348,8 @@ def stats(state: Any) -> dict[str, Array]:
     >>> import jax.numpy as jnp, jadam
     >>> opt = jadam.with_telemetry(jadam.adam(0.1))
     >>> state = opt.init({"w": jnp.ones(2)})
-    >>> sorted(jadam.stats(state))[:3]
-    ['grad_max_abs', 'grad_norm', 'nu_max']
+    >>> "grad_norm" in jadam.stats(state), int(jadam.stats(state)["step"])
+    (True, 0)
   """
   telemetry = _find(state, TelemetryState)
   if not telemetry:
