@@ -45,6 +45,12 @@ def test_mkdocs_build_is_strict_clean(tmp_path):
   # mkdocstrings rendered the docstrings, not just the headings.
   assert "Kingma" in api and "jadam.adamw" in api
   assert "Decoupled Weight Decay" in api
+  # Doctest examples render as highlighted code, Sphinx roles do not leak.
+  assert '<span class="gp">&gt;&gt;&gt; </span>' in api
+  assert ":func:" not in api and ":class:" not in api
+  # The math is handed to MathJax.
+  algorithms = (tmp_path / "site" / "algorithms" / "index.html").read_text()
+  assert algorithms.count('class="arithmatex"') > 50
 
 
 # --- The convergence study (examples/kingma_ba.py) at a small size ----------
