@@ -16,7 +16,9 @@ parameters are bitwise identical however often the run is killed.
 Try it:
 
     python examples/resume.py --dir /tmp/run --kill-at 37   # dies by SIGKILL
-    python examples/resume.py --dir /tmp/run --out a.npz    # resumes at 30
+    python examples/resume.py --dir /tmp/run --out a.npz    # resumes, at 30
+                                                            # or 20 if 30 was
+                                                            # still being saved
     python examples/resume.py --dir /tmp/ref --out b.npz    # straight through
     # a.npz and b.npz hold the same bits
 
