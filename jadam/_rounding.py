@@ -97,10 +97,16 @@ def round_stochastic(x: Array, dtype: Any, bits: Array) -> Array:
   if dtype == jnp.bfloat16:
     # bfloat16 is the upper half of a float32: adding 16 random bits below
     # the cut and truncating rounds the magnitude up with the right odds.
+    # Integer operations only: a float32 → bfloat16 conversion is emulated on
+    # most CPUs and costs several times more.
     raw = jax.lax.bitcast_convert_type(x, jnp.uint32)
-    raw = (raw + (bits >> 16)) & np.uint32(0xFFFF0000)
-    rounded = jax.lax.bitcast_convert_type(raw, jnp.float32).astype(dtype)
-    return jnp.where(jnp.isfinite(x), rounded, x.astype(dtype))
+    rounded = (raw + (bits >> 16)) >> 16
+    # ±inf and NaN are truncated instead (a NaN keeps its quiet bit set).
+    exponent_all_ones = (raw & np.uint32(0x7F800000)) == np.uint32(0x7F800000)
+    kept = (raw >> 16) | jnp.where(raw & np.uint32(0x7FFFFF),
+                                   np.uint32(0x40), np.uint32(0))
+    upper = jnp.where(exponent_all_ones, kept, rounded).astype(jnp.uint16)
+    return jax.lax.bitcast_convert_type(upper, jnp.bfloat16)
   if dtype == jnp.float16:
     # No bit trick (the exponents differ): pick between the nearest value and
     # its neighbour on the other side of x, with probability by distance.
