@@ -13,7 +13,7 @@ same order and the same dropout masks for a given seed, so differences
 between curves come from the optimizers alone. jadam's Adam and optax's Adam
 are both in the comparison and their curves must coincide.
 
-Run: python examples/kingma_ba.py   (about two minutes on two CPU cores;
+Run: python examples/kingma_ba.py   (286 s on a 2-core CPU shared with other jobs;
 writes docs/img/kingma_ba_logreg.png and docs/img/kingma_ba_mlp.png)
 
 Reuse: ``run_study(problem, optimizers)`` takes any dict of name →
