@@ -21,7 +21,7 @@ Reuse: ``run_study(problem, optimizers)`` takes any dict of name →
 with, for example::
 
     opts = default_optimizers("mlp")
-    opts["ADOPT"] = my_adopt(1e-3)
+    opts["ADOPT"] = jadam.adopt(1e-3)
     results = run_study("mlp", opts)
     plot_study(results, "mlp", "docs/img/kingma_ba_mlp_frontier.png")
 """
