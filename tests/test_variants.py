@@ -389,6 +389,27 @@ def test_variant_first_moments_can_be_int8():
   assert float(loss(small)) < 1.25 * float(loss(full))
 
 
+def test_variants_study_example_trains_every_variant():
+  """examples/variants_study.py, shortened: 2 epochs of logistic regression."""
+  import pathlib  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  examples = pathlib.Path(__file__).resolve().parent.parent / "examples"
+  sys.path.insert(0, str(examples))
+  try:
+    import variants_study  # pylint: disable=g-import-not-at-top
+  finally:
+    sys.path.remove(str(examples))
+  results = variants_study.run_variants(
+      "logreg", variants_study.LEARNING_RATES["logreg"], epochs=2, seeds=(0,),
+      verbose=False)
+  assert list(results) == list(variants_study.VARIANTS)
+  for name, result in results.items():
+    assert result.epoch_loss.shape == (1, 2)
+    assert result.test_accuracy[0] > 0.85, name
+  table = variants_study.format_table("logreg", results)
+  assert table.count("\n") == len(results) + 1
+
+
 # --------------------------------------------------------------------------
 # Errors.
 # --------------------------------------------------------------------------
