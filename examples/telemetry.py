@@ -97,12 +97,12 @@ def train(args) -> list[dict[str, float]]:
 # Side-by-side timing of the wrappers (--overhead).
 
 
-def _time_steps(step, carry, rounds):
-  """Median and minimum seconds of ``rounds`` calls, carrying donated state."""
+def _time_steps(step, carry, data, rounds):
+  """Seconds of ``rounds`` calls ``carry = step(*carry, *data)``."""
   times = []
   for _ in range(rounds):
     start = time.perf_counter()
-    carry = step(*carry)
+    carry = step(*carry, *data)
     jax.block_until_ready(carry)
     times.append(time.perf_counter() - start)
   return carry, times
@@ -140,36 +140,36 @@ def overhead(args) -> dict[str, dict[str, float]]:
   def optimizer_only(opt):
     def step(p, s, g):
       updates, s = opt.update(g, s, p)
-      return optax.apply_updates(p, updates), s, g
+      return optax.apply_updates(p, updates), s
     fn = jax.jit(step, donate_argnums=(0, 1))
-    return fn, (jax.tree.map(jnp.copy, tree), opt.init(tree), grads)
+    return fn, (jax.tree.map(jnp.copy, tree), opt.init(tree)), (grads,)
 
   def full_step(opt):
     def step(p, s, x, y):
       grads = jax.grad(cross_entropy)(p, x, y)
       updates, s = opt.update(grads, s, p)
-      return optax.apply_updates(p, updates), s, x, y
+      return optax.apply_updates(p, updates), s
     fn = jax.jit(step, donate_argnums=(0, 1))
-    return fn, (jax.tree.map(jnp.copy, mlp), opt.init(mlp), xb, yb)
+    return fn, (jax.tree.map(jnp.copy, mlp), opt.init(mlp)), (xb, yb)
 
   results = {}
   for workload, build in (("optimizer step, 4M params", optimizer_only),
                           ("train step, MLP 1.9M params", full_step)):
     runs = {}
     for name, make in configs.items():
-      fn, carry = build(make())
-      carry, _ = _time_steps(fn, carry, 3)  # compile and warm up
-      runs[name] = [fn, carry, []]
+      fn, carry, data = build(make())
+      carry, _ = _time_steps(fn, carry, data, 3)  # compile and warm up
+      runs[name] = [fn, carry, data, []]
     # Interleave the configurations so that load from other processes on the
     # machine hits them all alike.
     for _ in range(args.rounds):
       for run in runs.values():
-        run[1], times = _time_steps(run[0], run[1], 5)
-        run[2].extend(times)
-    base = np.median(runs["adam"][2])
+        run[1], times = _time_steps(run[0], run[1], run[2], 5)
+        run[3].extend(times)
+    base = np.median(runs["adam"][3])
     print(f"\n{workload}: median (min) ms over {5 * args.rounds} steps each")
     results[workload] = {}
-    for name, (_, _, times) in runs.items():
+    for name, (_, _, _, times) in runs.items():
       med = float(np.median(times))
       results[workload][name] = med
       print(f"  {name:40s} {1e3 * med:8.3f} ({1e3 * min(times):7.3f})"
