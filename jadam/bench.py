@@ -331,7 +331,8 @@ def run(trees: Sequence[str], impls: Sequence[str], steps: int = 15,
     log("torch has no fused Adam on this CPU: torch_fused uses foreach=True")
   for tree in trees:
     if tree == TRAIN_TREE:
-      runners = {name: factory(quick) for name, factory in TRAIN_IMPLS.items()}
+      runners = {name: factory(quick) for name, factory in TRAIN_IMPLS.items()
+                 if name in impls}
       medians = _interleave(runners, steps, warmup)
     else:
       shapes = TREES[tree](quick)
