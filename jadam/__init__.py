@@ -53,6 +53,7 @@ from jadam._transform import scale_by_radam
 from jadam._variants import ScaleByAdemamixState
 from jadam._variants import ScaleBySecondMomentState
 from jadam._variants import ademamix
+from jadam._variants import ademamix_b3_schedule
 from jadam._variants import adopt
 from jadam._variants import scale_by_ademamix
 from jadam._variants import scale_by_adopt
@@ -81,6 +82,7 @@ __all__ = [
     "adamaxw",
     "adamw",
     "ademamix",
+    "ademamix_b3_schedule",
     "adopt",
     "amsgrad",
     "decode_moments",

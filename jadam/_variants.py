@@ -18,6 +18,7 @@ the rule module (``ema``, ``abs_sq``, ``bias_correction``, ``denominator``,
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
 
 import jax
@@ -342,8 +343,9 @@ def scale_by_ademamix(
       direction = (m̂1_t + α·m2_t) / (√(v̂_t + ε_root) + ε)
 
   The paper warms α and β3 up over the first steps; pass optax schedules
-  (functions of the update count) as ``alpha`` and ``b3`` for that, for
-  example ``alpha=optax.linear_schedule(0., 5., 10_000)``.
+  (functions of the update count) as ``alpha`` and ``b3`` for that:
+  ``alpha=optax.linear_schedule(0., 5., T)`` and
+  ``b3=jadam.ademamix_b3_schedule(0.9999, T)``.
 
   Args:
     b1: decay of the fast EMA, in [0, 1).
@@ -408,6 +410,54 @@ def scale_by_ademamix(
         None if new_scales is None else dict(zip(names, new_scales)))
 
   return optax.GradientTransformation(init_fn, update_fn)
+
+
+def ademamix_b3_schedule(b3: float, warmup_steps: int,
+                         b_start: float = 0.9) -> optax.Schedule:
+  """The paper's warmup of β3: the slow EMA's half-life grows linearly.
+
+  An EMA with decay β forgets half of a gradient's weight after
+  ``h(β) = ln ½ / ln β`` steps. Raising β3 linearly would leave h tiny for
+  most of the warmup and then shoot up; Pagliardini et al. (Section 3)
+  instead interpolate h linearly from ``h(b_start)`` to ``h(b3)`` over
+  ``warmup_steps`` and map back, ``β = ½^(1/h)``, so that early, noisy
+  gradients are not kept for thousands of steps.
+
+  Args:
+    b3: the final β3, in (0, 1).
+    warmup_steps: steps over which to warm up; ``b3`` from then on.
+    b_start: the initial β3 (the paper uses β1), in (0, b3].
+
+  Returns:
+    An optax schedule of the update count, for ``ademamix(b3=...)``.
+
+  Example:
+    >>> import optax, jadam
+    >>> opt = jadam.ademamix(1e-3, b3=jadam.ademamix_b3_schedule(0.9999, 1000),
+    ...                      alpha=optax.linear_schedule(0.0, 5.0, 1000))
+
+  References:
+    Pagliardini, Ablin & Grangier, "The AdEMAMix Optimizer: Better, Faster,
+    Older", ICLR 2025, Section 3 (the f_β3 scheduler).
+  """
+  _validation.check_decay("b3", b3)
+  _validation.check_decay("b_start", b_start)
+  if not 0.0 < b_start <= b3:
+    raise ValueError(f"b_start must be in (0, b3] = (0, {b3}], got "
+                     f"{b_start!r}.")
+  if not (isinstance(warmup_steps, int) and warmup_steps > 0):
+    raise ValueError(f"warmup_steps must be a positive int, got "
+                     f"{warmup_steps!r}.")
+  # In float64 here: 0.9999 rounded to float32 has 1.7e-4 of its 1 − β off.
+  half_life = lambda beta: math.log(0.5) / math.log(beta)
+  start, end = half_life(float(b_start)), half_life(float(b3))
+
+  def schedule(count):
+    fraction = jnp.clip(count / warmup_steps, 0.0, 1.0)
+    warming = 0.5 ** (1.0 / ((1.0 - fraction) * start + fraction * end))
+    return jnp.where(count < warmup_steps, warming, b3)
+
+  return schedule
 
 
 def ademamix(

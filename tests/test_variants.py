@@ -78,6 +78,12 @@ CONTRIB = {
         lambda: optax.contrib.ademamix(
             1e-2, alpha=optax.linear_schedule(0., 5., 100),
             b3=optax.linear_schedule(0.9, 0.999, 100))),
+    "ademamix_paper_warmup": (
+        lambda: jadam.ademamix(1e-2, alpha=optax.linear_schedule(0., 5., 100),
+                               b3=jadam.ademamix_b3_schedule(0.9999, 100)),
+        lambda: optax.contrib.ademamix(
+            1e-2, alpha=optax.linear_schedule(0., 5., 100),
+            b3=jadam.ademamix_b3_schedule(0.9999, 100))),
 }
 
 
@@ -104,6 +110,25 @@ def test_free_running_training_matches_optax_contrib(variant):
   b, _ = train(theirs, params, loss, STEPS)
   assert relative_error(a, b) < 1e-6
   assert loss(a) < 0.5 * loss(params)
+
+
+def test_ademamix_b3_schedule_grows_the_half_life_linearly():
+  """The paper's f_β3, transcribed in float64: h(β) = ln ½ / ln β."""
+  b3, b_start, warmup = 0.9999, 0.9, 500
+  schedule = jadam.ademamix_b3_schedule(b3, warmup, b_start)
+  half_life = lambda beta: np.log(0.5) / np.log(beta)
+  steps = np.arange(0, warmup + 20)
+  got = np.array([float(schedule(t)) for t in steps])
+  fraction = np.minimum(steps / warmup, 1.0)
+  expected = 0.5 ** (1 / ((1 - fraction) * half_life(b_start)
+                          + fraction * half_life(b3)))
+  np.testing.assert_allclose(got, expected, rtol=1e-6)
+  assert got[0] == pytest.approx(b_start) and got[-1] == pytest.approx(b3)
+  assert np.all(np.diff(got) >= 0)
+  # Half-way through the warmup the half-life is half-way, ~3470 steps,
+  # where a linear ramp of β3 itself would give ~13.
+  assert half_life(got[warmup // 2]) == pytest.approx(
+      (half_life(b_start) + half_life(b3)) / 2, rel=1e-3)
 
 
 def test_adopt_first_update_only_measures_the_second_moment():
@@ -423,6 +448,9 @@ def test_variants_study_example_trains_every_variant():
     (lambda: jadam.adam(1e-3, numerics="tensorflow"), "numerics"),
     (lambda: jadam.scale_by_adam(nesterov=True, numerics="keras"), "keras"),
     (lambda: jadam.adopt(1e-3, mu_dtype="int32"), "mu_dtype"),
+    (lambda: jadam.ademamix_b3_schedule(0.999, 100, b_start=0.9999),
+     "b_start"),
+    (lambda: jadam.ademamix_b3_schedule(0.999, 0), "warmup_steps"),
 ])
 def test_bad_hyperparameters_are_named(make, name):
   with pytest.raises(ValueError, match=name):
