@@ -78,6 +78,13 @@ CASES = {
         lambda: jadam.adamw(
             1e-2, eps=1e-7, weight_decay=0.05, numerics="keras",
             mask=lambda p: {k: not k.endswith("bias") for k in p})),
+    # keras.optimizers.schedules.ExponentialDecay(1e-2, 10, 0.8) is
+    # optax.exponential_decay(1e-2, 10, 0.8); both read the count from 0.
+    "adamw_schedule": (
+        {"class": "AdamW", "exponential_decay": (1e-2, 10, 0.8),
+         "weight_decay": 0.05}, False, 1.0,
+        lambda: jadam.adamw(optax.exponential_decay(1e-2, 10, 0.8), eps=1e-7,
+                            weight_decay=0.05, numerics="keras")),
     # Gradients of order ε: where Keras's ε (on √v_t) and the paper's (on
     # √v̂_t) give different steps.
     "adam_tiny_gradients": ({"class": "Adam", "learning_rate": 1e-3}, False,
@@ -94,6 +101,9 @@ CASES = {
 
 def _keras_optimizer(keras, config, exclude_bias):
   kwargs = dict(config)
+  if "exponential_decay" in kwargs:
+    kwargs["learning_rate"] = keras.optimizers.schedules.ExponentialDecay(
+        *kwargs.pop("exponential_decay"))
   optimizer = getattr(keras.optimizers, kwargs.pop("class"))(**kwargs)
   if exclude_bias:
     optimizer.exclude_from_weight_decay(var_names=["bias"])
