@@ -63,6 +63,11 @@ def _check_rule(rule: _rule.AdamRule) -> None:
     raise ValueError(
         "numerics='keras' reproduces keras.optimizers.Adam and AdamW, which "
         "have no Nesterov form; use nesterov=True with numerics='optax'.")
+  if rule.numerics == "keras" and (rule.infinity_norm
+                                   or rule.rectify_threshold is not None):
+    raise ValueError(
+        "numerics='keras' reproduces keras.optimizers.Adam and AdamW (and "
+        "AMSGrad); AdaMax and RAdam take numerics='optax'.")
 
 
 def _scale_by_rule(rule: _rule.AdamRule, mu_dtype: Any,

@@ -447,6 +447,9 @@ def test_variants_study_example_trains_every_variant():
     (lambda: jadam.schedule_free_adamw(1e-3, b1=0.0), "b1"),
     (lambda: jadam.adam(1e-3, numerics="tensorflow"), "numerics"),
     (lambda: jadam.scale_by_adam(nesterov=True, numerics="keras"), "keras"),
+    (lambda: jadam._transform._scale_by_rule(  # pylint: disable=protected-access
+        jadam.AdamRule(infinity_norm=True, numerics="keras"), None, None),
+     "keras"),
     (lambda: jadam.adopt(1e-3, mu_dtype="int32"), "mu_dtype"),
     (lambda: jadam.ademamix_b3_schedule(0.999, 100, b_start=0.9999),
      "b_start"),
