@@ -333,7 +333,7 @@ def stats(state: Any) -> dict[str, Array]:
   ``optax.apply_if_finite`` state found.
 
   Args:
-    state: an optax optimizer state.
+    state: an optax optimizer state (for Flax nnx, ``optimizer.opt_state``).
 
   Returns:
     A dict of JAX scalars (use ``float(v)`` or ``jax.device_get`` before
@@ -365,4 +365,6 @@ def stats(state: Any) -> dict[str, Array]:
   out = {"step": telemetry[0].count}
   out.update(telemetry[0].stats._asdict())
   out["skipped_steps"] = skipped
-  return out
+  # Plain arrays even when a framework wraps state leaves (Flax nnx keeps
+  # them in OptArray variables inside nnx.Optimizer.opt_state).
+  return {key: jnp.asarray(value) for key, value in out.items()}

@@ -354,3 +354,19 @@ def test_telemetry_example_logs_the_poisoned_step(capsys):
   assert np.isnan(by_step[30]["grad_norm"])
   assert np.isfinite(by_step[60]["grad_norm"])
   assert by_step[60]["loss"] < by_step[20]["loss"]
+
+
+def test_stats_of_a_flax_nnx_optimizer_are_plain_arrays():
+  from flax import nnx
+  model = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
+  optimizer = nnx.Optimizer(
+      model, jadam.with_telemetry(jadam.skip_nonfinite(jadam.adam(0.1))),
+      wrt=nnx.Param)
+  grads = nnx.grad(lambda m: jnp.sum(m(jnp.ones((4, 3))) ** 2))(model)
+  optimizer.update(model, grads)
+  s = jadam.stats(optimizer.opt_state)
+  assert all(isinstance(v, jax.Array) for v in s.values())
+  expected = np.sqrt(sum(float(jnp.sum(g ** 2))
+                         for g in jax.tree.leaves(nnx.state(grads))))
+  np.testing.assert_allclose(s["grad_norm"], expected, rtol=1e-6)
+  assert int(s["step"]) == 1 and int(s["skipped_steps"]) == 0
