@@ -130,6 +130,64 @@ def test_n_plus_n_steps_through_orbax_equal_2n_straight(case, tmp_path):
   _assert_bitwise({"params": params, "opt_state": state}, straight)
 
 
+def _save(path, tree):
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(path, tree)
+  checkpointer.wait_until_finished()
+
+
+def _leaf_bytes(tree):
+  return [np.asarray(x).tobytes() for x in jax.tree.leaves(tree)]
+
+
+def continue_from_checkpoint(case, path, out):
+  """Restore ``case`` from ``path``, take N more steps, save leaf bytes."""
+  opt, params0, loss = CASES[case]()
+  abstract_params = jax.eval_shape(lambda: params0)
+  restored = ocp.StandardCheckpointer().restore(path, {
+      "params": abstract_params,
+      "opt_state": jax.eval_shape(opt.init, abstract_params)})
+  params, state = restored["params"], restored["opt_state"]
+  step = _stepper(opt, loss)
+  for t in range(N, 2 * N):
+    params, state = step(params, state, t)
+  np.savez(out, *[np.frombuffer(b, np.uint8) for b in
+                  _leaf_bytes({"params": params, "opt_state": state})])
+
+
+FRESH_CASES = ["int8_amsgrad", "bf16_params_stochastic_rounding",
+               "flat_fast_path", "skip_nonfinite_telemetry"]
+
+
+def test_restore_in_a_fresh_process_continues_bitwise(tmp_path):
+  # Compressed moments, a PRNG key, flat buffers and wrapper counters:
+  # saved here, restored and continued by another Python process.
+  expected = {}
+  for case in FRESH_CASES:
+    opt, params, loss = CASES[case]()
+    step = _stepper(opt, loss)
+    state = opt.init(params)
+    for t in range(2 * N):
+      params, state = step(params, state, t)
+      if t == N - 1:
+        _save(tmp_path / case, {"params": params, "opt_state": state})
+    expected[case] = _leaf_bytes({"params": params, "opt_state": state})
+  script = (
+      "import sys; sys.path.insert(0, sys.argv[1]); import test_resume\n"
+      "for case in sys.argv[3:]:\n"
+      "  test_resume.continue_from_checkpoint(\n"
+      "      case, f'{sys.argv[2]}/{case}', f'{sys.argv[2]}/{case}.npz')\n")
+  result = subprocess.run(
+      [sys.executable, "-c", script, str(pathlib.Path(__file__).parent),
+       str(tmp_path), *FRESH_CASES], capture_output=True, text=True,
+      timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  for case in FRESH_CASES:
+    got = np.load(tmp_path / f"{case}.npz")
+    got = [got[f"arr_{i}"].tobytes() for i in range(len(got.files))]
+    assert got == expected[case], case
+
+
 def test_restored_state_keeps_storage_dtypes(tmp_path):
   opt = jadam.adam(0.05, mu_dtype="bfloat16", nu_dtype="int8")
   state = opt.init(_params())
