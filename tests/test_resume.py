@@ -34,8 +34,9 @@ def _loss(params, t):
   total = 0.0
   for i, p in enumerate(jax.tree.leaves(params)):
     p = p.astype(jnp.float32)
-    target = jnp.cos(jnp.arange(p.size, dtype=jnp.float32) * 0.37 + t + i)
-    total += jnp.mean((jnp.tanh(p.ravel()) - 0.5 * target) ** 2)
+    target = jnp.cos(jnp.arange(p.size, dtype=jnp.float32).reshape(p.shape)
+                     * 0.37 + t + i)
+    total += jnp.mean((jnp.tanh(p) - 0.5 * target) ** 2)
   return total
 
 
@@ -78,6 +79,8 @@ CASES.update({
         jadam.adam(1e-3), jadam.stochastic_rounding(seed=7)),
         _params(jnp.bfloat16), _loss),
     "flat_fast_path": _flat_case,
+    "zero1_one_device": lambda: (jadam.zero1(
+        jadam.adam(0.05), jax.make_mesh((1,), ("data",))), _params(), _loss),
 })
 
 
@@ -117,10 +120,13 @@ def test_n_plus_n_steps_through_orbax_equal_2n_straight(case, tmp_path):
   del params, state
 
   # Abstract targets: no arrays are computed, and the restored tree has the
-  # optimizer's own NamedTuple structure rather than orbax's dicts.
+  # optimizer's own NamedTuple structure rather than orbax's dicts. Sharded
+  # state needs concrete shardings in its target (see the next test).
   abstract_params = jax.eval_shape(lambda: params0)
+  abstract_state = (jadam.abstract_state if case.startswith("zero1")
+                    else lambda opt, p: jax.eval_shape(opt.init, p))
   target = {"params": abstract_params,
-            "opt_state": jax.eval_shape(opt.init, abstract_params)}
+            "opt_state": abstract_state(opt, abstract_params)}
   restored = checkpointer.restore(tmp_path / "ckpt", target)
   assert (jax.tree.structure(restored)
           == jax.tree.structure(jax.eval_shape(lambda: straight)))
@@ -186,6 +192,22 @@ def test_restore_in_a_fresh_process_continues_bitwise(tmp_path):
     got = np.load(tmp_path / f"{case}.npz")
     got = [got[f"arr_{i}"].tobytes() for i in range(len(got.files))]
     assert got == expected[case], case
+
+
+def test_sharded_state_needs_jadam_abstract_state_as_target(tmp_path):
+  # jax.eval_shape of a zero1 init gives shardings on an abstract mesh, which
+  # orbax cannot place; jadam.abstract_state gives the concrete ones.
+  opt = jadam.zero1(jadam.adam(0.05), jax.make_mesh((1,), ("data",)))
+  state = opt.init(_params())
+  _save(tmp_path / "ckpt", state)
+  checkpointer = ocp.StandardCheckpointer()
+  with pytest.raises(ValueError, match="AbstractMesh"):
+    checkpointer.restore(tmp_path / "ckpt",
+                         jax.eval_shape(opt.init, _params()))
+  restored = checkpointer.restore(
+      tmp_path / "ckpt", jadam.abstract_state(opt, _params()))
+  _assert_bitwise(restored, state)
+  assert restored[0].mu["big"].sharding == state[0].mu["big"].sharding
 
 
 def test_restored_state_keeps_storage_dtypes(tmp_path):
