@@ -165,6 +165,7 @@ FRESH_CASES = ["int8_amsgrad", "bf16_params_stochastic_rounding",
                "flat_fast_path", "skip_nonfinite_telemetry"]
 
 
+@pytest.mark.slow
 def test_restore_in_a_fresh_process_continues_bitwise(tmp_path):
   # Compressed moments, a PRNG key, flat buffers and wrapper counters:
   # saved here, restored and continued by another Python process.
@@ -281,6 +282,7 @@ def _run_example(*args):
       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+@pytest.mark.slow
 def test_sigkilled_run_resumes_to_bitwise_the_same_parameters(tmp_path):
   sys.path.insert(0, str(EXAMPLES))
   import resume  # pylint: disable=import-outside-toplevel
