@@ -121,7 +121,11 @@ class JaxRunner(Runner):
     params, grads = _tree_data(shapes)
     if flat:
       view = _flat.FlatView(params)
-      params, grads = view.ravel(params), view.ravel(grads)
+      # Packed on the host, so that every implementation's buffers are made
+      # the same way (a host-to-device copy): where the pages come from moves
+      # the step time of a 64 MiB buffer by up to 10% on this CPU.
+      params, grads = (jax.tree.map(np.asarray, view.ravel(params)),
+                       jax.tree.map(np.asarray, view.ravel(grads)))
     self._params = jax.device_put(params)
     self._grads = jax.device_put(grads)
     self._state = opt.init(self._params)
