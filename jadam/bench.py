@@ -298,10 +298,12 @@ def _interleave(runners: Mapping[str, Runner], steps: int,
     for _ in range(warmup):
       runner.step()
   times: dict[str, list[float]] = {name: [] for name in runners}
-  order = list(runners)
-  for i in range(steps):
-    # Rotate the order so that no runner always follows the same one.
-    for name in order[i % len(order):] + order[:i % len(order)]:
+  rng = np.random.default_rng(0)
+  for _ in range(steps):
+    # A new order every round: a step run right after another one (the
+    # 64 MiB copy above all) pays for the write-backs that one left behind,
+    # so no runner may always follow the same one.
+    for name in rng.permutation(list(runners)):
       start = time.perf_counter()
       runners[name].step()
       times[name].append(time.perf_counter() - start)
