@@ -122,8 +122,7 @@ class JaxRunner(Runner):
     if flat:
       view = _flat.FlatView(params)
       # Packed on the host, so that every implementation's buffers are made
-      # the same way (a host-to-device copy): where the pages come from moves
-      # the step time of a 64 MiB buffer by up to 10% on this CPU.
+      # the same way (a host-to-device copy of NumPy arrays).
       params, grads = (jax.tree.map(np.asarray, view.ravel(params)),
                        jax.tree.map(np.asarray, view.ravel(grads)))
     self._params = jax.device_put(params)
