@@ -244,9 +244,11 @@ def step_leaf(g: Array, stored: _rule.Moments, t: Array,
     ``(direction, stored_moments, scales)``: the direction in the gradient's
     dtype, the moments and scales in their storage formats.
   """
-  seed = _rounding.salt(t, index)
+  # The rounding seed is traced only where something is rounded: on trees of
+  # thousands of float32 leaves its integer ops would cost compile time.
   if g.size and any(x is not None and _is_codes(x) for x in stored):
-    return _step_tiled(g, stored, t, rule, seed, scales, formats)
+    return _step_tiled(g, stored, t, rule, _rounding.salt(t, index), scales,
+                       formats)
   dtype = compute_dtype(g.dtype)
   real = real_dtype(dtype)
   moments = _rule.Moments(
@@ -257,7 +259,8 @@ def step_leaf(g: Array, stored: _rule.Moments, t: Array,
   direction, new = _rule.adam_step(g.astype(dtype), moments, t, rule)
   narrow = any(x is not None and jnp.dtype(x.dtype).itemsize < 4
                for x in stored)
-  bits = _rounding.random_bits(g.shape, seed) if narrow else None
+  bits = (_rounding.random_bits(g.shape, _rounding.salt(t, index)) if narrow
+          else None)
   mu_bits, nu_bits, max_bits = _streams(bits)
   return direction.astype(g.dtype), _rule.Moments(
       mu=store(new.mu, stored.mu, mu_bits),
