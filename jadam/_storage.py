@@ -247,8 +247,16 @@ def step_leaf(g: Array, stored: _rule.Moments, t: Array,
   # The rounding seed is traced only where something is rounded: on trees of
   # thousands of float32 leaves its integer ops would cost compile time.
   if g.size and any(x is not None and _is_codes(x) for x in stored):
-    return _step_tiled(g, stored, t, rule, _rounding.salt(t, index), scales,
-                       formats)
+    seed = _rounding.salt(t, index)
+    step = lambda *a: _step_tiled(*a, rule, formats)
+    explicit = _explicit_shardings((g, stored, scales))
+    if explicit is not None:
+      # Slicing a tile out of an array split over Explicit mesh axes would
+      # need its sharding spelled out at every slice; inside ``auto_axes``
+      # the compiler places the tiles, as on Auto meshes, and the results
+      # come back with the inputs' shardings.
+      step = jax.sharding.auto_axes(step, out_sharding=explicit)
+    return step(g, stored, t, seed, scales)
   dtype = compute_dtype(g.dtype)
   real = real_dtype(dtype)
   moments = _rule.Moments(
@@ -269,6 +277,19 @@ def step_leaf(g: Array, stored: _rule.Moments, t: Array,
           new.nu_max, stored.nu_max, max_bits, root=True)), scales
 
 
+def _explicit_shardings(tree: Any) -> Optional[Any]:
+  """The shardings of ``tree``'s arrays if any is split over Explicit mesh
+  axes (the default of ``jax.make_mesh``), else None."""
+  leaves, treedef = jax.tree.flatten(tree)
+  shardings = [jax.typeof(x).sharding for x in leaves]
+  for sharding in shardings:
+    mesh = getattr(sharding, "mesh", None)
+    if mesh is not None and not mesh.empty and any(
+        t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):
+      return treedef.unflatten(shardings)
+  return None
+
+
 def _streams(bits: Optional[Array]):
   """Random bits for m, v and max v̂ from one hash per element: m uses the
   top 16 bits, v the bottom 16, and only AMSGrad pays for a second hash."""
@@ -282,9 +303,9 @@ def _streams(bits: Optional[Array]):
 TILE_ELEMENTS = 1 << 18
 
 
-def _step_tiled(g: Array, stored: _rule.Moments, t: Array,
-                rule: _rule.AdamRule, seed: Array,
-                scales: _rule.Moments, formats: _rule.Moments
+def _step_tiled(g: Array, stored: _rule.Moments, t: Array, seed: Array,
+                scales: _rule.Moments, rule: _rule.AdamRule,
+                formats: _rule.Moments
                 ) -> tuple[Array, _rule.Moments, _rule.Moments]:
   """:func:`step_leaf` for leaves with int8 moments.
 
