@@ -44,6 +44,8 @@ from jadam._sharding import state_shardings
 from jadam._sharding import zero1
 from jadam._sharding import zero1_shardings
 from jadam._storage import decode_moments
+from jadam._transform import QuantizedAdamState
+from jadam._transform import QuantizedAmsgradState
 from jadam._transform import ScaleByAdamState
 from jadam._transform import ScaleByAmsgradState
 from jadam._transform import scale_by_adam
@@ -68,6 +70,8 @@ __all__ = [
     "FlatView",
     "HealthStats",
     "Moments",
+    "QuantizedAdamState",
+    "QuantizedAmsgradState",
     "ScaleByAdamState",
     "ScaleByAdemamixState",
     "ScaleByAmsgradState",

@@ -211,7 +211,7 @@ def second_moments(state: Any) -> list[Any]:
   block scales, float16 √v) to float32 values of v.
   """
   nodes = jax.tree.leaves(state, is_leaf=_is_adam_state)
-  jadam_states = (_transform.ScaleByAdamState, _transform.ScaleByAmsgradState)
+  jadam_states = _transform.ADAM_STATES
   return [_storage.decode_moments(node).nu
           if isinstance(node, jadam_states) else node.nu
           for node in nodes if _is_adam_state(node)]

@@ -22,21 +22,33 @@ ArrayLike = jax.typing.ArrayLike
 
 
 class ScaleByAdamState(NamedTuple):
-  """State of :func:`scale_by_adam` (and of AdaMax, RAdam and NAdam).
+  """State of :func:`scale_by_adam` (and of AdaMax, RAdam, NAdam and ADOPT).
 
   Attributes:
     count: number of updates taken, an int32 that saturates instead of wrapping.
     mu: first moments m, one per parameter, in their storage format.
     nu: second moments v (u for AdaMax), one per parameter.
-    scales: only with int8 storage: ``Moments(mu, nu, nu_max)`` of trees of
-      float32 block scales (empty arrays where a moment is not quantized);
-      None otherwise. :func:`jadam.decode_moments` reads the moments back.
   """
 
   count: jax.Array
   mu: Any
   nu: Any
-  scales: Any = None
+
+
+class QuantizedAdamState(NamedTuple):
+  """:class:`ScaleByAdamState` when a moment is stored as block-wise int8.
+
+  Attributes:
+    count, mu, nu: as in :class:`ScaleByAdamState` (int8 moments hold codes).
+    scales: ``Moments(mu, nu, nu_max)`` of trees of float32 block scales
+      (scalar placeholders where a leaf is not quantized).
+      :func:`jadam.decode_moments` reads the moments back.
+  """
+
+  count: jax.Array
+  mu: Any
+  nu: Any
+  scales: Any
 
 
 class ScaleByAmsgradState(NamedTuple):
@@ -46,7 +58,37 @@ class ScaleByAmsgradState(NamedTuple):
   mu: Any
   nu: Any
   nu_max: Any
-  scales: Any = None
+
+
+class QuantizedAmsgradState(NamedTuple):
+  """:class:`ScaleByAmsgradState` with int8 block scales (see
+  :class:`QuantizedAdamState`)."""
+
+  count: jax.Array
+  mu: Any
+  nu: Any
+  nu_max: Any
+  scales: Any
+
+
+# Every state class of the Adam family defined here, for code that looks for
+# moments inside a composed optax state.
+ADAM_STATES = (ScaleByAdamState, QuantizedAdamState, ScaleByAmsgradState,
+               QuantizedAmsgradState)
+
+
+def adam_state(count, mu, nu, scales=None):
+  """The plain state, or the quantized one when int8 block scales exist."""
+  if scales is None:
+    return ScaleByAdamState(count, mu, nu)
+  return QuantizedAdamState(count, mu, nu, scales)
+
+
+def amsgrad_state(count, mu, nu, nu_max, scales=None):
+  """As :func:`adam_state`, with AMSGrad's running maximum."""
+  if scales is None:
+    return ScaleByAmsgradState(count, mu, nu, nu_max)
+  return QuantizedAmsgradState(count, mu, nu, nu_max, scales)
 
 
 def _check_rule(rule: _rule.AdamRule) -> None:
@@ -96,8 +138,8 @@ def _scale_by_rule(rule: _rule.AdamRule, mu_dtype: Any,
     if rule.amsgrad:
       nu_max = jax.tree.map(
           lambda p: _storage.init_moment(p, nu_storage, real=True), params)
-      return ScaleByAmsgradState(count, mu, nu, nu_max, scales)
-    return ScaleByAdamState(count, mu, nu, scales)
+      return amsgrad_state(count, mu, nu, nu_max, scales)
+    return adam_state(count, mu, nu, scales)
 
   def update_fn(updates, state, params=None):
     del params
@@ -110,7 +152,7 @@ def _scale_by_rule(rule: _rule.AdamRule, mu_dtype: Any,
     nu_maxes = (treedef.flatten_up_to(state.nu_max) if rule.amsgrad
                 else [None] * len(grads))
     scale_columns = [[None] * len(grads)] * 3
-    if state.scales is not None:
+    if getattr(state, "scales", None) is not None:
       scale_columns = [treedef.flatten_up_to(tree) if tree is not None
                        else [None] * len(grads) for tree in state.scales]
     directions, new_moments, new_scales = [], [], []
@@ -125,15 +167,15 @@ def _scale_by_rule(rule: _rule.AdamRule, mu_dtype: Any,
     moment_trees = [treedef.unflatten(list(column))
                     for column in zip(*new_moments)] if grads else [
                         state.mu, state.nu, getattr(state, "nu_max", None)]
-    scales = state.scales
+    scales = getattr(state, "scales", None)
     if scales is not None and grads:
       scales = _rule.Moments(*(
           None if tree is None else treedef.unflatten(list(column))
           for tree, column in zip(scales, zip(*new_scales))))
     out = treedef.unflatten(directions)
     if rule.amsgrad:
-      return out, ScaleByAmsgradState(count, *moment_trees[:3], scales)
-    return out, ScaleByAdamState(count, *moment_trees[:2], scales)
+      return out, amsgrad_state(count, *moment_trees[:3], scales)
+    return out, adam_state(count, *moment_trees[:2], scales)
 
   return optax.GradientTransformation(init_fn, update_fn)
 

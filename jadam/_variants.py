@@ -223,7 +223,7 @@ def scale_by_adopt(
 
   def init_fn(params):
     (mu, nu), scales = _init_state_trees(moments, params)
-    return _transform.ScaleByAdamState(
+    return _transform.adam_state(
         jnp.zeros([], jnp.int32), mu, nu,
         None if scales is None else _rule.Moments(*scales, None))
 
@@ -245,11 +245,11 @@ def scale_by_adopt(
       return direction, (mu, nu)
 
     t = optax.safe_increment(state.count)
-    scales = state.scales
+    scales = getattr(state, "scales", None)
     out, (mu, nu), new_scales = _walk(
         leaf_step, updates, t, moments, [state.mu, state.nu],
         None if scales is None else [scales.mu, scales.nu])
-    return out, _transform.ScaleByAdamState(
+    return out, _transform.adam_state(
         t, mu, nu,
         None if new_scales is None else _rule.Moments(*new_scales, None))
 
