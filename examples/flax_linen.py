@@ -27,18 +27,7 @@ from flax.training import train_state
 from tqdm import tqdm
 
 import jadam
-
-
-def load_digits_split(seed: int = 0):
-  """Digits as float32 features standardised on the training split."""
-  from sklearn.datasets import load_digits
-  from sklearn.model_selection import train_test_split
-  x, y = load_digits(return_X_y=True)
-  x_train, x_test, y_train, y_test = train_test_split(
-      x, y, test_size=0.2, random_state=seed, stratify=y)
-  mean, std = x_train.mean(0), x_train.std(0) + 1e-6
-  scale = lambda a: ((a - mean) / std).astype(np.float32)  # noqa: E731
-  return scale(x_train), y_train.astype(np.int32), scale(x_test), y_test.astype(np.int32)
+from flax_nnx import load_digits_split  # the same split and scaling
 
 
 def decay_mask(params):
