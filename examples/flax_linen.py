@@ -94,7 +94,9 @@ def main(argv=None) -> dict:
   x_train, y_train, x_test, y_test = load_digits_split(args.seed)
   steps_per_epoch = len(x_train) // args.batch_size
   schedule = optax.warmup_cosine_decay_schedule(
-      0.0, args.learning_rate, warmup_steps=steps_per_epoch,
+      0.0, args.learning_rate,
+      # Warm up for one epoch, or half the run if it is a single epoch.
+      warmup_steps=min(steps_per_epoch, args.epochs * steps_per_epoch // 2),
       decay_steps=args.epochs * steps_per_epoch)
   tx = jadam.adamw(schedule, weight_decay=args.weight_decay, mask=decay_mask)
   state = create_state(tx, x_train.shape[1], args.seed)

@@ -91,7 +91,9 @@ def main(argv=None) -> dict:
   x_train, y_train, x_test, y_test = load_digits_split(args.seed)
   steps_per_epoch = len(x_train) // args.batch_size
   schedule = optax.warmup_cosine_decay_schedule(
-      0.0, args.learning_rate, warmup_steps=steps_per_epoch,
+      0.0, args.learning_rate,
+      # Warm up for one epoch, or half the run if it is a single epoch.
+      warmup_steps=min(steps_per_epoch, args.epochs * steps_per_epoch // 2),
       decay_steps=args.epochs * steps_per_epoch)
   model = Classifier(x_train.shape[1], 128, 10,
                      nnx.Rngs(params=args.seed, dropout=args.seed + 1))
