@@ -14,7 +14,10 @@ Run:  python examples/memory_study.py [--quick] [--plot docs/img]
       prints a Markdown table per experiment and, with --plot, writes
       memory_storage.png and memory_bf16_params.png;
       python examples/memory_study.py --speed 4194304 16777216
-      times float32, bfloat16 and int8 moment steps side by side.
+      times float32, bfloat16 and int8 moment steps side by side;
+      python examples/memory_study.py --parts 4194304
+      times the pieces of an int8 step (decode, encode, block maxima, random
+      bits) each on its own, to show where the int8 step's time goes.
 """
 
 from __future__ import annotations
@@ -236,6 +239,42 @@ def time_steps(size: int, rounds: int = 15) -> dict:
   return {name: 1e3 * float(np.median(run[3])) for name, run in runs.items()}
 
 
+def time_parts(size: int, rounds: int = 11) -> dict:
+  """Median ms of each piece of an int8 step, as one jitted whole-array
+  operation on ``size`` float32 elements (interleaved rounds)."""
+  from jadam import _quant, _rounding  # pylint: disable=g-import-not-at-top
+  x = 0.1 * jax.random.normal(jax.random.PRNGKey(0), (size,))
+  signed_codes, _ = _quant.quantize(x, True)
+  unsigned_codes, _ = _quant.quantize(x * x, False)
+  bits = lambda: _rounding.random_bits((size,), jnp.uint32(3))
+  table = jnp.asarray(_quant.code_map(True)[1])
+  parts = {
+      "x * 2 (read and write float32: the memory floor)": (
+          lambda x: x * 2.0, x),
+      "random bits": (lambda x: bits(), x),
+      "decode int8 codes": (_quant.decode, signed_codes),
+      "decode uint8 codes": (_quant.decode, unsigned_codes),
+      "encode int8, nearest": (lambda x: _quant.encode(x, True), x),
+      "encode int8, stochastic": (
+          lambda x: _quant.encode(x, True, bits()), x),
+      "encode uint8, stochastic": (
+          lambda x: _quant.encode(jnp.abs(x), False, bits()), x),
+      "block maxima, blocks of 256": (
+          lambda x: _quant.block_scales(x.reshape(-1, 256)), x),
+      "decode int8 by a gather from the code table": (
+          lambda c: table[c.astype(jnp.int32) + 128], signed_codes),
+  }
+  compiled = {name: (jax.jit(f).lower(a).compile(), a)
+              for name, (f, a) in parts.items()}
+  times = {name: [] for name in parts}
+  for _ in range(rounds):
+    for name, (f, a) in compiled.items():
+      start = time.perf_counter()
+      jax.block_until_ready(f(a))
+      times[name].append(time.perf_counter() - start)
+  return {name: 1e3 * float(np.median(t)) for name, t in times.items()}
+
+
 # --------------------------------------------------------------------------
 
 
@@ -247,7 +286,16 @@ def main(argv=None) -> dict:
                       help="directory to write the PNG figures into")
   parser.add_argument("--speed", type=int, nargs="*", metavar="SIZE",
                       help="only time steps on one leaf of each SIZE")
+  parser.add_argument("--parts", type=int, nargs="?", const=1 << 22,
+                      metavar="SIZE", help="only time the pieces of an int8 "
+                      "step on SIZE elements")
   args = parser.parse_args(argv)
+  if args.parts is not None:
+    print(f"| operation on {args.parts:,} elements | ms |")
+    print("| --- | ---: |")
+    for name, ms in time_parts(args.parts).items():
+      print(f"| {name} | {ms:.1f} |")
+    return {}
   if args.speed is not None:
     print("| parameters | float32 ms | bfloat16 ms | int8 ms | int8 / float32 |")
     print("| ---: | ---: | ---: | ---: | ---: |")
