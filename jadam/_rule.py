@@ -61,6 +61,11 @@ class AdamRule(NamedTuple):
     numerics: ``"optax"`` (Algorithm 1 as written, as optax computes it) or
       ``"keras"`` (as ``keras.optimizers.Adam`` computes it; see
       :func:`_keras_step`).
+    held: None, or a traced bool that skips the step where True: the
+      moments come back bitwise unchanged and the direction is zero, computed
+      in the same elementwise pass as a real step (the EMA weights become 1
+      and 0) rather than by selecting between whole arrays. Set by
+      ``jadam.skip_nonfinite``.
   """
 
   b1: ArrayLike = 0.9
@@ -73,6 +78,7 @@ class AdamRule(NamedTuple):
   rectify_threshold: Optional[ArrayLike] = None
   cautious: bool = False
   numerics: str = "optax"
+  held: Optional[Array] = None
 
 
 NUMERICS = ("optax", "keras")
@@ -103,9 +109,30 @@ def abs_sq(g: Array) -> Array:
   return g * g
 
 
-def ema(new: Array, old: Array, decay: ArrayLike) -> Array:
-  """Exponential moving average ``decay·old + (1 − decay)·new``."""
-  return (1 - decay) * new + decay * old
+def complement(decay: ArrayLike, held: Optional[Array] = None) -> ArrayLike:
+  """``1 − decay``, the weight of the new value; 0 where ``held``."""
+  if held is None:
+    return 1 - decay
+  return jnp.where(held, 0.0, 1 - decay)
+
+
+def ema(new: Array, old: Array, decay: ArrayLike,
+        held: Optional[Array] = None) -> Array:
+  """Exponential moving average ``decay·old + (1 − decay)·new``.
+
+  Where the traced bool ``held`` is True the result is ``old`` exactly (for a
+  skipped step; ``new`` must then be finite, e.g. zero).
+  """
+  keep = decay if held is None else jnp.where(held, 1.0, decay)
+  return complement(decay, held) * new + keep * old
+
+
+def _hold(held: Optional[Array], new: Optional[Array],
+          old: Optional[Array]) -> Optional[Array]:
+  """``old`` where ``held`` (a skipped step), else ``new``."""
+  if held is None or new is None:
+    return new
+  return jnp.where(held, old, new)
 
 
 def bias_correction(decay: ArrayLike, t: Array) -> Array:
@@ -135,16 +162,30 @@ def adam_step(
   if rule.cautious:
     direction, new = adam_step(g, moments, t, rule._replace(cautious=False))
     return caution(direction, g), new
+  if rule.held is not None:
+    # A skipped step where held: a zero gradient (it may be NaN) meets unit
+    # decays, so the moments stay as they were; the direction is dropped.
+    held = rule.held
+    direction, new = _step(jnp.where(held, jnp.zeros_like(g), g), moments, t,
+                           rule)
+    return jnp.where(held, jnp.zeros_like(direction), direction), new
+  return _step(g, moments, t, rule)
+
+
+def _step(g: Array, moments: Moments, t: Array,
+          rule: AdamRule) -> tuple[Array, Moments]:
+  """:func:`adam_step` for one rule, without the cautious mask."""
   if rule.numerics == "keras":
     return _keras_step(g, moments, t, rule)
-  b1, b2, eps = rule.b1, rule.b2, rule.eps
-  m = ema(g, moments.mu, b1)                                      # line 7
+  b1, b2, eps, held = rule.b1, rule.b2, rule.eps, rule.held
+  m = ema(g, moments.mu, b1, held)                                # line 7
   if rule.infinity_norm:
     # Algorithm 2: u_t = max(β2·u_{t-1}, |g_t|), with ε inside as optax does,
     # so that u_t > 0 and no separate ε is needed in the denominator.
-    v = jnp.maximum(jnp.abs(g) + eps, b2 * moments.nu)
+    v = _hold(held, jnp.maximum(jnp.abs(g) + eps, b2 * moments.nu),
+              moments.nu)
   else:
-    v = ema(abs_sq(g), moments.nu, b2)                            # line 8
+    v = ema(abs_sq(g), moments.nu, b2, held)                      # line 8
   if rule.nesterov:
     # Dozat (2016): β1·m̂_{t+1} + (1 − β1)·ĝ_t, with t+1 saturating like t.
     t_next = jnp.where(t < jnp.iinfo(jnp.int32).max, t + 1, t)
@@ -157,7 +198,7 @@ def adam_step(
   v_hat = v / bias_correction(b2, t).astype(v.dtype)              # line 10
   nu_max = None
   if rule.amsgrad:
-    nu_max = jnp.maximum(moments.nu_max, v_hat)
+    nu_max = _hold(held, jnp.maximum(moments.nu_max, v_hat), moments.nu_max)
     v_hat = nu_max
   direction = m_hat / denominator(v_hat, rule)                    # line 11
   if rule.rectify_threshold is not None:
@@ -215,13 +256,13 @@ def _keras_step(g: Array, moments: Moments, t: Array,
   Matching all of this, not just the formula, is what makes a ported model
   follow the same trajectory.
   """
-  b1, b2 = rule.b1, rule.b2
-  m = moments.mu + (g - moments.mu) * (1 - b1)                    # line 7
-  v = moments.nu + (abs_sq(g) - moments.nu) * (1 - b2)            # line 8
+  b1, b2, held = rule.b1, rule.b2, rule.held
+  m = moments.mu + (g - moments.mu) * complement(b1, held)        # line 7
+  v = moments.nu + (abs_sq(g) - moments.nu) * complement(b2, held)  # line 8
   nu_max = None
   v_used = v
   if rule.amsgrad:
-    nu_max = jnp.maximum(moments.nu_max, v)
+    nu_max = _hold(held, jnp.maximum(moments.nu_max, v), moments.nu_max)
     v_used = nu_max
   t_float = t.astype(v.dtype)
   step_size = (jnp.sqrt(bias_correction(b2, t_float))

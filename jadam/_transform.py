@@ -7,7 +7,9 @@ gradients, and keeps the state.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional
+import contextlib
+import functools
+from typing import Any, Iterator, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -91,6 +93,41 @@ def amsgrad_state(count, mu, nu, nu_max, scales=None):
   return QuantizedAmsgradState(count, mu, nu, nu_max, scales)
 
 
+# Guards opened by ``jadam.skip_nonfinite``: (active, ids of the states whose
+# update honoured it). Tracing is synchronous, so every jadam update traced
+# inside the wrapped optimizer's ``update`` sees the innermost guard, however
+# deeply optax wrappers nest it.
+_GUARDS: list[tuple[jax.Array, set[int]]] = []
+
+
+@contextlib.contextmanager
+def step_only_if(active: jax.Array) -> Iterator[set[int]]:
+  """Make jadam's Adam-family updates traced inside skippable.
+
+  Within the context, an update of :func:`scale_by_adam` and friends takes
+  its step where the traced bool ``active`` is True and otherwise returns a
+  zero direction with its moments and count bitwise unchanged. It does so
+  inside the same elementwise pass (``AdamRule.held``: the EMA weights become
+  1 and 0 and the gradient 0), without a select over whole arrays, which
+  makes XLA copy donated moments. int8 codes, which re-encoding need not
+  reproduce, are selected.
+
+  Yields:
+    the set of ``id``s of the states produced under the guard: those states
+    need no further protection by the caller.
+  """
+  frame = (active, set())
+  _GUARDS.append(frame)
+  try:
+    yield frame[1]
+  finally:
+    _GUARDS.pop()
+
+
+def _held(active: jax.Array, new: Any, old: Any) -> Any:
+  return None if new is None else jnp.where(active, new, old)
+
+
 def _check_rule(rule: _rule.AdamRule) -> None:
   _validation.check_decay("b1", rule.b1)
   _validation.check_decay("b2", rule.b2)
@@ -145,7 +182,13 @@ def _scale_by_rule(rule: _rule.AdamRule, mu_dtype: Any,
     del params
     _validation.check_same_tree(updates, state.mu, what="optimizer state")
     _validation.check_float_leaves(updates)
+    guard = _GUARDS[-1] if _GUARDS else None
     count = optax.safe_increment(state.count)
+    step_rule = rule
+    if guard is not None:
+      active = guard[0]
+      count = jnp.where(active, count, state.count)
+      step_rule = rule._replace(held=jnp.logical_not(active))
     grads, treedef = jax.tree.flatten(updates)
     mus = treedef.flatten_up_to(state.mu)
     nus = treedef.flatten_up_to(state.nu)
@@ -158,9 +201,18 @@ def _scale_by_rule(rule: _rule.AdamRule, mu_dtype: Any,
     directions, new_moments, new_scales = [], [], []
     for index, (g, mu, nu, nu_max, *leaf_scales) in enumerate(
         zip(grads, mus, nus, nu_maxes, *scale_columns)):
+      stored = _rule.Moments(mu, nu, nu_max)
+      leaf_scales = _rule.Moments(*leaf_scales)
       direction, moments, scales = _storage.step_leaf(
-          g, _rule.Moments(mu, nu, nu_max), count, rule, index=index,
-          scales=_rule.Moments(*leaf_scales), formats=formats)
+          g, stored, count, step_rule, index=index, scales=leaf_scales,
+          formats=formats)
+      if guard is not None and any(
+          x is not None and x.dtype in (jnp.int8, jnp.uint8) for x in stored):
+        # Re-encoding unchanged int8 moments need not give the same codes.
+        moments = _rule.Moments(*map(functools.partial(_held, active),
+                                     moments, stored))
+        scales = _rule.Moments(*map(functools.partial(_held, active),
+                                    scales, leaf_scales))
       directions.append(direction)
       new_moments.append(moments)
       new_scales.append(scales)
@@ -174,8 +226,12 @@ def _scale_by_rule(rule: _rule.AdamRule, mu_dtype: Any,
           for tree, column in zip(scales, zip(*new_scales))))
     out = treedef.unflatten(directions)
     if rule.amsgrad:
-      return out, amsgrad_state(count, *moment_trees[:3], scales)
-    return out, adam_state(count, *moment_trees[:2], scales)
+      new_state = amsgrad_state(count, *moment_trees[:3], scales)
+    else:
+      new_state = adam_state(count, *moment_trees[:2], scales)
+    if guard is not None:
+      guard[1].add(id(new_state))
+    return out, new_state
 
   return optax.GradientTransformation(init_fn, update_fn)
 

@@ -370,3 +370,30 @@ def test_stats_of_a_flax_nnx_optimizer_are_plain_arrays():
                          for g in jax.tree.leaves(nnx.state(grads))))
   np.testing.assert_allclose(s["grad_norm"], expected, rtol=1e-6)
   assert int(s["step"]) == 1 and int(s["skipped_steps"]) == 0
+
+
+@pytest.mark.parametrize("storage", [
+    "bfloat16", "float16", jadam.BlockwiseInt8(min_size=0, block_size=2)])
+@pytest.mark.parametrize("name", ["adam", "amsgrad", "adamax"])
+def test_bad_step_leaves_compressed_moments_bitwise(name, storage):
+  # Skipped steps run inside the update (unit decays, zero gradient): stored
+  # bfloat16, float16 (√v) and int8 moments must come back untouched too.
+  opt = jadam.skip_nonfinite(getattr(jadam, name)(0.05, mu_dtype=storage,
+                                                  nu_dtype=storage))
+  step = _stepper(opt)
+  params, state = _run(opt, [_grads(t) for t in range(3)], step)
+  new_params, new_state = step(params, state, _poison(_grads(3), np.nan))
+  assert _bitwise_equal(new_params, params)
+  assert _bitwise_equal(new_state.inner_state, state.inner_state)
+  assert int(new_state.skipped) == 1
+
+
+def test_skip_guard_protects_jadam_state_rebuilt_by_a_wrapper():
+  # MultiSteps rebuilds its inner state through lax.cond, so the wrapper
+  # cannot tell it was guarded and selects it: still bitwise unchanged.
+  opt = jadam.skip_nonfinite(optax.MultiSteps(jadam.adam(0.05), 2))
+  step = _stepper(opt)
+  params, state = _run(opt, [_grads(t) for t in range(3)], step)
+  new_params, new_state = step(params, state, _poison(_grads(3), np.inf))
+  assert _bitwise_equal(new_params, params)
+  assert _bitwise_equal(new_state.inner_state, state.inner_state)
