@@ -74,8 +74,8 @@ def skip_nonfinite(
   schedule position, clipping or accumulation state) is returned unchanged, bit
   for bit, as if the step had never been taken; ``skipped`` in the new state
   counts these steps. On a finite step the updates and state are those of
-  ``inner``, up to float rounding: XLA may fuse the update differently inside
-  the conditional (we measured differences of one ulp).
+  ``inner``, up to float rounding: XLA may fuse the update differently with
+  the skip flag as one more input.
 
   The check reads each gradient once (one reduction per leaf). jadam's own
   Adam-family transformations inside ``inner`` then skip the step in the
