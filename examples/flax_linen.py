@@ -14,7 +14,6 @@ Run: python examples/flax_linen.py   (about 15 s on two CPU cores)
 
 from __future__ import annotations
 
-import argparse
 from typing import Any
 
 import flax.linen as nn
@@ -27,7 +26,8 @@ from flax.training import train_state
 from tqdm import tqdm
 
 import jadam
-from flax_nnx import load_digits_split  # the same split and scaling
+# The same data split, command line and schedule as the NNX example.
+from flax_nnx import load_digits_split, parse_args, warmup_cosine
 
 
 def decay_mask(params):
@@ -83,21 +83,10 @@ def accuracy(state: TrainState, x, y):
 
 
 def main(argv=None) -> dict:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--epochs", type=int, default=10)
-  parser.add_argument("--batch-size", type=int, default=64)
-  parser.add_argument("--learning-rate", type=float, default=3e-3)
-  parser.add_argument("--weight-decay", type=float, default=1e-2)
-  parser.add_argument("--seed", type=int, default=0)
-  args = parser.parse_args(argv)
-
+  args = parse_args(argv, __doc__.splitlines()[0])
   x_train, y_train, x_test, y_test = load_digits_split(args.seed)
   steps_per_epoch = len(x_train) // args.batch_size
-  schedule = optax.warmup_cosine_decay_schedule(
-      0.0, args.learning_rate,
-      # Warm up for one epoch, or half the run if it is a single epoch.
-      warmup_steps=min(steps_per_epoch, args.epochs * steps_per_epoch // 2),
-      decay_steps=args.epochs * steps_per_epoch)
+  schedule = warmup_cosine(args, steps_per_epoch)
   tx = jadam.adamw(schedule, weight_decay=args.weight_decay, mask=decay_mask)
   state = create_state(tx, x_train.shape[1], args.seed)
 

@@ -79,22 +79,30 @@ def accuracy(model, x, y):
   return jnp.mean(jnp.argmax(model(x), -1) == y)
 
 
-def main(argv=None) -> dict:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse_args(argv, description: str) -> argparse.Namespace:
+  """The command line shared by the Flax examples."""
+  parser = argparse.ArgumentParser(description=description)
   parser.add_argument("--epochs", type=int, default=10)
   parser.add_argument("--batch-size", type=int, default=64)
   parser.add_argument("--learning-rate", type=float, default=3e-3)
   parser.add_argument("--weight-decay", type=float, default=1e-2)
   parser.add_argument("--seed", type=int, default=0)
-  args = parser.parse_args(argv)
+  return parser.parse_args(argv)
 
-  x_train, y_train, x_test, y_test = load_digits_split(args.seed)
-  steps_per_epoch = len(x_train) // args.batch_size
-  schedule = optax.warmup_cosine_decay_schedule(
+
+def warmup_cosine(args: argparse.Namespace, steps_per_epoch: int):
+  """Warm up for one epoch (half the run if it is one epoch), then cosine."""
+  return optax.warmup_cosine_decay_schedule(
       0.0, args.learning_rate,
-      # Warm up for one epoch, or half the run if it is a single epoch.
       warmup_steps=min(steps_per_epoch, args.epochs * steps_per_epoch // 2),
       decay_steps=args.epochs * steps_per_epoch)
+
+
+def main(argv=None) -> dict:
+  args = parse_args(argv, __doc__.splitlines()[0])
+  x_train, y_train, x_test, y_test = load_digits_split(args.seed)
+  steps_per_epoch = len(x_train) // args.batch_size
+  schedule = warmup_cosine(args, steps_per_epoch)
   model = Classifier(x_train.shape[1], 128, 10,
                      nnx.Rngs(params=args.seed, dropout=args.seed + 1))
   optimizer = nnx.Optimizer(

@@ -127,8 +127,8 @@ def ema(new: Array, old: Array, decay: ArrayLike,
   return complement(decay, held) * new + keep * old
 
 
-def _hold(held: Optional[Array], new: Optional[Array],
-          old: Optional[Array]) -> Optional[Array]:
+def hold(held: Optional[Array], new: Optional[Array],
+         old: Optional[Array]) -> Optional[Array]:
   """``old`` where ``held`` (a skipped step), else ``new``."""
   if held is None or new is None:
     return new
@@ -182,7 +182,7 @@ def _step(g: Array, moments: Moments, t: Array,
   if rule.infinity_norm:
     # Algorithm 2: u_t = max(β2·u_{t-1}, |g_t|), with ε inside as optax does,
     # so that u_t > 0 and no separate ε is needed in the denominator.
-    v = _hold(held, jnp.maximum(jnp.abs(g) + eps, b2 * moments.nu),
+    v = hold(held, jnp.maximum(jnp.abs(g) + eps, b2 * moments.nu),
               moments.nu)
   else:
     v = ema(abs_sq(g), moments.nu, b2, held)                      # line 8
@@ -198,7 +198,7 @@ def _step(g: Array, moments: Moments, t: Array,
   v_hat = v / bias_correction(b2, t).astype(v.dtype)              # line 10
   nu_max = None
   if rule.amsgrad:
-    nu_max = _hold(held, jnp.maximum(moments.nu_max, v_hat), moments.nu_max)
+    nu_max = hold(held, jnp.maximum(moments.nu_max, v_hat), moments.nu_max)
     v_hat = nu_max
   direction = m_hat / denominator(v_hat, rule)                    # line 11
   if rule.rectify_threshold is not None:
@@ -262,7 +262,7 @@ def _keras_step(g: Array, moments: Moments, t: Array,
   nu_max = None
   v_used = v
   if rule.amsgrad:
-    nu_max = _hold(held, jnp.maximum(moments.nu_max, v), moments.nu_max)
+    nu_max = hold(held, jnp.maximum(moments.nu_max, v), moments.nu_max)
     v_used = nu_max
   t_float = t.astype(v.dtype)
   step_size = (jnp.sqrt(bias_correction(b2, t_float))

@@ -124,10 +124,6 @@ def step_only_if(active: jax.Array) -> Iterator[set[int]]:
     _GUARDS.pop()
 
 
-def _held(active: jax.Array, new: Any, old: Any) -> Any:
-  return None if new is None else jnp.where(active, new, old)
-
-
 def _check_rule(rule: _rule.AdamRule) -> None:
   _validation.check_decay("b1", rule.b1)
   _validation.check_decay("b2", rule.b2)
@@ -209,10 +205,9 @@ def _scale_by_rule(rule: _rule.AdamRule, mu_dtype: Any,
       if guard is not None and any(
           x is not None and x.dtype in (jnp.int8, jnp.uint8) for x in stored):
         # Re-encoding unchanged int8 moments need not give the same codes.
-        moments = _rule.Moments(*map(functools.partial(_held, active),
-                                     moments, stored))
-        scales = _rule.Moments(*map(functools.partial(_held, active),
-                                    scales, leaf_scales))
+        held = functools.partial(_rule.hold, step_rule.held)
+        moments = _rule.Moments(*map(held, moments, stored))
+        scales = _rule.Moments(*map(held, scales, leaf_scales))
       directions.append(direction)
       new_moments.append(moments)
       new_scales.append(scales)
