@@ -27,6 +27,7 @@ from jadam._alias import nadamw
 from jadam._alias import radam
 from jadam._flat import FlatView
 from jadam._health import HealthStats
+from jadam._fusion import enable_cpu_fusion
 from jadam._health import SkipNonfiniteState
 from jadam._health import TelemetryState
 from jadam._health import skip_nonfinite
@@ -90,6 +91,7 @@ __all__ = [
     "adopt",
     "amsgrad",
     "decode_moments",
+    "enable_cpu_fusion",
     "bytes_per_device",
     "nadam",
     "nadamw",

@@ -33,6 +33,7 @@ from typing import Any, Optional, Union
 import jax
 import jax.numpy as jnp
 
+from jadam import _fusion
 from jadam import _quant
 from jadam import _rounding
 from jadam import _rule
@@ -259,14 +260,24 @@ def step_leaf(g: Array, stored: _rule.Moments, t: Array,
     return step(g, stored, t, seed, scales)
   dtype = compute_dtype(g.dtype)
   real = real_dtype(dtype)
-  moments = _rule.Moments(
-      mu=load(stored.mu, dtype),
-      nu=load(stored.nu, real, root=True),
-      nu_max=None if stored.nu_max is None else load(stored.nu_max, real,
-                                                     root=True))
-  direction, new = _rule.adam_step(g.astype(dtype), moments, t, rule)
+
+  def step(g, stored):
+    moments = _rule.Moments(
+        mu=load(stored.mu, dtype),
+        nu=load(stored.nu, real, root=True),
+        nu_max=None if stored.nu_max is None else load(stored.nu_max, real,
+                                                       root=True))
+    return _rule.adam_step(g.astype(dtype), moments, t, rule)
+
+  direction, new = step(g, stored)
   narrow = any(x is not None and jnp.dtype(x.dtype).itemsize < 4
                for x in stored)
+  if _fusion.single_pass() and not rule.cautious and not narrow:
+    # The direction again, from the same inputs rather than from ``new``, so
+    # that the parameter loop reads what the moment loops read and XLA:CPU
+    # merges all three into one pass (see _fusion). A cautious direction
+    # needs a mean over the whole array first, so it cannot be merged.
+    direction, _ = step(*_fusion.alias((g, stored)))
   bits = (_rounding.random_bits(g.shape, _rounding.salt(t, index)) if narrow
           else None)
   mu_bits, nu_bits, max_bits = _streams(bits)

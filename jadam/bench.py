@@ -43,6 +43,7 @@ import optax
 from jadam import _alias
 from jadam import _bench_lm
 from jadam import _flat
+from jadam import _fusion
 from jadam import _health
 
 Shapes = Mapping[str, tuple[int, ...]]
@@ -369,7 +370,9 @@ def _machine() -> dict[str, Any]:
   info = {"platform": platform.platform(), "python": platform.python_version(),
           "jax": jax.__version__, "optax": optax.__version__,
           "devices": [str(d) for d in jax.devices()],
-          "cpu_count": os.cpu_count()}
+          "cpu_count": os.cpu_count(),
+          "xla_cpu_multi_output_fusion": _fusion.cpu_fusion_active(),
+          "xla_flags": os.environ.get("XLA_FLAGS", "")}
   try:
     import torch  # pylint: disable=import-outside-toplevel
     info["torch"] = torch.__version__
@@ -451,7 +454,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                       help="tiny trees: a smoke test, not a measurement")
   parser.add_argument("--json", metavar="PATH", help="write results here")
   parser.add_argument("--plot", metavar="PATH", help="write a bar chart PNG")
+  parser.add_argument("--default-xla-flags", action="store_true",
+                      help="leave XLA:CPU multi-output fusion off (by "
+                      "default the run turns it on for every implementation, "
+                      "as jadam.enable_cpu_fusion() recommends)")
   args = parser.parse_args(argv)
+  if not args.default_xla_flags:
+    _fusion.enable_cpu_fusion()
   trees = [t for t in args.trees.split(",") if t]
   impls = [i for i in args.impls.split(",") if i]
   for tree in trees:

@@ -1,0 +1,232 @@
+"""The single-pass step under XLA:CPU multi-output fusion (``jadam._fusion``).
+
+XLA reads its flags once per process, so everything that needs the fusion
+pass runs in a subprocess: this file, run as a script with the flag set. The
+script writes what it measured to an ``.npz`` file; the tests below check it
+against the same runs in this process, which has default flags.
+"""
+
+import os
+import re
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jadam
+from jadam import _fusion
+
+ALIASES = ["adam", "adamw", "nadam", "nadamw", "amsgrad", "adamax", "adamaxw",
+           "radam"]
+STEPS = 25
+
+
+def _optimizer(name):
+  """A chain like a real one: clipping, a warm-up cosine schedule, the alias
+  (with its default weight decay for the *w variants)."""
+  schedule = optax.warmup_cosine_decay_schedule(0.0, 3e-2, 5, STEPS)
+  return optax.chain(optax.clip_by_global_norm(1.0),
+                     getattr(jadam, name)(schedule))
+
+
+def _problem():
+  key = jax.random.key(3)
+  k1, k2, k3 = jax.random.split(key, 3)
+  x = jax.random.normal(k1, (64, 12))
+  y = jnp.tanh(x @ jax.random.normal(k2, (12,)))
+  params = {"w": 0.3 * jax.random.normal(k3, (12, 32)), "b": jnp.zeros(32),
+            "v": jnp.full((32,), 0.1)}
+  def loss(p):
+    return jnp.mean((jnp.tanh(x @ p["w"] + p["b"]) @ p["v"] - y) ** 2)
+  return params, loss
+
+
+def _train(opt, flat=False):
+  """Updates of ``opt`` for a fixed sequence of gradients (lockstep: both
+  sides of a comparison see the same gradients, so ulps are not amplified by
+  diverging trajectories), flattened and concatenated over the steps."""
+  params, _ = _problem()
+  view = None
+  if flat:
+    view = jadam.FlatView(params)
+    params = view.ravel(params)
+  state = opt.init(params)
+
+  @jax.jit
+  def step(params, state, grads):
+    updates, state = opt.update(grads, state, params)
+    return optax.apply_updates(params, updates), state, updates
+
+  out = []
+  for k in range(STEPS):
+    template, _ = _problem()
+    keys = jax.random.split(jax.random.key(100 + k), len(template))
+    grads = jax.tree.unflatten(jax.tree.structure(template), [
+        (0.5 + k % 3) * jax.random.normal(key, x.shape)
+        for key, x in zip(keys, jax.tree.leaves(template))])
+    if flat:
+      grads = view.ravel(grads)
+    params, state, updates = step(params, state, grads)
+    out.append(_leaves(view.unravel(updates) if flat else updates))
+  return np.stack(out)
+
+
+def _leaves(tree):
+  """All leaves of ``tree`` as one float64 vector."""
+  return np.concatenate([np.ravel(np.asarray(x, np.float64))
+                         for x in jax.tree.leaves(tree)])
+
+
+def _step_errors(got, expected):
+  """Worst relative error of one step's update over the steps (a zero
+  update, at the schedule's first step, must be matched exactly)."""
+  return max(np.linalg.norm(a - b) / np.linalg.norm(b) if np.any(b)
+             else float(np.any(a)) for a, b in zip(got, expected))
+
+
+def _one_leaf_step_hlo(opt, n=1 << 16):
+  """Optimised HLO of a donated step of ``opt`` on one float32 leaf."""
+  params = jnp.ones(n)
+  state = opt.init(params)
+  def step(params, state, grads):
+    updates, state = opt.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+  return jax.jit(step, donate_argnums=(0, 1)).lower(
+      params, state, params).compile().as_text()
+
+
+def _array_fusions(hlo, n=1 << 16):
+  """(number of outputs) of every loop fusion that writes arrays of n."""
+  entry = hlo.split("ENTRY", 1)[1]
+  out = []
+  for line in entry.splitlines():
+    match = re.search(r"= (\(.*?\)|\S+) fusion\(", line)
+    if match and f"[{n}]" in match.group(1):
+      out.append(match.group(1).count(f"[{n}]"))
+  return out
+
+
+def _worker(path):
+  """Run in the subprocess, with the fusion flag in XLA_FLAGS."""
+  result = {"active": _fusion.cpu_fusion_active()}
+  for name in ALIASES:
+    result[f"tree_{name}"] = _train(_optimizer(name))
+    result[f"flat_{name}"] = _train(_optimizer(name), flat=True)
+  result["optax_adam"] = _train(optax.chain(
+      optax.clip_by_global_norm(1.0), optax.adam(
+          optax.warmup_cosine_decay_schedule(0.0, 3e-2, 5, STEPS))))
+  result["fusions_adam"] = np.array(_array_fusions(
+      _one_leaf_step_hlo(jadam.adam(1e-3))))
+  result["fusions_adamw"] = np.array(_array_fusions(
+      _one_leaf_step_hlo(jadam.adamw(1e-3, weight_decay=1e-2))))
+  result["fusions_optax"] = np.array(_array_fusions(
+      _one_leaf_step_hlo(optax.adam(1e-3))))
+  # Differentiating through the update (meta-learning with eps_root).
+  opt = jadam.adam(1e-2, eps_root=1e-8)
+  params, loss = _problem()
+  state = opt.init(params)
+  def meta(scale):
+    grads = jax.tree.map(lambda g: scale * g, jax.grad(loss)(params))
+    updates, _ = opt.update(grads, state, params)
+    return loss(optax.apply_updates(params, updates))
+  result["meta_grad"] = np.array(jax.grad(meta)(1.0))
+  np.savez(path, **result)
+
+
+@pytest.fixture(scope="module")
+def fused(tmp_path_factory):
+  path = tmp_path_factory.mktemp("fusion") / "fused.npz"
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = _fusion._with_option(env.get("XLA_FLAGS", ""))
+  env["PYTHONPATH"] = os.pathsep.join(
+      [os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+       env.get("PYTHONPATH", "")])
+  subprocess.run([sys.executable, os.path.abspath(__file__), str(path)],
+                 env=env, check=True, timeout=600)
+  return dict(np.load(path))
+
+
+def test_flag_is_added_to_existing_xla_flags():
+  option = _fusion.OPTION
+  assert _fusion._with_option("") == f"--xla_backend_extra_options={option}"
+  assert _fusion._with_option("--xla_cpu_enable_fast_math=false") == (
+      f"--xla_cpu_enable_fast_math=false --xla_backend_extra_options={option}")
+  assert _fusion._with_option("--xla_backend_extra_options=a,b") == (
+      f"--xla_backend_extra_options=a,b,{option}")
+  once = _fusion._with_option("")
+  assert _fusion._with_option(once) == once
+
+
+def test_default_flags_keep_the_plain_form():
+  # This process runs with the default flags (no fusion): jadam must not
+  # duplicate work that would not merge.
+  if "xla_cpu_use_multi_output_fusion" in os.environ.get("XLA_FLAGS", ""):
+    pytest.skip("this process has the fusion flag")
+  assert not _fusion.cpu_fusion_active()
+  assert not _fusion.single_pass()
+
+
+def test_enabling_after_the_backend_started_is_an_error():
+  if _fusion.cpu_fusion_active():
+    pytest.skip("this process has the fusion flag")
+  jnp.ones(3).block_until_ready()
+  saved = os.environ.get("XLA_FLAGS")
+  try:
+    with pytest.raises(RuntimeError, match="before the first JAX computation"):
+      jadam.enable_cpu_fusion()
+  finally:
+    if saved is None:
+      os.environ.pop("XLA_FLAGS", None)
+    else:
+      os.environ["XLA_FLAGS"] = saved
+    _fusion.cpu_fusion_active.cache_clear()
+  assert not _fusion.single_pass()
+
+
+def test_the_flag_is_active_in_the_worker(fused):
+  assert bool(fused["active"])
+
+
+def test_one_pass_writes_parameters_and_both_moments(fused):
+  # One loop with three outputs (θ, m, v) instead of three loops; optax,
+  # under the same flag, still needs two (m and v, then θ).
+  assert list(fused["fusions_adam"]) == [3]
+  assert list(fused["fusions_adamw"]) == [3]
+  assert sorted(fused["fusions_optax"]) == [1, 2]
+
+
+@pytest.mark.parametrize("name", ALIASES)
+def test_single_pass_numerics_equal_default_flags(fused, name):
+  # The same 25 steps (clipping, warm-up cosine, the same gradients) in this
+  # process, with the plain three-loop form, and in the worker, tree path
+  # and flat path.
+  expected = _train(_optimizer(name))
+  for path in ("tree", "flat"):
+    got = fused[f"{path}_{name}"]
+    err = _step_errors(got, expected)
+    assert err < 1e-6, (path, err)
+
+
+def test_single_pass_equals_optax(fused):
+  assert _step_errors(fused["tree_adam"], fused["optax_adam"]) < 1e-6
+
+
+def test_gradient_through_the_update(fused):
+  opt = jadam.adam(1e-2, eps_root=1e-8)
+  params, loss = _problem()
+  state = opt.init(params)
+  def meta(scale):
+    grads = jax.tree.map(lambda g: scale * g, jax.grad(loss)(params))
+    updates, _ = opt.update(grads, state, params)
+    return loss(optax.apply_updates(params, updates))
+  expected = float(jax.grad(meta)(1.0))
+  assert np.isfinite(fused["meta_grad"])
+  np.testing.assert_allclose(float(fused["meta_grad"]), expected, rtol=1e-5)
+
+
+if __name__ == "__main__":
+  _worker(sys.argv[1])
