@@ -154,4 +154,8 @@ def main(steps: int = 100, width: int = 32, depth: int = 48):
 
 
 if __name__ == "__main__":
+  # One pass over memory per optimizer step on CPU (see docs/performance.md);
+  # it must come before JAX computes anything, so not inside main(), which
+  # the tests call in a process that is already running.
+  jadam.enable_cpu_fusion()
   main()

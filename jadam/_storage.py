@@ -272,7 +272,7 @@ def step_leaf(g: Array, stored: _rule.Moments, t: Array,
   direction, new = step(g, stored)
   narrow = any(x is not None and jnp.dtype(x.dtype).itemsize < 4
                for x in stored)
-  if _fusion.single_pass() and not rule.cautious and not narrow:
+  if _fusion.single_pass(g.size) and not rule.cautious and not narrow:
     # The direction again, from the same inputs rather than from ``new``, so
     # that the parameter loop reads what the moment loops read and XLA:CPU
     # merges all three into one pass (see _fusion). A cautious direction
@@ -320,13 +320,25 @@ def _step_tiled(g: Array, stored: _rule.Moments, t: Array, seed: Array,
                 ) -> tuple[Array, _rule.Moments, _rule.Moments]:
   """:func:`step_leaf` for leaves with int8 moments.
 
-  A loop over tiles of whole blocks decodes one tile of each moment, applies
-  the rule to it, and re-encodes it into the codes in place, so a moment is
-  never held in float32 beyond one tile (``TILE_ELEMENTS``). The tail that
-  does not fill a tile is one more, smaller, tile.
+  Two passes, each calling the rule on float32 values decoded on the fly:
 
-  Cautious masking normalises over the whole array, so it is applied to the
-  finished direction after the loop (it reads no moment).
+  * The direction needs only the old moments and the gradient, element by
+    element, so it is one elementwise pass over the whole leaf: decode, rule,
+    keep the direction. XLA fuses it into a single loop over both cores
+    (together with ``optax.apply_updates`` when that follows in the same
+    jit), and the decoded moments are never stored.
+  * The new codes need each block's maximum before any element can be
+    encoded, which one elementwise pass cannot provide. A loop over tiles of
+    whole blocks decodes one tile of each moment, applies the rule again,
+    takes the tile's block maxima and encodes it, writing codes and scales
+    back in place; a moment is thus never held in float32 beyond one tile
+    (``TILE_ELEMENTS``). The tail that does not fill a tile is one more,
+    smaller, tile.
+
+  The two passes run the same rule on the same decoded values, so the
+  direction agrees with the moments stored (up to the compiler's choice of
+  fused multiply-adds). Cautious masking normalises over the whole array and
+  reads no moment, so only the direction pass applies it.
   """
   dtype = compute_dtype(g.dtype)
   real = real_dtype(dtype)
@@ -348,20 +360,23 @@ def _step_tiled(g: Array, stored: _rule.Moments, t: Array, seed: Array,
   tile = unit * max(1, TILE_ELEMENTS // unit)
   n_loop, rest = divmod(n, tile)
   flat_g = g.reshape(-1)
-  cautious = bool(getattr(rule, "cautious", False))
-  tile_rule = rule._replace(cautious=False) if cautious else rule
-  out_dtype = dtype if cautious else g.dtype
+
+  whole = {name: _read(getattr(stored, name), getattr(scales, name), 0, n,
+                       *static[name]) for name in names}
+  direction, _ = _rule.adam_step(flat_g.astype(dtype),
+                                 _rule.Moments(**whole), t, rule)
+  tile_rule = rule._replace(cautious=False)
 
   def tile_step(start, length, carry):
-    # Tiles are read from the old state and written into new arrays: a loop
-    # that reads and updates the same array in place makes XLA copy the
-    # whole array in every iteration to keep the reads safe.
-    values, scale_values, direction = carry
+    # Each tile is read from the codes and written back to the same place
+    # before the next tile is read: the loop updates the state in place.
+    # (Computing the direction here too would need a float32 direction of
+    # the whole leaf in the carry and a second pass to apply it: slower.)
+    values, scale_values = (dict(x) for x in carry)
     g_tile = jax.lax.dynamic_slice(flat_g, (start,), (length,)).astype(dtype)
-    loaded = {name: _read(getattr(stored, name), getattr(scales, name), start,
-                          length, *static[name]) for name in names}
-    d_tile, new = _rule.adam_step(g_tile, _rule.Moments(**loaded), t,
-                                  tile_rule)
+    loaded = {name: _read(values[name], scale_values[name], start, length,
+                          *static[name]) for name in names}
+    _, new = _rule.adam_step(g_tile, _rule.Moments(**loaded), t, tile_rule)
     padded = -(-length // unit) * unit
     bits = _rounding.random_bits((padded,), seed, offset=start)
     streams = dict(zip(_rule.Moments._fields, _streams(bits)))
@@ -369,26 +384,20 @@ def _step_tiled(g: Array, stored: _rule.Moments, t: Array, seed: Array,
       values[name], scale_values[name] = _write(
           values[name], scale_values[name], getattr(new, name), start,
           streams[name], *static[name][:3])
-    direction = jax.lax.dynamic_update_slice(
-        direction, d_tile.astype(out_dtype), (start,))
-    return values, scale_values, direction
+    return values, scale_values
 
-  carry = ({name: jnp.zeros_like(getattr(stored, name)) for name in names},
-           {name: jnp.zeros_like(getattr(scales, name)) for name in names},
-           jnp.zeros((n,), out_dtype))
+  carry = ({name: getattr(stored, name) for name in names},
+           {name: getattr(scales, name) for name in names})
   if n_loop:
     carry = jax.lax.fori_loop(
         0, n_loop, lambda i, c: tile_step(i * tile, tile, c), carry)
   if rest:
     carry = tile_step(n_loop * tile, rest, carry)
-  values, scale_values, direction = carry
-  direction = direction.reshape(g.shape)
-  if cautious:
-    direction = _rule.caution(direction, g.astype(dtype))
+  values, scale_values = carry
   new_stored = _rule.Moments(**{name: values.get(name)
                                 for name in _rule.Moments._fields})
   new_scales = scales._replace(**scale_values)
-  return direction.astype(g.dtype), new_stored, new_scales
+  return direction.reshape(g.shape).astype(g.dtype), new_stored, new_scales
 
 
 def _read(stored: Array, scales: Array, start: Any, length: int,
