@@ -22,6 +22,12 @@ interleaved in one process with the in-place copy that sets the floor:
   computes the direction from the loaded inputs and XLA merges the parameter
   and both moments into one loop: 28 bytes (see ``jadam._fusion``).
 
+``python -m jadam._bench_kernels --train-step jadam,optax`` asks what the
+process-wide flag costs outside the optimizer: the benchmark's transformer
+LM training step (forward, backward, update) runs in two child processes per
+implementation, one with the flag and one without, stepped one at a time in
+a new random order every round, and the medians are printed.
+
 The Adam arithmetic is always :func:`jadam.adam`'s; only the compilation and
 the walk over the buffer change.
 """
@@ -132,6 +138,53 @@ def measure(steps: int, blocks) -> dict[str, float]:
   return result
 
 
+def _train_child(impl: str, fused: bool) -> None:
+  """Serve one training step per line on stdin; print its seconds."""
+  from jadam import _fusion  # pylint: disable=import-outside-toplevel
+  from jadam import bench  # pylint: disable=import-outside-toplevel
+  if fused:
+    _fusion.enable_cpu_fusion()
+  runner = bench.TRAIN_IMPLS[impl](False)
+  for _ in range(3):
+    runner.step()
+  print("ready", flush=True)
+  for _ in sys.stdin:
+    start = time.perf_counter()
+    runner.step()
+    print(time.perf_counter() - start, flush=True)
+
+
+def compare_train_flags(impls, rounds: int) -> dict[tuple[str, bool], float]:
+  """Median ms of the LM training step per (implementation, flag on)."""
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = " ".join(
+      f for f in env.get("XLA_FLAGS", "").split()
+      if "xla_cpu_use_multi_output_fusion" not in f)
+  children = {}
+  for impl in impls:
+    for fused in (True, False):
+      child = subprocess.Popen(
+          [sys.executable, "-m", "jadam._bench_kernels", "--serve-train",
+           f"{impl},{int(fused)}"], stdin=subprocess.PIPE,
+          stdout=subprocess.PIPE, text=True, env=env)
+      if child.stdout.readline().strip() != "ready":
+        raise RuntimeError(f"the {impl} child did not start")
+      children[(impl, fused)] = child
+  times = {key: [] for key in children}
+  rng = np.random.default_rng(0)
+  keys = list(children)
+  for _ in range(rounds):
+    for i in rng.permutation(len(keys)):
+      child = children[keys[i]]
+      child.stdin.write("step\n")
+      child.stdin.flush()
+      times[keys[i]].append(float(child.stdout.readline()))
+  for child in children.values():
+    child.stdin.close()
+    child.wait()
+  return {key: 1e3 * statistics.median(t) for key, t in times.items()}
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--steps", type=int, default=15)
@@ -141,7 +194,26 @@ def main(argv=None) -> int:
   parser.add_argument("--multi-output-fusion", action="store_true",
                       help="repeat in a subprocess with XLA's CPU "
                       "multi-output fusion enabled")
+  parser.add_argument("--train-step", metavar="IMPLS", default="",
+                      help="instead: the LM training step of these "
+                      "implementations (e.g. jadam,optax) with and without "
+                      "the flag, in child processes")
+  parser.add_argument("--rounds", type=int, default=16,
+                      help="timed steps per child with --train-step")
+  parser.add_argument("--serve-train", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
+  if args.serve_train:
+    impl, fused = args.serve_train.split(",")
+    _train_child(impl, bool(int(fused)))
+    return 0
+  if args.train_step:
+    impls = [i for i in args.train_step.split(",") if i]
+    result = compare_train_flags(impls, args.rounds)
+    print("LM training step, median ms (multi-output fusion on / off):")
+    for impl in impls:
+      on, off = result[(impl, True)], result[(impl, False)]
+      print(f"  {impl:8s} {on:8.1f} / {off:8.1f}  on/off {on / off:.3f}")
+    return 0
   blocks = [int(b) for b in args.blocks.split(",") if b]
   result = measure(args.steps, blocks)
   floor = result.pop("floor")
