@@ -18,6 +18,9 @@ Run:  python examples/memory_study.py [--quick] [--plot docs/img]
       python examples/memory_study.py --parts 4194304
       times the pieces of an int8 step (decode, encode, block maxima, random
       bits) each on its own, to show where the int8 step's time goes.
+      Both timing modes turn on XLA:CPU multi-output fusion first
+      (``jadam.enable_cpu_fusion()``), as ``python -m jadam.bench`` does;
+      add --default-xla-flags to time with XLA's defaults.
 """
 
 from __future__ import annotations
@@ -289,7 +292,13 @@ def main(argv=None) -> dict:
   parser.add_argument("--parts", type=int, nargs="?", const=1 << 22,
                       metavar="SIZE", help="only time the pieces of an int8 "
                       "step on SIZE elements")
+  parser.add_argument("--default-xla-flags", action="store_true",
+                      help="with --speed or --parts: leave XLA:CPU "
+                      "multi-output fusion off")
   args = parser.parse_args(argv)
+  if (args.speed is not None or args.parts is not None) and not (
+      args.default_xla_flags):
+    jadam.enable_cpu_fusion()  # before the first computation, as the bench
   if args.parts is not None:
     print(f"| operation on {args.parts:,} elements | ms |")
     print("| --- | ---: |")
