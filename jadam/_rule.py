@@ -62,9 +62,9 @@ class AdamRule(NamedTuple):
       ``"keras"`` (as ``keras.optimizers.Adam`` computes it; see
       :func:`_keras_step`).
     held: None, or a traced bool that skips the step where True: the
-      moments come back bitwise unchanged and the direction is zero, computed
-      in the same elementwise pass as a real step (the EMA weights become 1
-      and 0) rather than by selecting between whole arrays. Set by
+      moments come back bitwise unchanged and the direction is zero, chosen
+      element by element in the same pass as a real step rather than by
+      selecting between whole arrays afterwards. Set by
       ``jadam.skip_nonfinite``.
   """
 
@@ -109,22 +109,14 @@ def abs_sq(g: Array) -> Array:
   return g * g
 
 
-def complement(decay: ArrayLike, held: Optional[Array] = None) -> ArrayLike:
-  """``1 − decay``, the weight of the new value; 0 where ``held``."""
-  if held is None:
-    return 1 - decay
-  return jnp.where(held, 0.0, 1 - decay)
-
-
 def ema(new: Array, old: Array, decay: ArrayLike,
         held: Optional[Array] = None) -> Array:
   """Exponential moving average ``decay·old + (1 − decay)·new``.
 
   Where the traced bool ``held`` is True the result is ``old`` exactly (for a
-  skipped step; ``new`` must then be finite, e.g. zero).
+  skipped step; ``new`` may then be anything, NaN included).
   """
-  keep = decay if held is None else jnp.where(held, 1.0, decay)
-  return complement(decay, held) * new + keep * old
+  return hold(held, (1 - decay) * new + decay * old, old)
 
 
 def hold(held: Optional[Array], new: Optional[Array],
@@ -163,12 +155,13 @@ def adam_step(
     direction, new = adam_step(g, moments, t, rule._replace(cautious=False))
     return caution(direction, g), new
   if rule.held is not None:
-    # A skipped step where held: a zero gradient (it may be NaN) meets unit
-    # decays, so the moments stay as they were; the direction is dropped.
-    held = rule.held
-    direction, new = _step(jnp.where(held, jnp.zeros_like(g), g), moments, t,
-                           rule)
-    return jnp.where(held, jnp.zeros_like(direction), direction), new
+    # A skipped step: every new moment is selected against the old one where
+    # it is computed (see ``ema`` and ``hold``), and the direction is dropped.
+    # Selecting per use rather than zeroing the gradient once keeps a single
+    # shared array out of the computation, which XLA could otherwise keep in
+    # memory between the loops.
+    direction, new = _step(g, moments, t, rule)
+    return jnp.where(rule.held, jnp.zeros_like(direction), direction), new
   return _step(g, moments, t, rule)
 
 
@@ -257,8 +250,10 @@ def _keras_step(g: Array, moments: Moments, t: Array,
   follow the same trajectory.
   """
   b1, b2, held = rule.b1, rule.b2, rule.held
-  m = moments.mu + (g - moments.mu) * complement(b1, held)        # line 7
-  v = moments.nu + (abs_sq(g) - moments.nu) * complement(b2, held)  # line 8
+  m = hold(held, moments.mu + (g - moments.mu) * (1 - b1),
+           moments.mu)                                            # line 7
+  v = hold(held, moments.nu + (abs_sq(g) - moments.nu) * (1 - b2),
+           moments.nu)                                            # line 8
   nu_max = None
   v_used = v
   if rule.amsgrad:
