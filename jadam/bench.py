@@ -277,6 +277,8 @@ class TrainRunner(Runner):
 TRAIN_IMPLS: dict[str, Callable[[bool], Runner]] = {
     "jadam": lambda quick: TrainRunner(
         lambda: _alias.adam(LEARNING_RATE), flat=True, quick=quick),
+    "jadam_tree": lambda quick: TrainRunner(
+        lambda: _alias.adam(LEARNING_RATE), flat=False, quick=quick),
     "optax": lambda quick: TrainRunner(
         lambda: optax.adam(LEARNING_RATE), flat=False, quick=quick),
     "jadam_skip_nonfinite": lambda quick: TrainRunner(
