@@ -15,6 +15,11 @@ Columns:
   v) over the memory bandwidth of an in-place elementwise pass over 64 MiB,
   measured interleaved with the steps of the same tree.
 
+Compiler flags: the run turns on XLA:CPU's multi-output fusion for the
+whole process (:func:`jadam.enable_cpu_fusion`, what jadam recommends for
+float32 training on CPU), so every implementation, optax included, is
+compiled with it. ``--default-xla-flags`` leaves XLA's defaults.
+
 Implementations are entries of :data:`IMPLS`, a dict from name to a factory
 taking the tree's leaf shapes; a new row is one more entry, for example::
 
