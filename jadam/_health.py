@@ -80,8 +80,9 @@ def skip_nonfinite(
   The check reads each gradient once (one reduction per leaf). jadam's own
   Adam-family transformations inside ``inner`` then skip the step in the
   same elementwise pass that takes it (see
-  :func:`jadam._transform.step_only_if`: unit decays and a zero gradient
-  leave the moments bitwise in place), so protecting them costs little more
+  :func:`jadam._transform.step_only_if`: each new moment is selected
+  against the old one where it is computed, leaving the moments bitwise in
+  place), so protecting them costs little more
   than that check. Every other piece of state (optax transformations, the
   variants of :mod:`jadam._variants`, states that a wrapper such as
   ``MultiSteps`` rebuilds) is kept with ``jnp.where`` between the new and the

@@ -107,9 +107,9 @@ def step_only_if(active: jax.Array) -> Iterator[set[int]]:
   Within the context, an update of :func:`scale_by_adam` and friends takes
   its step where the traced bool ``active`` is True and otherwise returns a
   zero direction with its moments and count bitwise unchanged. It does so
-  inside the same elementwise pass (``AdamRule.held``: the EMA weights become
-  1 and 0 and the gradient 0), without a select over whole arrays, which
-  makes XLA copy donated moments. int8 codes, which re-encoding need not
+  inside the same elementwise pass (``AdamRule.held``: each new moment is
+  selected against the old one where it is computed), without a select over
+  whole arrays afterwards, which makes XLA copy donated moments. int8 codes, which re-encoding need not
   reproduce, are selected.
 
   Yields:
