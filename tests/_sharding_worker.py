@@ -462,6 +462,12 @@ def check_flat(results):
 
 def main():
   results = {"device_count": jax.device_count(), "jax": jax.__version__}
+  if os.environ.get("JADAM_TEST_SINGLE_PASS"):
+    # Run with XLA:CPU multi-output fusion on (tests/test_sharding.py sets
+    # it): every leaf, however small, takes the single-pass form.
+    from jadam import _fusion  # pylint: disable=import-outside-toplevel
+    _fusion.MIN_SIZE = 0
+    results["single_pass"] = _fusion.single_pass(1)
   for check in (check_placement, check_shard_map, check_zero1,
                 check_zero1_bytes, check_int8, check_flat):
     try:

@@ -18,6 +18,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import jadam
+from jadam import _fusion
 from jadam import _sharding
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -25,12 +26,17 @@ WORKER = ROOT / "tests" / "_sharding_worker.py"
 TOLERANCE = 1e-6
 
 
-@pytest.fixture(scope="module")
-def mesh_results():
+@pytest.fixture(scope="module", params=["default_flags", "single_pass"])
+def mesh_results(request):
+  """The worker's results, once with XLA's default flags and once with CPU
+  multi-output fusion, where jadam computes the step in one pass."""
   env = dict(os.environ, JAX_PLATFORMS="cpu",
              PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get(
                  "PYTHONPATH", "")]))
   env.pop("XLA_FLAGS", None)
+  if request.param == "single_pass":
+    env["XLA_FLAGS"] = _fusion._with_option("")
+    env["JADAM_TEST_SINGLE_PASS"] = "1"
   proc = subprocess.run([sys.executable, str(WORKER)], env=env,
                         capture_output=True, text=True, timeout=900,
                         check=False)
@@ -40,6 +46,7 @@ def mesh_results():
 
 def test_worker_sees_eight_devices_and_reports_no_errors(mesh_results):
   assert mesh_results["device_count"] == 8
+  assert mesh_results.get("single_pass", True)
   assert "errors" not in mesh_results, mesh_results.get("errors")
 
 
