@@ -136,6 +136,14 @@ def _worker(path):
     updates, _ = opt.update(grads, state, params)
     return loss(optax.apply_updates(params, updates))
   result["meta_grad"] = np.array(jax.grad(meta)(1.0))
+  # vmap over a batch of independent problems (per-example optimizers).
+  opt = jadam.adamw(1e-2, weight_decay=1e-2)
+  batch = jnp.stack([jnp.full((16,), float(i)) for i in range(3)])
+  grads = jnp.cos(batch)
+  def one(p, g):
+    updates, _ = opt.update(g, opt.init(p), p)
+    return updates
+  result["vmap"] = np.asarray(jax.jit(jax.vmap(one))(batch, grads))
   np.savez(path, **result)
 
 
@@ -228,6 +236,14 @@ def test_gradient_through_the_update(fused):
   expected = float(jax.grad(meta)(1.0))
   assert np.isfinite(fused["meta_grad"])
   np.testing.assert_allclose(float(fused["meta_grad"]), expected, rtol=1e-5)
+
+
+def test_vmap_of_the_single_pass(fused):
+  opt = jadam.adamw(1e-2, weight_decay=1e-2)
+  batch = jnp.stack([jnp.full((16,), float(i)) for i in range(3)])
+  expected = np.stack([np.asarray(opt.update(g, opt.init(p), p)[0])
+                       for p, g in zip(batch, jnp.cos(batch))])
+  np.testing.assert_allclose(fused["vmap"], expected, rtol=1e-6, atol=1e-9)
 
 
 if __name__ == "__main__":
