@@ -162,7 +162,7 @@ def load(stored: Array, dtype: Any, *, root: bool = False,
 def store(value: Array, like: Array, bits: Optional[Array], *,
           root: bool = False) -> Array:
   """A float moment computed in the compute dtype, put back in ``like``'s
-  format (codes are stored tile by tile, see :func:`_write`).
+  format (codes are stored with their block scales, see :func:`_write`).
 
   Narrow formats round stochastically (unbiased), using the top 16 of the
   uint32 random ``bits`` (of ``value.shape``; None if ``like`` needs none):
@@ -249,12 +249,12 @@ def step_leaf(g: Array, stored: _rule.Moments, t: Array,
   # thousands of float32 leaves its integer ops would cost compile time.
   if g.size and any(x is not None and _is_codes(x) for x in stored):
     seed = _rounding.salt(t, index)
-    step = lambda *a: _step_tiled(*a, rule, formats)
+    step = lambda *a: _step_quantized(*a, rule, formats)
     explicit = _explicit_shardings((g, stored, scales))
     if explicit is not None:
-      # Slicing a tile out of an array split over Explicit mesh axes would
-      # need its sharding spelled out at every slice; inside ``auto_axes``
-      # the compiler places the tiles, as on Auto meshes, and the results
+      # Cutting an array split over Explicit mesh axes into blocks would
+      # need its sharding spelled out at every reshape; inside ``auto_axes``
+      # the compiler places the blocks, as on Auto meshes, and the results
       # come back with the inputs' shardings.
       step = jax.sharding.auto_axes(step, out_sharding=explicit)
     return step(g, stored, t, seed, scales)
@@ -301,44 +301,35 @@ def _explicit_shardings(tree: Any) -> Optional[Any]:
   return None
 
 
-def _streams(bits: Optional[Array]):
-  """Random bits for m, v and max v̂ from one hash per element: m uses the
-  top 16 bits, v the bottom 16, and only AMSGrad pays for a second hash."""
-  if bits is None:
-    return None, None, None
-  return bits, bits << 16, _rounding.remix(bits)
+def _step_quantized(g: Array, stored: _rule.Moments, t: Array, seed: Array,
+                    scales: _rule.Moments, rule: _rule.AdamRule,
+                    formats: _rule.Moments
+                    ) -> tuple[Array, _rule.Moments, _rule.Moments]:
+  """:func:`step_leaf` for leaves with int8 moments, without a tile loop.
 
+  Encoding a new moment needs its block's scale before any element of the
+  block is encoded. The exact maximum of the new moment would need a pass of
+  its own over the decoded moments, which XLA:CPU can only run fast as a
+  sequential loop over tiles (it cannot fuse the decoding into a fast
+  reduction): that loop alone cost about twice the float32 step, on one
+  core. Instead the new scale is an *upper bound* of the new block's largest
+  finite |value|, from the old moment's block maximum and the block's
+  largest finite |g| (see :func:`_scale_bounds`): reductions of plain
+  float32 and 8-bit arrays, which XLA:CPU does fast. Everything else is
+  elementwise over the whole leaf (decode with the old scales, the rule,
+  encode with the new scales), so XLA runs it as loops over both cores: one
+  for the direction and one for each moment's codes, each decoding the
+  moments it needs on the fly, so that no moment is ever held in float32.
 
-# Elements per tile of the quantized path: small enough that a tile's float32
-# intermediates stay in cache, large enough that the loop costs little.
-TILE_ELEMENTS = 1 << 18
+  The price is precision: a bound can sit above the block's true maximum,
+  so the block's values use fewer of the code map's points near its top
+  (measured in docs/memory.md). The bound starts each step from the old
+  moment's exact block maximum, read from the codes by an 8-bit integer
+  reduction (cheap, unlike a reduction of decoded values), so it does not
+  drift upwards over steps.
 
-
-def _step_tiled(g: Array, stored: _rule.Moments, t: Array, seed: Array,
-                scales: _rule.Moments, rule: _rule.AdamRule,
-                formats: _rule.Moments
-                ) -> tuple[Array, _rule.Moments, _rule.Moments]:
-  """:func:`step_leaf` for leaves with int8 moments.
-
-  Two passes, each calling the rule on float32 values decoded on the fly:
-
-  * The direction needs only the old moments and the gradient, element by
-    element, so it is one elementwise pass over the whole leaf: decode, rule,
-    keep the direction. XLA fuses it into a single loop over both cores
-    (together with ``optax.apply_updates`` when that follows in the same
-    jit), and the decoded moments are never stored.
-  * The new codes need each block's maximum before any element can be
-    encoded, which one elementwise pass cannot provide. A loop over tiles of
-    whole blocks decodes one tile of each moment, applies the rule again,
-    takes the tile's block maxima and encodes it, writing codes and scales
-    back in place; a moment is thus never held in float32 beyond one tile
-    (``TILE_ELEMENTS``). The tail that does not fill a tile is one more,
-    smaller, tile.
-
-  The two passes run the same rule on the same decoded values, so the
-  direction agrees with the moments stored (up to the compiler's choice of
-  fused multiply-adds). Cautious masking normalises over the whole array and
-  reads no moment, so only the direction pass applies it.
+  The direction and the moments come from the same rule on the same decoded
+  values (up to the compiler's choice of fused multiply-adds).
   """
   dtype = compute_dtype(g.dtype)
   real = real_dtype(dtype)
@@ -356,84 +347,233 @@ def _step_tiled(g: Array, stored: _rule.Moments, t: Array, seed: Array,
                   else True)
     static[name] = (block, stochastic, name != "mu",
                     dtype if name == "mu" else real)
-  unit = math.lcm(*[b for b, *_ in static.values() if b is not None])
-  tile = unit * max(1, TILE_ELEMENTS // unit)
-  n_loop, rest = divmod(n, tile)
-  flat_g = g.reshape(-1)
+  flat_g = g.reshape(-1).astype(dtype)
 
-  whole = {name: _read(getattr(stored, name), getattr(scales, name), 0, n,
-                       *static[name]) for name in names}
-  direction, _ = _rule.adam_step(flat_g.astype(dtype),
-                                 _rule.Moments(**whole), t, rule)
-  tile_rule = rule._replace(cautious=False)
-
-  def tile_step(start, length, carry):
-    # Each tile is read from the codes and written back to the same place
-    # before the next tile is read: the loop updates the state in place.
-    # (Computing the direction here too would need a float32 direction of
-    # the whole leaf in the carry and a second pass to apply it: slower.)
-    values, scale_values = (dict(x) for x in carry)
-    g_tile = jax.lax.dynamic_slice(flat_g, (start,), (length,)).astype(dtype)
-    loaded = {name: _read(values[name], scale_values[name], start, length,
+  def run_rule(flat_g, stored, scales, rule):
+    loaded = {name: _read(getattr(stored, name), getattr(scales, name),
                           *static[name]) for name in names}
-    _, new = _rule.adam_step(g_tile, _rule.Moments(**loaded), t, tile_rule)
-    padded = -(-length // unit) * unit
-    bits = _rounding.random_bits((padded,), seed, offset=start)
-    streams = dict(zip(_rule.Moments._fields, _streams(bits)))
-    for name in names:
-      values[name], scale_values[name] = _write(
-          values[name], scale_values[name], getattr(new, name), start,
-          streams[name], *static[name][:3])
-    return values, scale_values
+    return _rule.adam_step(flat_g, _rule.Moments(**loaded), t, rule)
 
-  carry = ({name: getattr(stored, name) for name in names},
-           {name: getattr(scales, name) for name in names})
-  if n_loop:
-    carry = jax.lax.fori_loop(
-        0, n_loop, lambda i, c: tile_step(i * tile, tile, c), carry)
-  if rest:
-    carry = tile_step(n_loop * tile, rest, carry)
-  values, scale_values = carry
+  direction, new = run_rule(flat_g, stored, scales, rule)
+  bounds = _scale_bounds(flat_g, stored, scales, static, t, rule)
+  values, new_scales = {}, {}
+  for tag, name in enumerate(names):
+    # Each moment's codes are computed again from inputs of their own, made
+    # opaque to the compiler (the random bits too, through an opaque offset
+    # of zero), so that nothing is shared between the loops that write the
+    # direction and each moment: with XLA:CPU multi-output fusion on, a
+    # shared value (new moments, per-element scales, random bits) would be
+    # written out in float32 or uint32 for the whole leaf, and the loops
+    # would be slower; with it off this changes nothing, as XLA recomputes
+    # elementwise producers in each consumer anyway.
+    inputs = _opaque((flat_g, stored, scales, bounds, jnp.uint32(1)), tag)
+    _, new = run_rule(*inputs[:3], rule._replace(cautious=False))
+    bits = _rounding.random_bits((n,), seed, offset=inputs[4] - 1)
+    streams = dict(zip(_rule.Moments._fields, _streams(bits)))
+    values[name] = _write(getattr(stored, name), getattr(new, name),
+                          inputs[3].get(name), streams[name],
+                          *static[name][:3])
+    new_scales[name] = bounds.get(name, getattr(scales, name))
   new_stored = _rule.Moments(**{name: values.get(name)
                                 for name in _rule.Moments._fields})
-  new_scales = scales._replace(**scale_values)
-  return direction.reshape(g.shape).astype(g.dtype), new_stored, new_scales
+  return (direction.reshape(g.shape).astype(g.dtype), new_stored,
+          scales._replace(**new_scales))
 
 
-def _read(stored: Array, scales: Array, start: Any, length: int,
-          block: Optional[int], stochastic: bool, root: bool,
-          dtype: Any) -> Array:
-  """Elements ``[start, start + length)`` of a stored moment, flat."""
+def _opaque(tree: Any, tag: int) -> Any:
+  """``tree`` with every array multiplied by an opaque 1, as
+  :func:`jadam._fusion.alias`, but a different 1 for each ``tag``, so that
+  the compiler cannot merge two such copies with each other either. (The
+  1 of an integer array must not multiply a constant 0, which XLA folds.)"""
+  tag = jnp.asarray(tag, jnp.int32)
+  def leaf(x):
+    one, _ = jax.lax.optimization_barrier((jnp.ones((), x.dtype), tag))
+    return x * one
+  return jax.tree.map(leaf, tree)
+
+
+def _blocks(flat: Array, block: int) -> list[Array]:
+  """``flat`` as (blocks, block) arrays: the whole blocks, then the shorter
+  last block if any, so that nothing is padded (a copy)."""
+  n = flat.shape[0]
+  whole = n - n % block
+  parts = [flat[:whole].reshape(-1, block)] if whole else []
+  if whole < n:
+    parts.append(flat[whole:].reshape(1, -1))
+  return parts
+
+
+def _concat(parts: list[Array]) -> Array:
+  return parts[0] if len(parts) == 1 else jnp.concatenate(parts)
+
+
+def _block_max_abs(flat: Array, block: int) -> Array:
+  """The largest finite |x| of each block of ``block`` elements of ``flat``.
+
+  XLA:CPU reduces a plain float32 array fast (YNNPACK), but first writes out
+  any elementwise function of it, a float32 copy of the whole gradient. So
+  the maxima are taken as max(x) and -min(x) of the gradient itself, and
+  only if some block holds a non-finite value are they recomputed with the
+  non-finite values left out, a tile at a time (under ``lax.cond``, which a
+  healthy step does not pay for).
+  """
+  parts = _blocks(flat, block)
+
+  def finite_max(part):
+    part = jnp.where(jnp.isfinite(part), jnp.abs(part), 0)
+    return jnp.max(part, axis=1).astype(jnp.float32)
+
+  def tiled_finite_max(part):
+    rows = max(1, FALLBACK_TILE // part.shape[1])
+    n_loop = part.shape[0] // rows
+    if n_loop <= 1:
+      return finite_max(part)
+    out = jnp.zeros(part.shape[:1], jnp.float32)
+    def body(i, out):
+      tile = jax.lax.dynamic_slice_in_dim(part, i * rows, rows)
+      return jax.lax.dynamic_update_slice_in_dim(out, finite_max(tile),
+                                                 i * rows, 0)
+    out = jax.lax.fori_loop(0, n_loop, body, out)
+    if n_loop * rows < part.shape[0]:
+      out = out.at[n_loop * rows:].set(finite_max(part[n_loop * rows:]))
+    return out
+
+  fast = _concat([jnp.maximum(jnp.max(p, axis=1), -jnp.min(p, axis=1))
+                  .astype(jnp.float32) for p in parts])
+  return jax.lax.cond(jnp.all(jnp.isfinite(fast)), lambda: fast,
+                      lambda: _concat([tiled_finite_max(p) for p in parts]))
+
+
+def _block_max_stored(codes: Array, scales: Array, block: int) -> Array:
+  """The largest finite |value| of each block of a stored int8 moment,
+  exactly, from its codes: the code map is sorted, so the largest |code|
+  decodes to the largest |value|, and a max over 8-bit integers is a cheap
+  reduction (no decoding of every element). A block holding the NaN code
+  gets its scale (the largest value a code can stand for), a valid bound.
+  """
+  signed = codes.dtype == jnp.int8
+  tops = []
+  for part in _blocks(codes.reshape(-1), block):
+    top = jnp.max(part, axis=1).astype(jnp.int32)
+    if signed:
+      low = jnp.min(part, axis=1).astype(jnp.int32)
+      top = jnp.where(low == _quant.NAN_CODE_SIGNED, 127,
+                      jnp.maximum(top, -low))
+    else:
+      top = jnp.where(top == _quant.NAN_CODE, _quant.NAN_CODE - 1, top)
+    tops.append(top)
+  return _quant.decode(_concat(tops).astype(codes.dtype)) * scales
+
+
+# Elements per tile of the block maxima of a gradient with non-finite values.
+FALLBACK_TILE = 1 << 18
+
+
+def _scale_bounds(flat_g: Array, stored: _rule.Moments,
+                  scales: _rule.Moments, static: dict,
+                  t: Array, rule: _rule.AdamRule) -> dict[str, Array]:
+  """New block scales of the int8 moments: upper bounds of each new block's
+  largest finite |value|, from M, the old block's largest finite |value|
+  (exact, from its codes: :func:`_block_max_stored`), and G, the block's
+  largest finite |g|:
+
+  * m = β1·m + (1 − β1)·g, so |m| <= β1·M_m + (1 − β1)·G (Keras' form
+    m + (g − m)(1 − β1) is the same number).
+  * v = β2·v + (1 − β2)·|g|², so v <= β2·M_v + (1 − β2)·G².
+  * AdaMax: u = max(β2·u, |g| + ε) <= max(β2·M_u, G + ε).
+  * AMSGrad: max v̂ <= max(M_max, (β2·M_v + (1 − β2)·G²) / (1 − β2^t))
+    (Keras keeps the maximum of v itself, without the division).
+
+  Starting from the old moment's exact maximum rather than its old bound
+  keeps bounds from piling up over steps; what remains is the gradient term
+  (tight when one element has the block's largest |g| with the same sign
+  every step, loose when signs vary).
+
+  A skipped step (``rule.held``) keeps the old scales, so the codes come
+  back as they were. A block whose bound is zero gets the smallest normal
+  float32 instead: a positive scale that decodes its zero codes to zero.
+  Bounds are clipped to the largest float32, so that one overflowing |g|²
+  (stored as the NaN code) does not turn its block's other values into
+  zeros. Rounding can put a value a few ulps above its bound; encoding clips
+  it to the top code.
+  """
+  blocks = {name: spec[0] for name, spec in static.items()
+            if spec[0] is not None}
+  if not blocks:
+    return {}
+  smallest = min(blocks.values())
+  g_max = {smallest: _block_max_abs(flat_g, smallest)}
+  for block in set(blocks.values()) - {smallest}:
+    g_max[block] = jnp.max(_quant.to_blocks(g_max[smallest],
+                                            block // smallest), axis=1)
+  b2, held = rule.b2, rule.held
+  out = {}
+  for name in ("mu", "nu", "nu_max"):
+    if name not in blocks:
+      continue
+    G = g_max[blocks[name]]
+    old = getattr(scales, name)
+    top = _block_max_stored(getattr(stored, name), old, blocks[name])
+    # The rule's own averages (and decay factors, as it rounds them) applied
+    # to the maxima, so that no rounding puts a bound below its moment.
+    if name == "mu":
+      bound = _rule.ema(G, top, rule.b1)
+    elif name == "nu" and rule.infinity_norm:
+      bound = jnp.maximum(G + rule.eps, b2 * top)
+    elif name == "nu":
+      bound = _rule.ema(G * G, top, b2)
+    else:
+      v_top = _block_max_stored(stored.nu, scales.nu, blocks[name])
+      bound = _rule.ema(G * G, v_top, b2)
+      if rule.numerics != "keras":
+        bound = bound / _rule.bias_correction(b2, t).astype(bound.dtype)
+      bound = jnp.maximum(top, bound)
+    bound = jnp.clip(bound.astype(jnp.float32), jnp.finfo(jnp.float32).tiny,
+                     jnp.finfo(jnp.float32).max)
+    out[name] = _rule.hold(held, bound, old)
+  return out
+
+
+def _streams(bits: Optional[Array]):
+  """Random bits for m, v and max v̂ from one hash per element: m uses the
+  top 16 bits, v the bottom 16, and only AMSGrad pays for a second hash."""
+  if bits is None:
+    return None, None, None
+  return bits, bits << 16, _rounding.remix(bits)
+
+
+def _per_element(scales: Array, block: int, n: int) -> Array:
+  """Each of ``n`` elements' block scale, as a broadcast the compiler fuses
+  into the elementwise loop that reads it (nothing is stored)."""
+  n_blocks = scales.shape[0]
+  spread = jax.lax.broadcast_in_dim(scales, (n_blocks, block), (0,))
+  return spread.reshape(-1)[:n]
+
+
+def _read(stored: Array, scales: Array, block: Optional[int],
+          stochastic: bool, root: bool, dtype: Any) -> Array:
+  """A stored moment, flat, in the compute ``dtype``."""
   del stochastic
-  flat = jax.lax.dynamic_slice(stored.reshape(-1), (start,), (length,))
-  tile_scales = None
-  if block is not None:
-    n_blocks = -(-length // block)
-    tile_scales = jax.lax.dynamic_slice(scales, (start // block,), (n_blocks,))
+  flat = stored.reshape(-1)
   if block is None:
     value = flat.astype(dtype)
     return value * value if _is_root(stored, root) else value
-  values = _quant.dequantize_blocks(_quant.to_blocks(flat, block),
-                                    tile_scales)
-  return values.reshape(-1)[:length].astype(dtype)
+  values = _quant.decode(flat) * _per_element(scales, block, flat.shape[0])
+  return values.astype(dtype)
 
 
-def _write(stored: Array, scales: Array, value: Array, start: Any,
+def _write(stored: Array, value: Array, scales: Optional[Array],
            bits: Array, block: Optional[int], stochastic: bool,
-           root: bool) -> tuple[Array, Array]:
-  """``stored`` (and ``scales``) with elements ``[start, start + n)`` set to
-  the flat compute-dtype ``value``, rounded into the storage format."""
-  length = value.shape[0]
+           root: bool) -> Array:
+  """The flat compute-dtype ``value`` rounded into ``stored``'s format, with
+  the new block ``scales`` for codes."""
   if block is None:
-    value = store(value, stored, bits[:length], root=root)
-  else:
-    n_blocks = -(-length // block)
-    tiles = _quant.to_blocks(value.astype(jnp.float32), block)
-    tile_bits = _quant.to_blocks(bits, block)[:n_blocks] if stochastic else None
-    codes, tile_scales = _quant.quantize_blocks(tiles, stored.dtype == jnp.int8,
-                                                tile_bits)
-    value = codes.reshape(-1)[:length]
-    scales = jax.lax.dynamic_update_slice(scales, tile_scales,
-                                          (start // block,))
-  flat = jax.lax.dynamic_update_slice(stored.reshape(-1), value, (start,))
-  return flat.reshape(stored.shape), scales
+    return store(value, stored, bits, root=root).reshape(stored.shape)
+  # A multiply by each block's reciprocal scale rather than a division:
+  # XLA:CPU does not fuse a division into a consumer that uses its result
+  # several times (as encoding does), and would store y in float32.
+  y = value.astype(jnp.float32) * _per_element(1 / scales, block,
+                                               value.shape[0])
+  codes = _quant.encode(y, stored.dtype == jnp.int8,
+                        bits if stochastic else None)
+  return codes.reshape(stored.shape)
