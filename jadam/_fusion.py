@@ -111,15 +111,18 @@ def single_pass(size: int) -> bool:
   return size >= MIN_SIZE and cpu_fusion_active()
 
 
-def alias(tree: Any) -> Any:
+def alias(tree: Any, tag: int = 0) -> Any:
   """``tree`` with every array multiplied by an opaque 1.
 
   The values are unchanged bit for bit (``x·1 = x`` for every float,
-  infinities and NaN included), but the compiler sees new arrays, so it
-  neither merges a computation on them with the same computation on the
-  originals nor folds the multiply away.
+  infinities and NaN included, and every integer), but the compiler sees new
+  arrays, so it neither merges a computation on them with the same
+  computation on the originals nor folds the multiply away. Copies made with
+  different ``tag`` values are opaque to each other as well. (The 1 of an
+  integer array must not multiply a constant 0, which XLA folds.)
   """
+  tag = jnp.asarray(tag, jnp.int32)
   def leaf(x):
-    one = jax.lax.optimization_barrier(jnp.ones((), x.dtype))
+    one, _ = jax.lax.optimization_barrier((jnp.ones((), x.dtype), tag))
     return x * one
   return jax.tree.map(leaf, tree)

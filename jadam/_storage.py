@@ -366,7 +366,8 @@ def _step_quantized(g: Array, stored: _rule.Moments, t: Array, seed: Array,
     # written out in float32 or uint32 for the whole leaf, and the loops
     # would be slower; with it off this changes nothing, as XLA recomputes
     # elementwise producers in each consumer anyway.
-    inputs = _opaque((flat_g, stored, scales, bounds, jnp.uint32(1)), tag)
+    inputs = _fusion.alias(
+        (flat_g, stored, scales, bounds, jnp.uint32(1)), tag)
     _, new = run_rule(*inputs[:3], rule._replace(cautious=False))
     bits = _rounding.random_bits((n,), seed, offset=inputs[4] - 1)
     streams = dict(zip(_rule.Moments._fields, _streams(bits)))
@@ -378,18 +379,6 @@ def _step_quantized(g: Array, stored: _rule.Moments, t: Array, seed: Array,
                                 for name in _rule.Moments._fields})
   return (direction.reshape(g.shape).astype(g.dtype), new_stored,
           scales._replace(**new_scales))
-
-
-def _opaque(tree: Any, tag: int) -> Any:
-  """``tree`` with every array multiplied by an opaque 1, as
-  :func:`jadam._fusion.alias`, but a different 1 for each ``tag``, so that
-  the compiler cannot merge two such copies with each other either. (The
-  1 of an integer array must not multiply a constant 0, which XLA folds.)"""
-  tag = jnp.asarray(tag, jnp.int32)
-  def leaf(x):
-    one, _ = jax.lax.optimization_barrier((jnp.ones((), x.dtype), tag))
-    return x * one
-  return jax.tree.map(leaf, tree)
 
 
 def _blocks(flat: Array, block: int) -> list[Array]:

@@ -110,6 +110,29 @@ def _array_fusions(hlo, n=1 << 16):
   return out
 
 
+def _meta_gradient():
+  """d loss(θ + update(s·g)) / ds at s = 1: differentiating through the
+  update, as meta-learning does (with eps_root, so the root is smooth)."""
+  opt = jadam.adam(1e-2, eps_root=1e-8)
+  params, loss = _problem()
+  state = opt.init(params)
+  def meta(scale):
+    grads = jax.tree.map(lambda g: scale * g, jax.grad(loss)(params))
+    updates, _ = opt.update(grads, state, params)
+    return loss(optax.apply_updates(params, updates))
+  return np.array(jax.grad(meta)(1.0))
+
+
+def _vmapped_updates():
+  """First updates of three independent problems under ``jax.vmap``."""
+  opt = jadam.adamw(1e-2, weight_decay=1e-2)
+  batch = jnp.stack([jnp.full((16,), float(i)) for i in range(3)])
+  def one(p, g):
+    updates, _ = opt.update(g, opt.init(p), p)
+    return updates
+  return np.asarray(jax.jit(jax.vmap(one))(batch, jnp.cos(batch)))
+
+
 def _worker(path):
   """Run in the subprocess, with the fusion flag in XLA_FLAGS."""
   result = {"active": _fusion.cpu_fusion_active()}
@@ -127,23 +150,8 @@ def _worker(path):
       _one_leaf_step_hlo(jadam.adamw(1e-3, weight_decay=1e-2))))
   result["fusions_optax"] = np.array(_array_fusions(
       _one_leaf_step_hlo(optax.adam(1e-3))))
-  # Differentiating through the update (meta-learning with eps_root).
-  opt = jadam.adam(1e-2, eps_root=1e-8)
-  params, loss = _problem()
-  state = opt.init(params)
-  def meta(scale):
-    grads = jax.tree.map(lambda g: scale * g, jax.grad(loss)(params))
-    updates, _ = opt.update(grads, state, params)
-    return loss(optax.apply_updates(params, updates))
-  result["meta_grad"] = np.array(jax.grad(meta)(1.0))
-  # vmap over a batch of independent problems (per-example optimizers).
-  opt = jadam.adamw(1e-2, weight_decay=1e-2)
-  batch = jnp.stack([jnp.full((16,), float(i)) for i in range(3)])
-  grads = jnp.cos(batch)
-  def one(p, g):
-    updates, _ = opt.update(g, opt.init(p), p)
-    return updates
-  result["vmap"] = np.asarray(jax.jit(jax.vmap(one))(batch, grads))
+  result["meta_grad"] = _meta_gradient()
+  result["vmap"] = _vmapped_updates()
   np.savez(path, **result)
 
 
@@ -226,24 +234,15 @@ def test_single_pass_equals_optax(fused):
 
 
 def test_gradient_through_the_update(fused):
-  opt = jadam.adam(1e-2, eps_root=1e-8)
-  params, loss = _problem()
-  state = opt.init(params)
-  def meta(scale):
-    grads = jax.tree.map(lambda g: scale * g, jax.grad(loss)(params))
-    updates, _ = opt.update(grads, state, params)
-    return loss(optax.apply_updates(params, updates))
-  expected = float(jax.grad(meta)(1.0))
+  expected = _meta_gradient()
   assert np.isfinite(fused["meta_grad"])
-  np.testing.assert_allclose(float(fused["meta_grad"]), expected, rtol=1e-5)
+  np.testing.assert_allclose(fused["meta_grad"], expected, rtol=1e-5)
 
 
 def test_vmap_of_the_single_pass(fused):
-  opt = jadam.adamw(1e-2, weight_decay=1e-2)
-  batch = jnp.stack([jnp.full((16,), float(i)) for i in range(3)])
-  expected = np.stack([np.asarray(opt.update(g, opt.init(p), p)[0])
-                       for p, g in zip(batch, jnp.cos(batch))])
-  np.testing.assert_allclose(fused["vmap"], expected, rtol=1e-6, atol=1e-9)
+  # The per-example updates, vmapped in the worker, against this process.
+  np.testing.assert_allclose(fused["vmap"], _vmapped_updates(), rtol=1e-6,
+                             atol=1e-9)
 
 
 if __name__ == "__main__":
