@@ -278,9 +278,25 @@ def step_leaf(g: Array, stored: _rule.Moments, t: Array,
     # merges all three into one pass (see _fusion). A cautious direction
     # needs a mean over the whole array first, so it cannot be merged.
     direction, _ = step(*_fusion.alias((g, stored)))
-  bits = (_rounding.random_bits(g.shape, _rounding.salt(t, index)) if narrow
-          else None)
-  mu_bits, nu_bits, max_bits = _streams(bits)
+  seed = _rounding.salt(t, index) if narrow else None
+  streams = _streams(None if seed is None
+                     else _rounding.random_bits(g.shape, seed))
+  if narrow and _fusion.single_pass(g.size) and not rule.cautious:
+    # Under multi-output fusion a value shared by several loops (the new
+    # moments, the random bits) is written out for the whole leaf. So the
+    # direction and each stored moment get inputs of their own, opaque to
+    # each other (the bits through an opaque offset of zero): nothing is
+    # shared, and each loop recomputes what it needs.
+    direction, _ = step(*_fusion.alias((g, stored)))
+    parts = []
+    for tag, field in enumerate(_rule.Moments._fields, start=1):
+      g_k, stored_k, one = _fusion.alias((g, stored, jnp.uint32(1)), tag)
+      _, new_k = step(g_k, stored_k)
+      bits_k = _rounding.random_bits(g.shape, seed, offset=one - 1)
+      parts.append((getattr(new_k, field), _streams(bits_k)[tag - 1]))
+    new = _rule.Moments(*(p[0] for p in parts))
+    streams = [p[1] for p in parts]
+  mu_bits, nu_bits, max_bits = streams
   return direction.astype(g.dtype), _rule.Moments(
       mu=store(new.mu, stored.mu, mu_bits),
       nu=store(new.nu, stored.nu, nu_bits, root=True),

@@ -49,6 +49,21 @@ def _train(opt, flat=False):
   """Updates of ``opt`` for a fixed sequence of gradients (lockstep: both
   sides of a comparison see the same gradients, so ulps are not amplified by
   diverging trajectories), flattened and concatenated over the steps."""
+  return _run(opt, flat)[0]
+
+
+def _stored_moments(opt):
+  """The moments ``opt`` keeps after the lockstep run, as stored (bfloat16
+  or float16 values widened to float32), one vector."""
+  state = _run(opt)[1]
+  kinds = (jadam.ScaleByAdamState, jadam.ScaleByAmsgradState)
+  nodes = [node for node in jax.tree.leaves(
+      state, is_leaf=lambda x: isinstance(x, kinds)) if isinstance(node, kinds)]
+  return np.concatenate([_leaves((node.mu, node.nu)) for node in nodes])
+
+
+def _run(opt, flat=False):
+  """:func:`_train`'s updates, and the final optimizer state."""
   params, _ = _problem()
   view = None
   if flat:
@@ -72,7 +87,7 @@ def _train(opt, flat=False):
       grads = view.ravel(grads)
     params, state, updates = step(params, state, grads)
     out.append(_leaves(view.unravel(updates) if flat else updates))
-  return np.stack(out)
+  return np.stack(out), state
 
 
 def _leaves(tree):
@@ -108,6 +123,14 @@ def _array_fusions(hlo, n=1 << 16):
     if match and f"[{n}]" in match.group(1):
       out.append(match.group(1).count(f"[{n}]"))
   return out
+
+
+def _narrow():
+  """Optimizers with bfloat16 and float16 moments (stochastic rounding)."""
+  return {"bf16": jadam.adam(3e-2, mu_dtype=jnp.bfloat16,
+                             nu_dtype=jnp.bfloat16),
+          "f16": jadam.amsgrad(3e-2, mu_dtype=jnp.float16,
+                               nu_dtype=jnp.float16)}
 
 
 def _meta_gradient():
@@ -150,6 +173,9 @@ def _worker(path):
       _one_leaf_step_hlo(jadam.adamw(1e-3, weight_decay=1e-2))))
   result["fusions_optax"] = np.array(_array_fusions(
       _one_leaf_step_hlo(optax.adam(1e-3))))
+  for name, opt in _narrow().items():
+    result[f"narrow_updates_{name}"] = _train(opt)
+    result[f"narrow_moments_{name}"] = _stored_moments(opt)
   result["meta_grad"] = _meta_gradient()
   result["vmap"] = _vmapped_updates()
   np.savez(path, **result)
@@ -231,6 +257,21 @@ def test_single_pass_numerics_equal_default_flags(fused, name):
 
 def test_single_pass_equals_optax(fused):
   assert _step_errors(fused["tree_adam"], fused["optax_adam"]) < 1e-6
+
+
+@pytest.mark.parametrize("name", ["bf16", "f16"])
+def test_narrow_moments_round_from_the_same_bits(fused, name):
+  # Under the flag each stored moment is computed in a loop of its own,
+  # hashing its random bits again; they must be the bits of the default form.
+  # A different stream would change about half the rounding decisions; the
+  # only allowed differences are roundings flipped by a last-bit difference
+  # in the float32 value (fused multiply-adds), which are rare.
+  opt = _narrow()[name]
+  expected = _stored_moments(opt)
+  got = fused[f"narrow_moments_{name}"]
+  assert got.shape == expected.shape
+  assert np.mean(got != expected) < 0.01
+  assert _step_errors(fused[f"narrow_updates_{name}"], _train(opt)) < 1e-2
 
 
 def test_gradient_through_the_update(fused):
