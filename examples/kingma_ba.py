@@ -344,8 +344,9 @@ def plot_study(results: Mapping[str, StudyResult], problem: str,
   plt.close(fig)
 
 
-def main(argv=None) -> dict[str, dict[str, StudyResult]]:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def study_arguments(description: str, figure: str) -> argparse.ArgumentParser:
+  """The command line of a digits study (this one, and variants_study)."""
+  parser = argparse.ArgumentParser(description=description)
   parser.add_argument("--problems", nargs="+", default=list(PROBLEMS),
                       choices=PROBLEMS)
   parser.add_argument("--epochs", type=int, default=30)
@@ -354,8 +355,12 @@ def main(argv=None) -> dict[str, dict[str, StudyResult]]:
   parser.add_argument("--tune", action="store_true",
                       help="search the learning-rate grid instead of the study")
   parser.add_argument("--out-dir", default=str(DOCS_IMG),
-                      help="where to write kingma_ba_<problem>.png")
-  args = parser.parse_args(argv)
+                      help=f"where to write {figure}_<problem>.png")
+  return parser
+
+
+def main(argv=None) -> dict[str, dict[str, StudyResult]]:
+  args = study_arguments(__doc__.splitlines()[0], "kingma_ba").parse_args(argv)
 
   out_dir = pathlib.Path(args.out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)

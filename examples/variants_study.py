@@ -26,7 +26,6 @@ docs/img/variants_mlp.png)
 
 from __future__ import annotations
 
-import argparse
 import pathlib
 import sys
 from typing import Callable, Mapping, NamedTuple, Sequence
@@ -42,7 +41,6 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import kingma_ba  # noqa: E402  pylint: disable=g-import-not-at-top
 
 PROBLEMS = kingma_ba.PROBLEMS
-DOCS_IMG = kingma_ba.DOCS_IMG
 BATCH_SIZE = kingma_ba.BATCH_SIZE
 VARIANTS = ("Adam", "Cautious Adam", "ADOPT", "AdEMAMix",
             "Schedule-free AdamW")
@@ -211,17 +209,8 @@ def format_table(problem: str,
 
 
 def main(argv=None) -> dict[str, dict[str, kingma_ba.StudyResult]]:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--problems", nargs="+", default=list(PROBLEMS),
-                      choices=PROBLEMS)
-  parser.add_argument("--epochs", type=int, default=30)
-  parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-  parser.add_argument("--hidden", type=int, default=1000)
-  parser.add_argument("--tune", action="store_true",
-                      help="search the learning-rate grid instead")
-  parser.add_argument("--out-dir", default=str(DOCS_IMG),
-                      help="where to write variants_<problem>.png")
-  args = parser.parse_args(argv)
+  args = kingma_ba.study_arguments(__doc__.splitlines()[0],
+                                   "variants").parse_args(argv)
 
   data = kingma_ba.load_data()
   print(f"digits: {len(data.x_train)} training and {len(data.x_test)} test "

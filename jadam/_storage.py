@@ -272,30 +272,25 @@ def step_leaf(g: Array, stored: _rule.Moments, t: Array,
   direction, new = step(g, stored)
   narrow = any(x is not None and jnp.dtype(x.dtype).itemsize < 4
                for x in stored)
-  if _fusion.single_pass(g.size) and not rule.cautious and not narrow:
-    # The direction again, from the same inputs rather than from ``new``, so
-    # that the parameter loop reads what the moment loops read and XLA:CPU
-    # merges all three into one pass (see _fusion). A cautious direction
-    # needs a mean over the whole array first, so it cannot be merged.
-    direction, _ = step(*_fusion.alias((g, stored)))
   seed = _rounding.salt(t, index) if narrow else None
   streams = _streams(None if seed is None
                      else _rounding.random_bits(g.shape, seed))
-  if narrow and _fusion.single_pass(g.size) and not rule.cautious:
-    # Under multi-output fusion a value shared by several loops (the new
-    # moments, the random bits) is written out for the whole leaf. So the
-    # direction and each stored moment get inputs of their own, opaque to
-    # each other (the bits through an opaque offset of zero): nothing is
-    # shared, and each loop recomputes what it needs.
+  if _fusion.single_pass(g.size) and not rule.cautious:
+    # The direction again, from the same inputs rather than from ``new``, so
+    # that the parameter loop reads what the moment loops read and XLA:CPU
+    # merges them into one pass (see _fusion). A cautious direction needs a
+    # mean over the whole array first, so it cannot be merged.
     direction, _ = step(*_fusion.alias((g, stored)))
-    parts = []
-    for tag, field in enumerate(_rule.Moments._fields, start=1):
-      g_k, stored_k, one = _fusion.alias((g, stored, jnp.uint32(1)), tag)
-      _, new_k = step(g_k, stored_k)
-      bits_k = _rounding.random_bits(g.shape, seed, offset=one - 1)
-      parts.append((getattr(new_k, field), _streams(bits_k)[tag - 1]))
-    new = _rule.Moments(*(p[0] for p in parts))
-    streams = [p[1] for p in parts]
+    if narrow:
+      # Each rounded moment from inputs of its own (see _own_inputs).
+      parts = []
+      for tag, field in enumerate(_rule.Moments._fields, start=1):
+        (g_k, stored_k), streams_k = _own_inputs((g, stored), g.shape, seed,
+                                                 tag)
+        parts.append((getattr(step(g_k, stored_k)[1], field),
+                      streams_k[field]))
+      new = _rule.Moments(*(p[0] for p in parts))
+      streams = [p[1] for p in parts]
   mu_bits, nu_bits, max_bits = streams
   return direction.astype(g.dtype), _rule.Moments(
       mu=store(new.mu, stored.mu, mu_bits),
@@ -374,19 +369,10 @@ def _step_quantized(g: Array, stored: _rule.Moments, t: Array, seed: Array,
   bounds = _scale_bounds(flat_g, stored, scales, static, t, rule)
   values, new_scales = {}, {}
   for tag, name in enumerate(names):
-    # Each moment's codes are computed again from inputs of their own, made
-    # opaque to the compiler (the random bits too, through an opaque offset
-    # of zero), so that nothing is shared between the loops that write the
-    # direction and each moment: with XLA:CPU multi-output fusion on, a
-    # shared value (new moments, per-element scales, random bits) would be
-    # written out in float32 or uint32 for the whole leaf, and the loops
-    # would be slower; with it off this changes nothing, as XLA recomputes
-    # elementwise producers in each consumer anyway.
-    inputs = _fusion.alias(
-        (flat_g, stored, scales, bounds, jnp.uint32(1)), tag)
+    # Each moment's codes from inputs of its own (see _own_inputs).
+    inputs, streams = _own_inputs((flat_g, stored, scales, bounds), (n,),
+                                  seed, tag)
     _, new = run_rule(*inputs[:3], rule._replace(cautious=False))
-    bits = _rounding.random_bits((n,), seed, offset=inputs[4] - 1)
-    streams = dict(zip(_rule.Moments._fields, _streams(bits)))
     values[name] = _write(getattr(stored, name), getattr(new, name),
                           inputs[3].get(name), streams[name],
                           *static[name][:3])
@@ -395,6 +381,24 @@ def _step_quantized(g: Array, stored: _rule.Moments, t: Array, seed: Array,
                                 for name in _rule.Moments._fields})
   return (direction.reshape(g.shape).astype(g.dtype), new_stored,
           scales._replace(**new_scales))
+
+
+def _own_inputs(tree: Any, shape: tuple[int, ...], seed: Array,
+                tag: int) -> tuple[Any, dict[str, Array]]:
+  """``tree`` made opaque with :func:`jadam._fusion.alias` under ``tag``, and
+  the random-bit streams of ``shape`` hashed again behind an opaque offset of
+  zero (the same bits as an ordinary draw).
+
+  A loop that computes one stored moment from such inputs shares nothing
+  with the loops that write the direction and the other moments. With
+  XLA:CPU multi-output fusion on, a shared value (new moments, per-element
+  scales, random bits) would be written out in float32 or uint32 for the
+  whole leaf, and the loops would be slower; with it off this changes
+  nothing, as XLA recomputes elementwise producers in each consumer anyway.
+  """
+  tree, one = _fusion.alias((tree, jnp.uint32(1)), tag)
+  bits = _rounding.random_bits(shape, seed, offset=one - 1)
+  return tree, dict(zip(_rule.Moments._fields, _streams(bits)))
 
 
 def _blocks(flat: Array, block: int) -> list[Array]:
