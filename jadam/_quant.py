@@ -7,24 +7,33 @@ Block-wise Quantization", ICLR 2022:
   default); each block keeps one float32 scale, its largest finite |value|.
   An outlier then only costs precision inside its own block.
 * Each element is stored as one byte: an index into a *dynamic* code map, a
-  fixed table of 255 values in [-1, 1] (first moment) or [0, 1] (second
-  moment) that is dense near the block's maximum and spread over many binary
-  orders of magnitude below it, so that small values are kept relative to
-  their own size rather than rounded to zero. First moments use int8 codes
-  ``±index`` (so zero is code 0), second moments uint8 codes. The 256th code
-  marks a non-finite value (NaN, ±inf), which decodes to NaN so that a
-  poisoned moment stays visible instead of turning into a number.
+  fixed table of values in [-1, 1] (first moment) or [0, 1] (second moment)
+  spread over many binary orders of magnitude below the block's maximum, so
+  that small values are kept relative to their own size rather than rounded
+  to zero. First moments use int8 codes ``±index`` (so zero is code 0),
+  second moments uint8 codes. One code marks a non-finite value (NaN, ±inf),
+  which decodes to NaN so that a poisoned moment stays visible instead of
+  turning into a number.
 
-The code map is ours, not the paper's base-10 "dynamic tree": it is laid out
-in binary octaves ``[2^-(k+1), 2^-k)``, each holding a power-of-two number of
-evenly spaced points, more near 1 and fewer further down (see
-``_SIGNED_OCTAVES`` and ``_UNSIGNED_OCTAVES``). Because the points are in
-increasing order and the octaves abut, encoding is integer arithmetic on the
-float32 bit pattern (exponent selects the octave, the top mantissa bits the
-point), with no search. Rounding is stochastic by default: the code above is
-chosen with probability equal to the covered fraction of the gap, so stored
-moments are unbiased, and a second moment multiplied by β2 = 0.999 decays in
-expectation instead of rounding back to the same code forever.
+The code maps are ours, not the paper's base-10 "dynamic trees": tiny
+floating-point formats. Each is two runs of binary octaves
+``[2^-(k+1), 2^-k)`` with the same number of evenly spaced points in every
+octave of a run: for the first moment 8 points per octave over the top 12
+octaves, then 4 per octave down to 1.4·10⁻⁶ of the block maximum; for the
+second, 16 per octave over the top 8 octaves, then 8 per octave down to
+8.2·10⁻⁸ (v spans twice the orders of magnitude of m). Because a run's
+points are evenly spaced in float32 bit patterns, a magnitude index is the
+bit pattern of its value minus a constant, shifted: encoding and decoding
+are a few integer operations per element, with no table and no search.
+Inside a run the relative step is the same in every octave, so a block
+scale that is an upper bound somewhat above the block's true maximum (see
+:mod:`jadam._storage`) moves the block's values down the map without
+coarsening them, as long as they stay in the top run.
+
+Rounding is stochastic by default: the code above is chosen with probability
+equal to the covered fraction of the gap, so stored moments are unbiased, and
+a second moment multiplied by β2 = 0.999 decays in expectation instead of
+rounding back to the same code forever.
 
 Leaves with fewer than ``min_size`` elements (4096 by default) stay float32,
 as in the paper: their bytes do not matter and they are often biases and norm
@@ -43,52 +52,51 @@ import numpy as np
 
 Array = jax.Array
 
-# Points per octave, from [1/2, 1) downwards. A signed code has 127 magnitudes
-# besides zero (126 octave points and 1.0), an unsigned one 254. The second
-# moment gets more octaves because v spans twice the orders of magnitude of m.
-_SIGNED_OCTAVES = (16, 16, 16, 8, 8, 8, 8) + (4,) * 10 + (2,) * 3
-_UNSIGNED_OCTAVES = (32, 32, 32, 16, 16, 16, 16) + (8,) * 8 + (4,) * 7 + (1,)
+# Each code map is two runs of octaves with evenly spaced points, from 1.0
+# downwards: (mantissa bits, index steps), 2^bits points per octave; the
+# last run goes down to magnitude index 1. First moment: 8 points per octave
+# over the top 12 octaves, then 4 per octave for 7.5 more. Second moment: 16
+# per octave over the top 8, then 8 per octave for 15.6 more (v spans twice
+# the orders of magnitude of m).
+_RUNS = {True: ((3, 96), (2, 30)), False: ((4, 128), (3, 125))}
+_ONE_BITS = 0x3F800000  # float32 1.0
 NAN_CODE = 255          # unsigned (uint8) code of a non-finite value
 NAN_CODE_SIGNED = -128  # signed (int8) code of a non-finite value
 
 
-def _octave_tables(octaves: tuple[int, ...]):
-  """Per-octave (first magnitude index, log2 of points), top octave first."""
-  log2_points = [int(np.log2(n)) for n in octaves]
-  assert all(2**b == n for b, n in zip(log2_points, octaves))
-  # Magnitude index 0 is zero; index 1 is 2^-K, the bottom of the lowest
-  # octave; the octaves follow in increasing order up to 1.0.
-  first = np.cumsum([1] + list(octaves[::-1]))[:-1][::-1]
-  return [int(f) for f in first], log2_points
+def top_index(signed: bool) -> int:
+  """The magnitude index of 1.0: 127 for int8 codes, 254 for uint8 codes."""
+  return 127 if signed else 254
 
 
-def _segments(signed: bool):
-  """Runs of octaves with equal point counts, as (top octave k0, number of
-  octaves, log2 points, magnitude index of k0's first point), top first.
+def _runs(signed: bool) -> list[tuple[int, int, int]]:
+  """Per run, top first: (lowest index, bit shift, offset), such that the
+  float32 bit pattern of index ``i`` in the run is ``offset + (i << shift)``.
 
-  Encoding and decoding select among these few runs with ``where`` rather
-  than indexing a table: gathers are slow in XLA's CPU loops.
+  Adjacent runs share their boundary point, so a value rounded up past a
+  run's last point lands on the next run's first, at the same value.
   """
-  octaves = _SIGNED_OCTAVES if signed else _UNSIGNED_OCTAVES
-  first, log2_points = _octave_tables(octaves)
-  runs = []
-  for k, b in enumerate(log2_points):
-    if runs and runs[-1][2] == b:
-      runs[-1][1] += 1
-    else:
-      runs.append([k, 1, b, first[k]])
-  return [tuple(r) for r in runs]
+  out, index, pattern = [], top_index(signed), _ONE_BITS
+  for bits, steps in _RUNS[signed]:
+    shift = 23 - bits
+    lowest = index - steps
+    out.append((lowest, shift, pattern - (index << shift)))
+    pattern -= steps << shift
+    index = lowest
+  assert index == 1, "the runs must end at magnitude index 1"
+  return out
 
 
 def magnitudes(signed: bool) -> np.ndarray:
   """The non-negative values of a code map, index 0 (zero) to 1.0, float32."""
-  octaves = _SIGNED_OCTAVES if signed else _UNSIGNED_OCTAVES
-  values = [0.0]
-  for k in reversed(range(len(octaves))):
-    n = octaves[k]
-    values += [2.0**-(k + 1) * (1 + j / n) for j in range(n)]
-  values.append(1.0)
-  return np.array(values, np.float32)
+  values = np.zeros(top_index(signed) + 1, np.float32)
+  upper = top_index(signed)
+  for lowest, shift, offset in _runs(signed):
+    index = np.arange(lowest, upper + 1, dtype=np.int64)
+    values[lowest:upper + 1] = (offset + (index << shift)).astype(
+        np.uint32).view(np.float32)
+    upper = lowest
+  return values
 
 
 def code_map(signed: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -123,42 +131,34 @@ def encode(y: Array, signed: bool, bits: Optional[Array] = None) -> Array:
       outside are clipped; non-finite values get the NaN code.
     signed: which code map.
     bits: uniform uint32 random bits of ``y.shape`` for stochastic rounding
-      (the top 16 are used), or None to round to the nearest code.
+      (the top 24 are used), or None to round to the nearest code.
 
   Returns:
     int8 codes (signed) or uint8 codes (unsigned) of ``y.shape``.
   """
-  n_octaves = len(_SIGNED_OCTAVES if signed else _UNSIGNED_OCTAVES)
   a = jnp.abs(y) if signed else jnp.maximum(y, 0.0)
   a = jnp.minimum(a, 1.0)
   raw = jax.lax.bitcast_convert_type(a, jnp.uint32)
-  exponent = (raw >> 23).astype(jnp.int32)         # 126 for [1/2, 1)
-  mantissa = raw & np.uint32(0x7FFFFF)
-  octave = jnp.clip(126 - exponent, 0, n_octaves - 1)
-  b = jnp.zeros_like(raw)
-  start = jnp.zeros_like(raw)
-  for k0, _, log2_n, first in _segments(signed):
-    # Going down one octave inside a run moves 2^b magnitude indices down.
-    inside = octave >= k0
-    b = jnp.where(inside, np.uint32(log2_n), b)
-    run_start = (np.int32(first)
-                 - ((octave - k0) << log2_n)).astype(jnp.uint32)
-    start = jnp.where(inside, run_start, start)
   if bits is None:
-    uniform = jnp.full(a.shape, np.uint32(1 << 15))  # a half: nearest
+    uniform = np.float32(0.5)
   else:
-    uniform = bits >> 16
-  # Point index within the octave: floor(fraction · 2^b + uniform), in
-  # integers. A carry to 2^b lands on the next octave's first point, which is
-  # exactly the value 2^-k.
-  shift = np.uint32(23) - b
-  in_octave = ((mantissa >> np.uint32(7)) + (uniform >> b)) >> (shift - 7)
-  index = start + in_octave
-  # Below the lowest octave the points are 0 and 2^-K: round between them.
-  lowest = np.float32(2.0**-n_octaves)
-  up = a * np.float32(65536.0 / lowest) >= uniform.astype(jnp.float32) + 0.5
-  index = jnp.where(exponent < 127 - n_octaves, up.astype(jnp.uint32), index)
-  index = jnp.where(a >= 1.0, np.uint32(len(magnitudes(signed)) - 1), index)
+    uniform = (bits >> np.uint32(8)).astype(jnp.float32) * np.float32(2.0**-24)
+  # Below index 1 the neighbours are 0 and the value of index 1.
+  # ``uniform < fraction`` is never true for a = 0, so zero stays zero.
+  smallest = magnitudes(signed)[1]
+  index = (a * np.float32(1 / smallest) > uniform).astype(jnp.uint32)
+  # Inside a run the points are evenly spaced in bit patterns, so adding
+  # ``carry`` (a uniform fraction of one step, or half a step) and truncating
+  # rounds up with probability equal to the covered fraction of the gap.
+  # 1.0 is index ``top_index``: no clip is needed.
+  for lowest, shift, offset in reversed(_runs(signed)):
+    if bits is None:
+      carry = np.uint32(1 << (shift - 1))
+    else:
+      carry = bits >> np.uint32(32 - shift)
+    start = np.uint32(offset + (lowest << shift))  # pattern of ``lowest``
+    in_run = (raw - np.uint32(offset) + carry) >> np.uint32(shift)
+    index = jnp.where(raw >= start, in_run, index)
   finite = jnp.isfinite(y)
   if signed:
     code = index.astype(jnp.int32)
@@ -172,24 +172,18 @@ def decode(codes: Array) -> Array:
   signed = codes.dtype == jnp.int8
   c = codes.astype(jnp.int32)
   if signed:
-    index = jnp.abs(c)
-    sign = jnp.where(c < 0, np.uint32(1 << 31), np.uint32(0))
+    index = jnp.abs(c).astype(jnp.uint32)
     nan = c == NAN_CODE_SIGNED
   else:
-    index = c
-    sign = np.uint32(0)
+    index = c.astype(jnp.uint32)
     nan = c == NAN_CODE
   raw = jnp.zeros(c.shape, jnp.uint32)
-  for k0, count, log2_n, first in reversed(_segments(signed)):
-    # The run's lowest octave starts at magnitude index ``bottom``.
-    bottom = first - (count - 1) * 2**log2_n
-    offset = index - bottom
-    octave = (k0 + count - 1) - (offset >> log2_n)
-    point = (offset & (2**log2_n - 1)).astype(jnp.uint32)
-    value = (((126 - octave).astype(jnp.uint32) << 23)
-             | (point << np.uint32(23 - log2_n)))
-    raw = jnp.where(index >= bottom, value, raw)
-  values = jax.lax.bitcast_convert_type(raw | sign, jnp.float32)
+  for lowest, shift, offset in reversed(_runs(signed)):
+    pattern = (index << np.uint32(shift)) + np.uint32(offset)
+    raw = jnp.where(index >= lowest, pattern, raw)
+  if signed:
+    raw = raw | jnp.where(c < 0, np.uint32(1 << 31), np.uint32(0))
+  values = jax.lax.bitcast_convert_type(raw, jnp.float32)
   return jnp.where(nan, np.float32(np.nan), values)
 
 

@@ -324,20 +324,18 @@ def _step_quantized(g: Array, stored: _rule.Moments, t: Array, seed: Array,
   sequential loop over tiles (it cannot fuse the decoding into a fast
   reduction): that loop alone cost about twice the float32 step, on one
   core. Instead the new scale is an *upper bound* of the new block's largest
-  finite |value|, from the old moment's block maximum and the block's
-  largest finite |g| (see :func:`_scale_bounds`): reductions of plain
-  float32 and 8-bit arrays, which XLA:CPU does fast. Everything else is
-  elementwise over the whole leaf (decode with the old scales, the rule,
-  encode with the new scales), so XLA runs it as loops over both cores: one
-  for the direction and one for each moment's codes, each decoding the
-  moments it needs on the fly, so that no moment is ever held in float32.
+  finite |value|, from the block's old scale and its largest finite |g|
+  (see :func:`_scale_bounds`): one reduction of the plain float32 gradient,
+  which XLA:CPU does fast. Everything else is elementwise over the whole
+  leaf (decode with the old scales, the rule, encode with the new scales),
+  so XLA runs it as loops over both cores: one for the direction and one
+  for each moment's codes, each decoding the moments it needs on the fly,
+  so that no moment is ever held in float32.
 
-  The price is precision: a bound can sit above the block's true maximum,
-  so the block's values use fewer of the code map's points near its top
-  (measured in docs/memory.md). The bound starts each step from the old
-  moment's exact block maximum, read from the codes by an 8-bit integer
-  reduction (cheap, unlike a reduction of decoded values), so it does not
-  drift upwards over steps.
+  A bound above the block's true maximum costs no precision: the code map's
+  octaves all hold the same number of points, so it only moves the block's
+  values a few octaves down the map, away from its bottom (measured in
+  docs/memory.md).
 
   The direction and the moments come from the same rule on the same decoded
   values (up to the compiler's choice of fused multiply-adds).
@@ -366,7 +364,7 @@ def _step_quantized(g: Array, stored: _rule.Moments, t: Array, seed: Array,
     return _rule.adam_step(flat_g, _rule.Moments(**loaded), t, rule)
 
   direction, new = run_rule(flat_g, stored, scales, rule)
-  bounds = _scale_bounds(flat_g, stored, scales, static, t, rule)
+  bounds = _scale_bounds(flat_g, scales, static, t, rule)
   values, new_scales = {}, {}
   for tag, name in enumerate(names):
     # Each moment's codes from inputs of its own (see _own_inputs).
@@ -393,9 +391,15 @@ def _own_inputs(tree: Any, shape: tuple[int, ...], seed: Array,
   with the loops that write the direction and the other moments. With
   XLA:CPU multi-output fusion on, a shared value (new moments, per-element
   scales, random bits) would be written out in float32 or uint32 for the
-  whole leaf, and the loops would be slower; with it off this changes
-  nothing, as XLA recomputes elementwise producers in each consumer anyway.
+  whole leaf, and the loops would be slower. With it off XLA recomputes
+  elementwise producers in each consumer anyway, so ``tree`` is returned as
+  it is.
   """
+  if not _fusion.cpu_fusion_active():
+    # Nothing to separate, and the multiplies by one would cost time: an
+    # 8-bit multiply has no vector instruction on x86.
+    bits = _rounding.random_bits(shape, seed)
+    return tree, dict(zip(_rule.Moments._fields, _streams(bits)))
   tree, one = _fusion.alias((tree, jnp.uint32(1)), tag)
   bits = _rounding.random_bits(shape, seed, offset=one - 1)
   return tree, dict(zip(_rule.Moments._fields, _streams(bits)))
@@ -453,50 +457,31 @@ def _block_max_abs(flat: Array, block: int) -> Array:
                       lambda: _concat([tiled_finite_max(p) for p in parts]))
 
 
-def _block_max_stored(codes: Array, scales: Array, block: int) -> Array:
-  """The largest finite |value| of each block of a stored int8 moment,
-  exactly, from its codes: the code map is sorted, so the largest |code|
-  decodes to the largest |value|, and a max over 8-bit integers is a cheap
-  reduction (no decoding of every element). A block holding the NaN code
-  gets its scale (the largest value a code can stand for), a valid bound.
-  """
-  signed = codes.dtype == jnp.int8
-  tops = []
-  for part in _blocks(codes.reshape(-1), block):
-    top = jnp.max(part, axis=1).astype(jnp.int32)
-    if signed:
-      low = jnp.min(part, axis=1).astype(jnp.int32)
-      top = jnp.where(low == _quant.NAN_CODE_SIGNED, 127,
-                      jnp.maximum(top, -low))
-    else:
-      top = jnp.where(top == _quant.NAN_CODE, _quant.NAN_CODE - 1, top)
-    tops.append(top)
-  return _quant.decode(_concat(tops).astype(codes.dtype)) * scales
-
-
 # Elements per tile of the block maxima of a gradient with non-finite values.
 FALLBACK_TILE = 1 << 18
 
 
-def _scale_bounds(flat_g: Array, stored: _rule.Moments,
-                  scales: _rule.Moments, static: dict,
+def _scale_bounds(flat_g: Array, scales: _rule.Moments, static: dict,
                   t: Array, rule: _rule.AdamRule) -> dict[str, Array]:
   """New block scales of the int8 moments: upper bounds of each new block's
-  largest finite |value|, from M, the old block's largest finite |value|
-  (exact, from its codes: :func:`_block_max_stored`), and G, the block's
-  largest finite |g|:
+  largest finite |value|, from S, the block's old scale (itself a bound of
+  the old moment), and G, the block's largest finite |g|:
 
-  * m = β1·m + (1 − β1)·g, so |m| <= β1·M_m + (1 − β1)·G (Keras' form
+  * m = β1·m + (1 − β1)·g, so |m| <= β1·S_m + (1 − β1)·G (Keras' form
     m + (g − m)(1 − β1) is the same number).
-  * v = β2·v + (1 − β2)·|g|², so v <= β2·M_v + (1 − β2)·G².
-  * AdaMax: u = max(β2·u, |g| + ε) <= max(β2·M_u, G + ε).
-  * AMSGrad: max v̂ <= max(M_max, (β2·M_v + (1 − β2)·G²) / (1 − β2^t))
+  * v = β2·v + (1 − β2)·|g|², so v <= β2·S_v + (1 − β2)·G².
+  * AdaMax: u = max(β2·u, |g| + ε) <= max(β2·S_u, G + ε).
+  * AMSGrad: max v̂ <= max(S_max, (β2·S_v + (1 − β2)·G²) / (1 − β2^t))
     (Keras keeps the maximum of v itself, without the division).
 
-  Starting from the old moment's exact maximum rather than its old bound
-  keeps bounds from piling up over steps; what remains is the gradient term
-  (tight when one element has the block's largest |g| with the same sign
-  every step, loose when signs vary).
+  By induction every stored value stays within its scale, and a scale is an
+  average of past block maxima of the gradient (or of its square), which
+  decays as the moment does: it does not drift upwards. It sits above the
+  block's true maximum by the ratio of the gradient's block maximum to the
+  moment's (a few octaves where gradient signs vary). With the code map's
+  evenly spaced octaves (:mod:`jadam._quant`) that costs range at the
+  bottom of the map, not precision; the map has 16 octaves for m and 32 for
+  v. No pass over the stored codes is needed.
 
   A skipped step (``rule.held``) keeps the old scales, so the codes come
   back as they were. A block whose bound is zero gets the smallest normal
@@ -522,21 +507,19 @@ def _scale_bounds(flat_g: Array, stored: _rule.Moments,
       continue
     G = g_max[blocks[name]]
     old = getattr(scales, name)
-    top = _block_max_stored(getattr(stored, name), old, blocks[name])
     # The rule's own averages (and decay factors, as it rounds them) applied
-    # to the maxima, so that no rounding puts a bound below its moment.
+    # to the bounds, so that no rounding puts a bound below its moment.
     if name == "mu":
-      bound = _rule.ema(G, top, rule.b1)
+      bound = _rule.ema(G, old, rule.b1)
     elif name == "nu" and rule.infinity_norm:
-      bound = jnp.maximum(G + rule.eps, b2 * top)
+      bound = jnp.maximum(G + rule.eps, b2 * old)
     elif name == "nu":
-      bound = _rule.ema(G * G, top, b2)
+      bound = _rule.ema(G * G, old, b2)
     else:
-      v_top = _block_max_stored(stored.nu, scales.nu, blocks[name])
-      bound = _rule.ema(G * G, v_top, b2)
+      bound = _rule.ema(G * G, scales.nu, b2)
       if rule.numerics != "keras":
         bound = bound / _rule.bias_correction(b2, t).astype(bound.dtype)
-      bound = jnp.maximum(top, bound)
+      bound = jnp.maximum(old, bound)
     bound = jnp.clip(bound.astype(jnp.float32), jnp.finfo(jnp.float32).tiny,
                      jnp.finfo(jnp.float32).max)
     out[name] = _rule.hold(held, bound, old)

@@ -86,9 +86,10 @@ class _Moment:
                                   _rounding.salt(seed, self.stream))
             if narrow else None)
     if jnp.dtype(stored.dtype) in (jnp.int8, jnp.uint8):
-      # The whole leaf is re-encoded at once (jadam.adam walks int8 leaves
-      # tile by tile to bound its float32 working memory; XLA fuses this
-      # elementwise encode with the variant's arithmetic instead).
+      # The whole leaf is re-encoded at once, with its exact block maxima
+      # as scales (jadam.adam sets bounds before the pass instead, see
+      # _storage._step_quantized; XLA fuses this elementwise encode with the
+      # variant's arithmetic).
       codes, scales = _quant.quantize(
           value, signed=stored.dtype == jnp.int8,
           block_size=self.storage.block_size,

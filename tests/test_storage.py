@@ -132,10 +132,12 @@ def test_reduced_storage_tracks_float32_over_many_steps(fmt):
   ref_m, low_m = jadam.decode_moments(ref), jadam.decode_moments(low)
   rel = lambda a, b: float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
   # Measured: bfloat16 0.5% (m) and 2.1% (v), float16 0.06% and 0.7%, int8
-  # 5.1% and 4.9% (4.3% and 4.2% with exact block maxima as scales).
-  tol = {"bfloat16": 0.04, "float16": 0.015, "int8": 0.08}[fmt]
-  assert rel(low_m.mu["w"], ref_m.mu["w"]) < tol
-  assert rel(low_m.nu["w"], ref_m.nu["w"]) < tol
+  # 7.1% and 11.6% (7.1-8.4% and 8.5-12.3% over four other seeds; the
+  # stored v is unbiased but each rounding persists over ~1/(1 - β2) steps).
+  tol = {"bfloat16": (0.04, 0.04), "float16": (0.015, 0.015),
+         "int8": (0.10, 0.16)}[fmt]
+  assert rel(low_m.mu["w"], ref_m.mu["w"]) < tol[0]
+  assert rel(low_m.nu["w"], ref_m.nu["w"]) < tol[1]
 
 
 def test_float16_keeps_tiny_second_moments():
@@ -162,10 +164,9 @@ def _block_max(x, block=256):
 
 
 def test_int8_block_scales_are_bounds_from_the_gradient():
-  # A new block scale is set before the new moments exist, from M, the old
-  # block's largest finite |value| as stored, and G, the block's largest
-  # finite |g|:
-  #   s_m = max(tiny, β1·M_m + (1 − β1)·G),  s_v = max(tiny, β2·M_v + (1 − β2)·G²)
+  # A new block scale is set before the new moments exist, from S, the
+  # block's old scale, and G, the block's largest finite |g|:
+  #   s_m = max(tiny, β1·S_m + (1 − β1)·G),  s_v = max(tiny, β2·S_v + (1 − β2)·G²)
   # (tiny: the smallest normal float32), an upper bound of the block's new
   # largest finite |m| and v.
   n = 5000  # 19 whole blocks and a short one
@@ -181,13 +182,16 @@ def test_int8_block_scales_are_bounds_from_the_gradient():
   big = _block_max(g)
   tiny = np.finfo(np.float32).tiny
   ref = jadam.decode_moments(state)
+  old = state.scales
   np.testing.assert_allclose(
       new.scales.mu["w"],
-      np.maximum(0.9 * _block_max(ref.mu["w"]) + 0.1 * big, tiny), rtol=1e-6)
+      np.maximum(0.9 * np.asarray(old.mu["w"]) + 0.1 * big, tiny), rtol=1e-6)
   np.testing.assert_allclose(
       new.scales.nu["w"],
-      np.maximum(0.999 * _block_max(ref.nu["w"]) + 0.001 * big**2, tiny),
+      np.maximum(0.999 * np.asarray(old.nu["w"]) + 0.001 * big**2, tiny),
       rtol=1e-6)
+  # Bounds, not far above the true maxima (measured: 1.4-2.0x for m here).
+  assert np.all(np.asarray(old.mu["w"][1:]) < 3 * _block_max(ref.mu["w"])[1:])
   decoded = jadam.decode_moments(new)
   for moment, scale in ((decoded.mu["w"], new.scales.mu["w"]),
                         (decoded.nu["w"], new.scales.nu["w"])):
@@ -224,9 +228,10 @@ def test_int8_direction_is_the_rule_on_the_decoded_moments(cautious):
       g["w"], _rule.Moments(old.mu["w"], old.nu["w"]), state.count + 1,
       _rule.AdamRule(cautious=cautious))
   np.testing.assert_allclose(updates["w"], expected, rtol=1e-5, atol=1e-7)
-  # The stored moments are those of the same step (up to the code spacing).
+  # The stored moments are those of the same step, up to one code step
+  # (1/8 of a value at the bottom of an octave).
   decoded = jadam.decode_moments(new_state)
-  np.testing.assert_allclose(decoded.mu["w"], new.mu, rtol=0.07,
+  np.testing.assert_allclose(decoded.mu["w"], new.mu, rtol=0.126,
                              atol=0.02 * float(jnp.abs(new.mu).max()))
 
 
