@@ -240,7 +240,7 @@ def test_int8_update_never_holds_a_float32_moment():
   # buffer size. One float32 copy of m or v would be 16 MiB; the update
   # needs XLA's copies of the code arrays (several loops read the old codes
   # that one of them overwrites) and block-sized arrays. (Measured: 4.3 MiB,
-  # 8.2 MiB with XLA:CPU multi-output fusion on; a float32 gradient
+  # with and without XLA:CPU multi-output fusion; a float32 gradient
   # function written out before its block maxima, as XLA:CPU does for
   # anything but a plain array, would add 16 MiB.)
   n = 1 << 22
