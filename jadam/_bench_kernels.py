@@ -47,6 +47,7 @@ import numpy as np
 import optax
 
 from jadam import _alias
+from jadam import _fusion
 
 SIZE = 1 << 24
 
@@ -140,7 +141,6 @@ def measure(steps: int, blocks) -> dict[str, float]:
 
 def _train_child(impl: str, fused: bool) -> None:
   """Serve one training step per line on stdin; print its seconds."""
-  from jadam import _fusion  # pylint: disable=import-outside-toplevel
   from jadam import bench  # pylint: disable=import-outside-toplevel
   if fused:
     _fusion.enable_cpu_fusion()
@@ -158,8 +158,7 @@ def compare_train_flags(impls, rounds: int) -> dict[tuple[str, bool], float]:
   """Median ms of the LM training step per (implementation, flag on)."""
   env = dict(os.environ)
   env["XLA_FLAGS"] = " ".join(
-      f for f in env.get("XLA_FLAGS", "").split()
-      if "xla_cpu_use_multi_output_fusion" not in f)
+      f for f in env.get("XLA_FLAGS", "").split() if _fusion.OPTION not in f)
   children = {}
   for impl in impls:
     for fused in (True, False):
@@ -217,15 +216,14 @@ def main(argv=None) -> int:
   blocks = [int(b) for b in args.blocks.split(",") if b]
   result = measure(args.steps, blocks)
   floor = result.pop("floor")
-  label = ("multi-output fusion" if "xla_cpu_use_multi_output_fusion"
+  label = ("multi-output fusion" if _fusion.OPTION
            in os.environ.get("XLA_FLAGS", "") else "default flags")
   print(f"single_16m, {label}: floor {floor:.2f} ms")
   for name, ms in result.items():
     print(f"  {name:14s} {ms:7.2f} ms  {ms / floor:.2f}x floor")
   if args.multi_output_fusion:
     env = dict(os.environ)
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_backend_extra_"
-                        "options=xla_cpu_use_multi_output_fusion").strip()
+    env["XLA_FLAGS"] = _fusion._with_option(env.get("XLA_FLAGS", ""))
     subprocess.run([sys.executable, "-m", "jadam._bench_kernels", "--steps",
                     str(args.steps), "--blocks", args.blocks], env=env,
                    check=True)

@@ -64,7 +64,8 @@ def random_bits(shape: tuple[int, ...], seed: Array, offset: Any = 0) -> Array:
       array draws the same bits as the whole array would at those elements.
 
   Returns:
-    A uint32 array of ``shape``; element ``i`` is a hash of ``(seed, i)``.
+    A uint32 array of ``shape``; element ``i`` is ``(i + offset)·φ + seed``
+    modulo 2^32.
   """
   size = int(np.prod(shape, dtype=np.int64))
   index = jax.lax.iota(jnp.uint32, size).reshape(shape)

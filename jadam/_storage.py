@@ -332,10 +332,11 @@ def _step_quantized(g: Array, stored: _rule.Moments, t: Array, seed: Array,
   for each moment's codes, each decoding the moments it needs on the fly,
   so that no moment is ever held in float32.
 
-  A bound above the block's true maximum costs no precision: the code map's
-  octaves all hold the same number of points, so it only moves the block's
-  values a few octaves down the map, away from its bottom (measured in
-  docs/memory.md).
+  A bound above the block's true maximum costs little precision: the
+  octaves of each of the code map's runs hold the same number of points, so
+  it moves the block's values a few octaves down the map, towards its
+  bottom, without coarsening them while they stay in the dense top run
+  (measured in docs/memory.md).
 
   The direction and the moments come from the same rule on the same decoded
   values (up to the compiler's choice of fused multiply-adds).
@@ -363,7 +364,7 @@ def _step_quantized(g: Array, stored: _rule.Moments, t: Array, seed: Array,
                           *static[name]) for name in names}
     return _rule.adam_step(flat_g, _rule.Moments(**loaded), t, rule)
 
-  direction, new = run_rule(flat_g, stored, scales, rule)
+  direction, _ = run_rule(flat_g, stored, scales, rule)
   bounds = _scale_bounds(flat_g, scales, static, t, rule)
   values, new_scales = {}, {}
   for tag, name in enumerate(names):
@@ -395,13 +396,13 @@ def _own_inputs(tree: Any, shape: tuple[int, ...], seed: Array,
   elementwise producers in each consumer anyway, so ``tree`` is returned as
   it is.
   """
-  if not _fusion.cpu_fusion_active():
-    # Nothing to separate, and the multiplies by one would cost time: an
-    # 8-bit multiply has no vector instruction on x86.
-    bits = _rounding.random_bits(shape, seed)
-    return tree, dict(zip(_rule.Moments._fields, _streams(bits)))
-  tree, one = _fusion.alias((tree, jnp.uint32(1)), tag)
-  bits = _rounding.random_bits(shape, seed, offset=one - 1)
+  offset = 0
+  if _fusion.cpu_fusion_active():
+    # Without the pass there is nothing to separate, and the multiplies by
+    # one would cost time: an 8-bit multiply has no vector instruction on x86.
+    tree, one = _fusion.alias((tree, jnp.uint32(1)), tag)
+    offset = one - 1
+  bits = _rounding.random_bits(shape, seed, offset=offset)
   return tree, dict(zip(_rule.Moments._fields, _streams(bits)))
 
 
@@ -478,10 +479,10 @@ def _scale_bounds(flat_g: Array, scales: _rule.Moments, static: dict,
   average of past block maxima of the gradient (or of its square), which
   decays as the moment does: it does not drift upwards. It sits above the
   block's true maximum by the ratio of the gradient's block maximum to the
-  moment's (a few octaves where gradient signs vary). With the code map's
-  evenly spaced octaves (:mod:`jadam._quant`) that costs range at the
-  bottom of the map, not precision; the map has 16 octaves for m and 32 for
-  v. No pass over the stored codes is needed.
+  moment's (a few octaves where gradient signs vary). The code map's dense
+  top run (:mod:`jadam._quant`: 12 octaves for m, 8 for v) holds the same
+  points in every octave, so that costs range at the bottom of the map
+  rather than precision. No pass over the stored codes is needed.
 
   A skipped step (``rule.held``) keeps the old scales, so the codes come
   back as they were. A block whose bound is zero gets the smallest normal
@@ -527,8 +528,8 @@ def _scale_bounds(flat_g: Array, scales: _rule.Moments, static: dict,
 
 
 def _streams(bits: Optional[Array]):
-  """Random bits for m, v and max v̂ from one hash per element: m uses the
-  top 16 bits, v the bottom 16, and only AMSGrad pays for a second hash."""
+  """Random bits for m, v and max v̂ from one draw per element: m uses the
+  top 16 bits, v the bottom 16, and only AMSGrad pays for a hash of them."""
   if bits is None:
     return None, None, None
   return bits, bits << 16, _rounding.remix(bits)

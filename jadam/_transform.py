@@ -109,8 +109,9 @@ def step_only_if(active: jax.Array) -> Iterator[set[int]]:
   zero direction with its moments and count bitwise unchanged. It does so
   inside the same elementwise pass (``AdamRule.held``: each new moment is
   selected against the old one where it is computed), without a select over
-  whole arrays afterwards, which makes XLA copy donated moments. int8 codes, which re-encoding need not
-  reproduce, are selected.
+  whole arrays afterwards, which makes XLA copy donated moments. int8 codes
+  and scales are selected as well, so that a skipped step keeps them bitwise
+  whatever re-encoding gives.
 
   Yields:
     the set of ``id``s of the states produced under the guard: those states
