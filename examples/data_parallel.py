@@ -261,6 +261,7 @@ def main(argv=None) -> dict:
   if args.out:
     with open(args.out, "w") as f:
       json.dump(report, f)
+    print(f"wrote {args.out}", flush=True)
   return report
 
 

@@ -6,11 +6,13 @@ only): once on the ordinary parameter tree, once on a :class:`jadam.FlatView`
 end on the same parameters, to float32 rounding; the flat step is faster when
 the model has many leaves.
 
-Run: python examples/flat_flax.py   (under a minute on two CPU cores)
+Run: python examples/flat_flax.py [--steps 100] [--width 32] [--depth 48]
+(under a minute on two CPU cores; ``--help`` lists the options)
 """
 
 from __future__ import annotations
 
+import argparse
 import functools
 import time
 
@@ -22,6 +24,9 @@ import optax
 from flax import nnx
 
 import jadam
+
+# The defaults of both main() and the command line, so the two stay alike.
+STEPS, WIDTH, DEPTH = 100, 32, 48
 
 
 def decay_mask(params):
@@ -135,7 +140,20 @@ def _loop(train_step, params, state, x, y, steps):
   return params, losses, seconds
 
 
-def main(steps: int = 100, width: int = 32, depth: int = 48):
+def parse_args(argv=None) -> argparse.Namespace:
+  """The command line: ``--steps``, ``--width`` and ``--depth`` of :func:`main`."""
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--steps", type=int, default=STEPS,
+                      help="training steps of each run (default: %(default)s)")
+  parser.add_argument("--width", type=int, default=WIDTH,
+                      help="units per layer (default: %(default)s)")
+  parser.add_argument("--depth", type=int, default=DEPTH,
+                      help="residual blocks of the NNX model "
+                      "(default: %(default)s)")
+  return parser.parse_args(argv)
+
+
+def main(steps: int = STEPS, width: int = WIDTH, depth: int = DEPTH):
   """Train flat and tree; returns (flat losses, tree losses, relative
   parameter difference, final Linen loss)."""
   flat_model, flat_losses = nnx_flat(steps, width, depth)
@@ -154,8 +172,10 @@ def main(steps: int = 100, width: int = 32, depth: int = 48):
 
 
 if __name__ == "__main__":
+  # Parsing computes nothing, so --help exits here without touching JAX.
+  args = parse_args()
   # One pass over memory per optimizer step on CPU (see docs/performance.md);
   # it must come before JAX computes anything, so not inside main(), which
   # the tests call in a process that is already running.
   jadam.enable_cpu_fusion()
-  main()
+  main(args.steps, args.width, args.depth)

@@ -10,9 +10,12 @@ Three experiments, all on two CPU cores in a few minutes:
 3. bfloat16 *parameters* on the regression data: round-to-nearest parameter
    updates against ``jadam.stochastic_rounding`` against float32 parameters.
 
-Run:  python examples/memory_study.py [--quick] [--plot docs/img]
+Run:  python examples/memory_study.py [--quick] [--plot [DIR]]
       prints a Markdown table per experiment and, with --plot, writes
-      memory_storage.png and memory_bf16_params.png;
+      memory_storage.png and memory_bf16_params.png into DIR (by default
+      ./jadam-output/, made in the current directory if needed); the
+      figures of docs/memory.md are committed, so refresh them explicitly
+      with  python examples/memory_study.py --plot docs/img
       python examples/memory_study.py --speed 4194304 16777216
       times float32, bfloat16 and int8 moment steps side by side;
       python examples/memory_study.py --parts 4194304
@@ -39,6 +42,10 @@ import jadam
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import quickstart  # noqa: E402  (the regression model and data)
+
+# Where --plot without a folder writes: a folder of the current directory,
+# so that a run never overwrites the figures committed in docs/img.
+DEFAULT_OUT = pathlib.Path("jadam-output")
 
 # Storage settings compared. The quickstart model's largest leaf has 256
 # elements, below int8's default min_size of 4096 (which would leave it all
@@ -281,12 +288,16 @@ def time_parts(size: int, rounds: int = 11) -> dict:
 # --------------------------------------------------------------------------
 
 
-def main(argv=None) -> dict:
+def parse_args(argv=None) -> argparse.Namespace:
+  """The command line (see the module docstring)."""
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--quick", action="store_true",
                       help="fewer epochs (a smoke run)")
-  parser.add_argument("--plot", type=pathlib.Path, default=None,
-                      help="directory to write the PNG figures into")
+  parser.add_argument("--plot", type=pathlib.Path, nargs="?", default=None,
+                      const=DEFAULT_OUT, metavar="DIR",
+                      help="write the PNG figures into DIR, made if needed "
+                      f"(without DIR: ./{DEFAULT_OUT}; docs/img refreshes "
+                      "the committed figures)")
   parser.add_argument("--speed", type=int, nargs="*", metavar="SIZE",
                       help="only time steps on one leaf of each SIZE")
   parser.add_argument("--parts", type=int, nargs="?", const=1 << 22,
@@ -295,7 +306,16 @@ def main(argv=None) -> dict:
   parser.add_argument("--default-xla-flags", action="store_true",
                       help="with --speed or --parts: leave XLA:CPU "
                       "multi-output fusion off")
-  args = parser.parse_args(argv)
+  return parser.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+  """Run the experiments, or with ``--speed`` / ``--parts`` the timings.
+
+  Returns:
+    experiment → storage or mode → per-epoch losses (empty for timings).
+  """
+  args = parse_args(argv)
   if (args.speed is not None or args.parts is not None) and not (
       args.default_xla_flags):
     jadam.enable_cpu_fusion()  # before the first computation, as the bench
@@ -354,6 +374,7 @@ def main(argv=None) -> dict:
 
 
 def _plot(results: dict, directory: pathlib.Path) -> None:
+  """Write the two figures into ``directory`` and print their paths."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -370,7 +391,10 @@ def _plot(results: dict, directory: pathlib.Path) -> None:
   fig.suptitle("Adam moments stored in float32, bfloat16, float16 and int8 "
                "(2-core CPU)")
   fig.tight_layout()
-  fig.savefig(directory / "memory_storage.png", dpi=110)
+  path = directory / "memory_storage.png"
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  print(f"wrote {path}", flush=True)
   fig, ax = plt.subplots(figsize=(6, 4))
   for mode, losses in results["bf16_params"].items():
     ax.plot(range(1, len(losses) + 1), losses, label=mode)
@@ -378,7 +402,10 @@ def _plot(results: dict, directory: pathlib.Path) -> None:
          ylabel="full-data MSE", yscale="log")
   ax.legend()
   fig.tight_layout()
-  fig.savefig(directory / "memory_bf16_params.png", dpi=110)
+  path = directory / "memory_bf16_params.png"
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  print(f"wrote {path}", flush=True)
 
 
 if __name__ == "__main__":

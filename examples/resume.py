@@ -148,6 +148,9 @@ def main(argv=None) -> dict:
           jax.tree_util.tree_flatten_with_path(params)[0]}
   if args.out:
     np.savez(args.out, **flat)
+    # np.savez adds the suffix when it is missing; print the real name.
+    written = args.out if args.out.endswith(".npz") else args.out + ".npz"
+    print(f"wrote {written}", flush=True)
   return flat
 
 

@@ -20,8 +20,13 @@ For logistic regression the Adam-family rates decay as α/√t as in the paper;
 schedule-free AdamW keeps its rate constant, which is its point.
 
 Run: python examples/variants_study.py   (a few minutes on two CPU cores;
-prints the tables and writes docs/img/variants_logreg.png and
-docs/img/variants_mlp.png)
+prints the tables and writes variants_logreg.png and variants_mlp.png into
+./jadam-output/, made in the current directory if needed; ``--out DIR``
+writes them elsewhere, and ``--help`` lists the other options)
+
+Refresh the figures of docs/variants.md, which are committed, explicitly:
+
+    python examples/variants_study.py --out docs/img
 """
 
 from __future__ import annotations
@@ -208,9 +213,19 @@ def format_table(problem: str,
   return "\n".join(lines)
 
 
-def main(argv=None) -> dict[str, dict[str, kingma_ba.StudyResult]]:
-  args = kingma_ba.study_arguments(__doc__.splitlines()[0],
+def parse_args(argv=None):
+  """The command line of kingma_ba.py's study, figures named variants_*.png."""
+  return kingma_ba.study_arguments(__doc__.splitlines()[0],
                                    "variants").parse_args(argv)
+
+
+def main(argv=None) -> dict[str, dict[str, kingma_ba.StudyResult]]:
+  """Run the comparison (or, with ``--tune``, the learning-rate search).
+
+  Returns:
+    problem → name → ``kingma_ba.StudyResult`` (empty with ``--tune``).
+  """
+  args = parse_args(argv)
 
   data = kingma_ba.load_data()
   print(f"digits: {len(data.x_train)} training and {len(data.x_test)} test "

@@ -9,9 +9,12 @@ only decides *placement*:
   Plain ``jnp.zeros`` under ``jax.jit`` has no data dependence on the
   parameter, so the compiler is free to put it anywhere (in practice whole on
   one device). On ``Explicit`` mesh axes the zeros copy the sharding in the
-  parameter's type; on ``Auto`` axes a sharding group
-  (``jax.experimental.shard_alike``) makes the compiler give them the
-  parameter's sharding, on a data, model or mixed mesh alike.
+  parameter's type; on ``Auto`` axes they are computed *from* the parameter
+  (:func:`zeros_tied_to`), an elementwise chain the compiler's sharding
+  propagation follows, so they get the parameter's sharding on a data, model
+  or mixed mesh alike. Only public JAX is used, the same on every supported
+  release (earlier versions used ``jax.experimental.shard_alike``, which JAX
+  0.11 removed).
 * :func:`abstract_state` / :func:`state_shardings`: the shapes and shardings
   of ``tx.init(params)`` without allocating it (for ``out_shardings`` or for
   restoring a checkpoint onto a mesh).
@@ -30,7 +33,6 @@ from typing import Any, Hashable, Sequence
 import jax
 import jax.numpy as jnp
 import optax
-from jax.experimental.shard_alike import shard_alike
 from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
 
 Array = jax.Array
@@ -81,38 +83,76 @@ def _leading_split(sharding: NamedSharding, ndim: int,
   dimension's split (a split of a later dimension interleaves and cannot be
   followed), provided the number of pieces divides evenly.
   """
+  if not shape:
+    return NamedSharding(sharding.mesh, PartitionSpec())
   lead = sharding.spec[0] if ndim and len(sharding.spec) else None
-  if not shape or shape[0] % _axis_size(sharding.mesh, lead):
+  if shape[0] % _axis_size(sharding.mesh, lead):
     lead = None
   return NamedSharding(sharding.mesh, PartitionSpec(lead))
 
 
 def _traced_zeros(like: Array, shape: tuple[int, ...], dtype: Any) -> Array:
-  """Zeros under tracing, in one sharding group with (a view of) ``like``.
+  """Zeros under tracing, placed like (a view of) ``like``.
 
   On a mesh with ``Explicit`` axes the sharding is part of ``like``'s type
-  and is copied; on ``Auto`` axes it is only decided by the compiler, and the
-  sharding group ties the zeros to whatever it decides for ``like``.
+  and is copied; on ``Auto`` axes it is only decided by the compiler, and
+  computing the zeros from ``like`` (:func:`zeros_tied_to`) makes its sharding
+  propagation give them whatever it decides for ``like``.
   """
   if shape == tuple(like.shape):
-    # full_like copies an explicit sharding (and shard_map varying axes).
-    return shard_alike(jax.lax.full_like(like, 0, dtype), like)[0]
+    # Elementwise from the parameter: copies an Explicit sharding in the
+    # type, follows an Auto one in the compiler, and keeps shard_map's
+    # varying axes.
+    return zeros_tied_to(like, dtype)
   if not shape or math.prod(shape) == 0 or like.size == 0:
     return jnp.zeros(shape, dtype)
   typed = jax.typeof(like).sharding
   if _has_explicit_axes(typed):
-    return jax.lax.full(shape, 0, dtype,
-                        sharding=_leading_split(typed, like.ndim, shape))
+    # reshard, not ``full(..., sharding=)``: JAX 0.12 drops that argument
+    # under jit on an abstract mesh.
+    zeros = jax.sharding.reshard(jnp.zeros(shape, dtype),
+                                 _leading_split(typed, like.ndim, shape))
+    # The barrier makes the computation use ``like``, so that jit takes its
+    # devices from the parameter even when no other output reads it.
+    return jax.lax.optimization_barrier((zeros, like))[0]
   # View the flattened parameter as shape[0] consecutive pieces, broadcast to
   # ``shape``: an anchor carrying the parameter's split of the leading
-  # dimension. Only its sharding is used; the compiler drops it as dead code.
+  # dimension, from which the zeros are computed.
   pieces = shape[0]
   per_piece = -(-like.size // pieces)
   flat = jnp.pad(jnp.ravel(like), (0, pieces * per_piece - like.size))
   first_of_piece = flat.reshape(pieces, per_piece)[:, :1]
   anchor = jnp.broadcast_to(
       first_of_piece, (pieces, max(1, math.prod(shape[1:])))).reshape(shape)
-  return shard_alike(jnp.zeros(shape, dtype), anchor)[0]
+  return zeros_tied_to(anchor, dtype)
+
+
+def zeros_tied_to(like: Array, dtype: Any) -> Array:
+  """Exact zeros of ``like``'s shape, computed from ``like`` elementwise.
+
+  A plain constant has no operand, so on ``Auto`` mesh axes the compiler may
+  place it anywhere. These zeros are a logical right shift of ``like``'s bit
+  pattern by its full width, which XLA defines as 0 for every input (NaN and
+  infinities included) and which its simplifier leaves in place, so sharding
+  propagation gives them ``like``'s sharding. The cost is one read of
+  ``like`` when the state is created. ``tests/test_sharding.py`` checks the
+  placement on every supported JAX.
+
+  Args:
+    like: an array or tracer of any numeric or boolean dtype.
+    dtype: dtype of the zeros.
+
+  Returns:
+    Zeros of ``like.shape`` and ``dtype``.
+  """
+  if jnp.issubdtype(like.dtype, jnp.complexfloating):
+    like = jnp.real(like)
+  if jnp.issubdtype(like.dtype, jnp.bool_):
+    like = like.astype(jnp.uint8)
+  width = jnp.dtype(like.dtype).itemsize * 8
+  word = jax.lax.bitcast_convert_type(like, jnp.dtype(f"uint{width}"))
+  zeros = jax.lax.shift_right_logical(word, jnp.asarray(width, word.dtype))
+  return zeros.astype(dtype)
 
 
 def _has_explicit_axes(sharding: Any) -> bool:
@@ -313,8 +353,13 @@ def zero1(tx: optax.GradientTransformation, mesh: Mesh,
                       == jax.sharding.AxisType.Explicit)
 
   def place(leaf):
-    if not isinstance(leaf, (jax.Array, jax.core.Tracer)) or leaf.ndim == 0:
+    if not isinstance(leaf, (jax.Array, jax.core.Tracer)):
       return leaf
+    if leaf.ndim == 0:
+      # Scalars (step counts) are replicated on the mesh, as jit returns them.
+      if isinstance(leaf, jax.core.Tracer):
+        return leaf
+      return jax.device_put(leaf, NamedSharding(mesh, PartitionSpec()))
     if not isinstance(leaf, jax.core.Tracer):
       # Eager: the leaf's sharding is known exactly (or it is off the mesh).
       on_mesh = (isinstance(leaf.sharding, NamedSharding)
@@ -343,15 +388,28 @@ def zero1(tx: optax.GradientTransformation, mesh: Mesh,
     # axes the compiler places them: give the step out_shardings for params.
     anchor = updates if params is None else params
     new_updates = jax.tree.map(
-        lambda new, old: _keep_sharding(new, old, explicit_only=True),
-        new_updates, anchor)
-    return new_updates, jax.tree.map(_keep_sharding, new_state, state)
+        _keep_sharding, new_updates, anchor)
+    # The state keeps its split: exactly the old state's sharding where it is
+    # known (Explicit axes, or eager arrays). On Auto axes under jit each new
+    # state array is computed elementwise from the old one, and the compiler
+    # propagates the incoming state's sharding to it (tests/test_sharding.py
+    # checks this on data and mixed meshes).
+    def keep(new, old):
+      if (isinstance(old, jax.Array) and not isinstance(old, jax.core.Tracer)
+          and isinstance(new, jax.Array) and new.shape == old.shape):
+        return jax.device_put(new, old.sharding)
+      return _keep_sharding(new, old)
+    return new_updates, jax.tree.map(keep, new_state, state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def _keep_sharding(new: Any, old: Any, explicit_only: bool = False) -> Any:
-  """``new`` sharded like ``old`` (arrays of the same shape; else unchanged)."""
+def _keep_sharding(new: Any, old: Any) -> Any:
+  """``new`` resharded like ``old`` where ``old``'s type carries a sharding.
+
+  Only arrays of the same shape on ``Explicit`` mesh axes are resharded;
+  anything else comes back unchanged.
+  """
   if not (isinstance(new, (jax.Array, jax.core.Tracer))
           and isinstance(old, (jax.Array, jax.core.Tracer))
           and new.shape == old.shape and new.ndim > 0):
@@ -359,9 +417,7 @@ def _keep_sharding(new: Any, old: Any, explicit_only: bool = False) -> Any:
   typed = jax.typeof(old).sharding
   if _has_explicit_axes(typed):
     return jax.sharding.reshard(new, typed)
-  if explicit_only:
-    return new
-  return shard_alike(new, old)[0]
+  return new
 
 
 # ---------------------------------------------------------------------------

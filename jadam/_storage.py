@@ -429,8 +429,11 @@ def _block_max_abs(flat: Array, block: int) -> Array:
   the maxima are taken as max(x) and -min(x) of the gradient itself, and
   only if some block holds a non-finite value are they recomputed with the
   non-finite values left out, a tile at a time (under ``lax.cond``, which a
-  healthy step does not pay for).
+  healthy step does not pay for). Complex values are reduced by modulus
+  (the max and min of a complex array would order by real part).
   """
+  if jnp.iscomplexobj(flat):
+    flat = jnp.abs(flat)
   parts = _blocks(flat, block)
 
   def finite_max(part):

@@ -340,6 +340,11 @@ def run(trees: Sequence[str], impls: Sequence[str], steps: int = 15,
   for name in impls:
     if name not in available:
       log(f"skipping {name}: not available here")
+  if TRAIN_TREE in trees and not _importable("flax"):
+    # The training-step row builds a Flax model; say so before any work.
+    log(f"skipping {TRAIN_TREE}: it needs Flax, which is not installed "
+        "(pip install 'jadam[examples]')")
+    trees = [t for t in trees if t != TRAIN_TREE]
   if "torch_fused" in available and _torch_adam_kind() != "fused":
     log("torch has no fused Adam on this CPU: torch_fused uses foreach=True")
   for tree in trees:
@@ -371,6 +376,11 @@ def run(trees: Sequence[str], impls: Sequence[str], steps: int = 15,
     del runners
     gc.collect()
   return {"results": results, "floor_ms": floor_ms, "machine": _machine()}
+
+
+def _importable(module: str) -> bool:
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  return importlib.util.find_spec(module) is not None
 
 
 def _machine() -> dict[str, Any]:

@@ -70,3 +70,49 @@ PROBLEMS = {
     "rosenbrock": _rosenbrock_problem,
     "mlp": _mlp_problem,
 }
+
+
+# ---------------------------------------------------------------------------
+# jadam's own code raises no deprecation warnings.
+#
+# A DeprecationWarning or FutureWarning emitted while a frame of the jadam
+# package is on the stack is turned into an error, so that the next removal
+# in JAX, optax or NumPy shows up here before users see it. The stack is
+# inspected because libraries attribute their warnings to varying frames
+# (``stacklevel``), often to their own array methods rather than to the
+# caller. C-level warnings (NumPy's) are caught by the module filter in
+# pyproject.toml instead.
+
+import os as _os
+import sys as _sys
+import warnings as _warnings
+
+_PACKAGE = _os.path.join(
+    _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))), "jadam")
+_DEPRECATIONS = (DeprecationWarning, PendingDeprecationWarning, FutureWarning)
+
+
+def _jadam_frame_on_stack():
+  frame = _sys._getframe(2)  # pylint: disable=protected-access
+  while frame is not None:
+    if frame.f_code.co_filename.startswith(_PACKAGE):
+      return frame.f_code.co_filename, frame.f_lineno
+    frame = frame.f_back
+  return None
+
+
+_plain_warn = _warnings.warn
+
+
+def _warn(message, category=None, stacklevel=1, source=None, **kwargs):
+  kind = category or (type(message) if isinstance(message, Warning)
+                      else UserWarning)
+  if issubclass(kind, _DEPRECATIONS):
+    where = _jadam_frame_on_stack()
+    if where is not None:
+      raise kind(f"{message} (raised under jadam code at "
+                 f"{where[0]}:{where[1]})")
+  return _plain_warn(message, category, stacklevel + 1, source, **kwargs)
+
+
+_warnings.warn = _warn
