@@ -211,3 +211,20 @@ def test_benchmark_quick_run_writes_the_json_schema(tmp_path):
       # Adam keeps m and v in float32 (plus one step counter per tree).
       assert 8.0 <= row["state_bytes_per_param"] < 8.1
   assert {("gpt_like_train", "jadam"), ("gpt_like_train", "optax")} <= set(rows)
+
+
+def test_benchmark_without_flax_skips_the_training_row_and_says_why(
+    monkeypatch):
+  # An install without the extras has no Flax: the training-step row, which
+  # builds a Flax model, is skipped up front with the reason, and the other
+  # rows still run.
+  from jadam import bench
+  real = bench._importable
+  monkeypatch.setattr(bench, "_importable",
+                      lambda name: name != "flax" and real(name))
+  messages = []
+  doc = bench.run(["single_16m", bench.TRAIN_TREE], ["jadam"], steps=1,
+                  warmup=0, quick=True, log=messages.append)
+  assert any("skipping gpt_like_train" in m and "Flax" in m
+             for m in messages)
+  assert {r["tree"] for r in doc["results"]} == {"single_16m"}

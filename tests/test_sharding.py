@@ -228,3 +228,17 @@ def test_zero1_init_moves_off_mesh_parameters_state_onto_the_mesh(axis_type):
   assert state[0].nu["w"].sharding.is_equivalent_to(
       NamedSharding(mesh, P("data", None)), 2)
   assert jnp.allclose(updates["w"], -1e-3)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16",
+                                   "complex64", "int32", "bool"])
+def test_zeros_tied_to_the_parameter_are_exact_for_every_value(dtype):
+  # The zeros that carry a parameter's placement are computed from it; they
+  # must be +0 whatever the parameter holds, NaN and infinities included.
+  values = jnp.array([0.0, -0.0, 1.5, -3.0, jnp.inf, -jnp.inf, jnp.nan])
+  like = values.astype(dtype) if dtype != "bool" else values > 0
+  for compile_it in (False, True):
+    make = lambda x: _sharding.zeros_tied_to(x, jnp.float32)
+    zeros = (jax.jit(make) if compile_it else make)(like)
+    assert zeros.dtype == jnp.float32 and zeros.shape == like.shape
+    assert not jnp.any(jnp.signbit(zeros)) and not jnp.any(zeros != 0)

@@ -1,6 +1,9 @@
 """What was tried to bring one flat Adam step nearer the bandwidth floor.
 
-``python -m jadam._bench_kernels`` times ``jadam.adam`` on one flat float32
+An experiment record, kept outside the installed package; run it from a
+checkout with jadam installed.
+
+``python benchmarks/kernels.py`` times ``jadam.adam`` on one flat float32
 buffer of 16M elements (the ``single_16m`` tree) compiled several ways,
 interleaved in one process with the in-place copy that sets the floor:
 
@@ -22,7 +25,7 @@ interleaved in one process with the in-place copy that sets the floor:
   computes the direction from the loaded inputs and XLA merges the parameter
   and both moments into one loop: 28 bytes (see ``jadam._fusion``).
 
-``python -m jadam._bench_kernels --train-step jadam,optax`` asks what the
+``python benchmarks/kernels.py --train-step jadam,optax`` asks what the
 process-wide flag costs outside the optimizer: the benchmark's transformer
 LM training step (forward, backward, update) runs in two child processes per
 implementation, one with the flag and one without, stepped one at a time in
@@ -163,7 +166,7 @@ def compare_train_flags(impls, rounds: int) -> dict[tuple[str, bool], float]:
   for impl in impls:
     for fused in (True, False):
       child = subprocess.Popen(
-          [sys.executable, "-m", "jadam._bench_kernels", "--serve-train",
+          [sys.executable, os.path.abspath(__file__), "--serve-train",
            f"{impl},{int(fused)}"], stdin=subprocess.PIPE,
           stdout=subprocess.PIPE, text=True, env=env)
       if child.stdout.readline().strip() != "ready":
@@ -224,7 +227,7 @@ def main(argv=None) -> int:
   if args.multi_output_fusion:
     env = dict(os.environ)
     env["XLA_FLAGS"] = _fusion._with_option(env.get("XLA_FLAGS", ""))
-    subprocess.run([sys.executable, "-m", "jadam._bench_kernels", "--steps",
+    subprocess.run([sys.executable, os.path.abspath(__file__), "--steps",
                     str(args.steps), "--blocks", args.blocks], env=env,
                    check=True)
   return 0
