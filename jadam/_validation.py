@@ -29,7 +29,12 @@ def _scalar(name: str, value: Any) -> Optional[float]:
   array = _concrete(value)
   if array is None:
     return None
-  if array.ndim != 0 or not np.issubdtype(array.dtype, np.number) or np.iscomplexobj(array):
+  # jnp's dtype tree, not NumPy's: ml_dtypes such as bfloat16 are floating
+  # there (optax.inject_hyperparams casts hyperparameters to the parameters'
+  # dtype), but not np.number.
+  real = (jnp.issubdtype(array.dtype, jnp.floating)
+          or jnp.issubdtype(array.dtype, jnp.integer))
+  if array.ndim != 0 or not real:
     raise ValueError(f"{name} must be a real scalar, got {value!r}.")
   return float(array)
 

@@ -2,6 +2,8 @@
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+import optax
 import pytest
 
 import jadam
@@ -63,3 +65,32 @@ def test_integer_or_boolean_gradients_raise_type_error(dtype):
   state = opt.init({"w": jnp.ones(2), "steps": jnp.ones(2)})
   with pytest.raises(TypeError, match=r"\['steps'\]"):
     opt.update({"w": jnp.ones(2), "steps": jnp.ones(2, dtype)}, state)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_low_precision_scalar_hyperparameters_are_accepted(dtype):
+  # ml_dtypes scalars are real numbers, although NumPy's np.number excludes
+  # bfloat16.
+  lr = jnp.asarray(1e-3, dtype)
+  params = {"w": jnp.ones(3)}
+  tx = jadam.adam(lr, b1=jnp.asarray(0.875, dtype))
+  updates, _ = tx.update({"w": jnp.ones(3)}, tx.init(params), params)
+  np.testing.assert_allclose(updates["w"], -float(lr), rtol=1e-4)
+
+
+def test_inject_hyperparams_with_float16_parameters():
+  # optax.inject_hyperparams casts hyperparameters to the parameters' dtype
+  # outside jit. (With bfloat16 parameters b2=0.999 rounds to 1.0, which
+  # jadam rejects: the bias correction 1 - b2**t would be 0.)
+  params = {"w": jnp.ones(3, jnp.float16)}
+  tx = optax.inject_hyperparams(jadam.adam)(learning_rate=1e-3)
+  updates, _ = tx.update({"w": jnp.ones(3, jnp.float16)}, tx.init(params),
+                         params)
+  assert updates["w"].dtype == jnp.float16
+  np.testing.assert_allclose(np.asarray(updates["w"], np.float32), -1e-3,
+                             rtol=1e-3)
+
+
+def test_complex_scalar_hyperparameters_are_rejected():
+  with pytest.raises(ValueError, match="learning_rate must be a real scalar"):
+    jadam.adam(1e-3 + 1e-3j)
