@@ -77,17 +77,20 @@ def skip_nonfinite(
   ``inner``, up to float rounding: XLA may fuse the update differently with
   the skip flag as one more input.
 
-  The check reads each gradient once (one reduction per leaf). jadam's own
-  Adam-family transformations inside ``inner`` then skip the step in the
-  same elementwise pass that takes it (see
-  :func:`jadam._transform.step_only_if`: each new moment is selected
+  The check reads each gradient once (one reduction per leaf). The decision
+  goes down to ``inner`` as the extra ``update`` argument ``jadam_step_if``
+  (a :class:`jadam._transform.StepIf` made afresh in each call), which
+  ``optax.chain``, ``inject_hyperparams``, ``MultiSteps``, ``partition``,
+  ``masked`` and the other wrappers of optax's extra-args protocol forward.
+  jadam's own Adam-family transformations that receive it skip the step in
+  the same elementwise pass that takes it (each new moment is selected
   against the old one where it is computed, leaving the moments bitwise in
-  place), so protecting them costs little more
-  than that check. Every other piece of state (optax transformations, the
-  variants of :mod:`jadam._variants`, states that a wrapper such as
-  ``MultiSteps`` rebuilds) is kept with ``jnp.where`` between the new and the
-  old value, which is correct for any transformation but costs a pass over
-  large state.
+  place), so protecting them costs little more than that check. Every other
+  piece of state (optax transformations, the variants of
+  :mod:`jadam._variants`, states behind a wrapper that does not forward
+  extra arguments, states that a wrapper such as ``MultiSteps`` rebuilds) is
+  kept with ``jnp.where`` between the new and the old value, which is
+  correct for any transformation but costs a pass over large state.
 
   Unlike ``optax.apply_if_finite`` this never gives up and applies a bad
   update: a run whose gradients stay non-finite keeps its last good
@@ -95,7 +98,10 @@ def skip_nonfinite(
 
   Args:
     inner: any optax transformation, for example ``jadam.adam(1e-3)`` or an
-      ``optax.chain``. Extra update arguments are passed through.
+      ``optax.chain``. Extra update arguments are passed through, together
+      with ``jadam_step_if``; an ``optax.GradientTransformationExtraArgs``
+      inside must therefore accept (and may ignore) unknown ones, as that
+      protocol asks.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with state
@@ -121,17 +127,23 @@ def skip_nonfinite(
 
   def update_fn(updates, state, params=None, **extra_args):
     finite = all_finite(updates)
-    with _transform.step_only_if(finite) as guarded:
-      new_updates, new_inner = inner.update(updates, state.inner_state, params,
-                                            **extra_args)
+    # A fresh signal per call: what it records about this call's updates
+    # cannot reach another call, another thread, or a cached trace.
+    step_if = _transform.StepIf(finite)
+    new_updates, new_inner = inner.update(
+        updates, state.inner_state, params,
+        **{**extra_args, _transform.STEP_IF: step_if})
     new_updates = jax.tree.map(
         lambda u: jnp.where(finite, u, jnp.zeros_like(u)), new_updates)
-    # States whose update honoured the guard are already right; everything
-    # else is chosen between new and old.
+    select = lambda new, old: jnp.where(finite, new, old)
+    # A state returned by an update that honoured the signal, given exactly
+    # the old state found at the same place, is already the old one on a
+    # skipped step; everything else (also a recorded state found elsewhere)
+    # is chosen between new and old, array by array.
     new_inner = jax.tree.map(
-        lambda new, old: new if id(new) in guarded else jnp.where(
-            finite, new, old),
-        new_inner, state.inner_state, is_leaf=lambda x: id(x) in guarded)
+        lambda new, old: new if step_if.honoured(new, old) else jax.tree.map(
+            select, new, old),
+        new_inner, state.inner_state, is_leaf=step_if.produced)
     skipped = jnp.where(finite, state.skipped,
                         optax.safe_increment(state.skipped))
     return new_updates, SkipNonfiniteState(new_inner, skipped)

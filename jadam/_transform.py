@@ -7,9 +7,8 @@ gradients, and keeps the state.
 
 from __future__ import annotations
 
-import contextlib
 import functools
-from typing import Any, Iterator, NamedTuple, Optional
+from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -93,36 +92,95 @@ def amsgrad_state(count, mu, nu, nu_max, scales=None):
   return QuantizedAmsgradState(count, mu, nu, nu_max, scales)
 
 
-# Guards opened by ``jadam.skip_nonfinite``: (active, ids of the states whose
-# update honoured it). Tracing is synchronous, so every jadam update traced
-# inside the wrapped optimizer's ``update`` sees the innermost guard, however
-# deeply optax wrappers nest it.
-_GUARDS: list[tuple[jax.Array, set[int]]] = []
+# The keyword under which a wrapper passes the skip decision to ``update``
+# (optax's extra-args protocol), namespaced so that it cannot collide with
+# another transformation's extra argument.
+STEP_IF = "jadam_step_if"
 
 
-@contextlib.contextmanager
-def step_only_if(active: jax.Array) -> Iterator[set[int]]:
-  """Make jadam's Adam-family updates traced inside skippable.
+class StepIf:
+  """One call's skip decision, passed to ``update`` as ``jadam_step_if=``.
 
-  Within the context, an update of :func:`scale_by_adam` and friends takes
-  its step where the traced bool ``active`` is True and otherwise returns a
-  zero direction with its moments and count bitwise unchanged. It does so
-  inside the same elementwise pass (``AdamRule.held``: each new moment is
-  selected against the old one where it is computed), without a select over
-  whole arrays afterwards, which makes XLA copy donated moments. int8 codes
-  and scales are selected as well, so that a skipped step keeps them bitwise
-  whatever re-encoding gives.
+  :func:`jadam.skip_nonfinite` makes a fresh one in each of its ``update``
+  calls and passes it down as an extra argument; optax's wrappers (``chain``,
+  ``inject_hyperparams``, ``MultiSteps``, ``partition``, ``masked``, ...)
+  forward it to the transformations inside that accept extra arguments. An
+  update of jadam's Adam family that receives it takes its step only where
+  ``active`` is True and records the state it was given and the state it
+  returned, so that the wrapper can tell which of the states it gets back
+  are already right on a skipped step and need no select.
 
-  Yields:
-    the set of ``id``s of the states produced under the guard: those states
-    need no further protection by the caller.
+  The record lives only as long as this object, one ``update`` call; it is
+  not part of the pytree, so a ``jax.jit`` boundary between the wrapper and
+  the update carries ``active`` but not the record (the states then come
+  back unrecorded and the wrapper selects them, which is always correct).
+
+  Attributes:
+    active: a bool scalar (traced or not): take the step where True.
   """
-  frame = (active, set())
-  _GUARDS.append(frame)
-  try:
-    yield frame[1]
-  finally:
-    _GUARDS.pop()
+
+  __slots__ = ("active", "_honoured")
+
+  def __init__(self, active: ArrayLike):
+    self.active = active
+    # id(returned state) -> (given state, returned state). Holding both keeps
+    # their ids from being reused by other objects while the record is read.
+    self._honoured: dict[int, tuple[Any, Any]] = {}
+
+  def record(self, given: Any, returned: Any) -> None:
+    """Note that an update given ``given`` honoured this and returned
+    ``returned``."""
+    self._honoured[id(returned)] = (given, returned)
+
+  def produced(self, node: Any) -> bool:
+    """True if ``node`` is a state returned by an update that honoured this."""
+    entry = self._honoured.get(id(node))
+    return entry is not None and entry[1] is node
+
+  def honoured(self, new: Any, old: Any) -> bool:
+    """True if an update given exactly ``old`` honoured this and returned
+    exactly ``new``: then ``new`` is ``old`` bitwise where ``active`` is
+    False, and needs no select."""
+    entry = self._honoured.get(id(new))
+    return entry is not None and entry[1] is new and entry[0] is old
+
+
+def _step_if_flatten(step_if: StepIf):
+  return (step_if.active,), None
+
+
+def _step_if_unflatten(_, children) -> StepIf:
+  return StepIf(*children)
+
+
+# Only ``active`` crosses a pytree boundary (jit, vmap, tree maps); the
+# record stays with the object the wrapper made.
+jax.tree_util.register_pytree_node(StepIf, _step_if_flatten,
+                                   _step_if_unflatten)
+
+
+def _step_signal(extra_args: dict[str, Any]) -> tuple[Optional[StepIf],
+                                                      Optional[jax.Array]]:
+  """The skip decision among ``update``'s extra arguments, if one was passed.
+
+  Returns:
+    ``(step_if, active)``: the :class:`StepIf` passed (None when a plain bool
+    was passed instead, or nothing) and the bool scalar ``active`` (None when
+    nothing was passed).
+
+  Raises:
+    TypeError: if the value is not a bool scalar.
+  """
+  value = extra_args.get(STEP_IF)
+  if value is None:
+    return None, None
+  step_if = value if isinstance(value, StepIf) else None
+  active = jnp.asarray(value.active if step_if is not None else value)
+  if active.dtype != jnp.bool_ or active.shape != ():
+    raise TypeError(f"{STEP_IF} must be a bool scalar (or a "
+                    f"jadam._transform.StepIf holding one), got "
+                    f"{active.dtype}{list(active.shape)}.")
+  return step_if, active
 
 
 def _check_rule(rule: _rule.AdamRule) -> None:
@@ -147,8 +205,18 @@ def _check_rule(rule: _rule.AdamRule) -> None:
 
 
 def _scale_by_rule(rule: _rule.AdamRule, mu_dtype: Any,
-                   nu_dtype: Any) -> optax.GradientTransformation:
-  """A GradientTransformation applying ``rule`` leaf by leaf."""
+                   nu_dtype: Any) -> optax.GradientTransformationExtraArgs:
+  """A GradientTransformationExtraArgs applying ``rule`` leaf by leaf.
+
+  Its ``update(updates, state, params=None, **extra_args)`` reads one extra
+  argument, ``jadam_step_if`` (:data:`STEP_IF`): a bool scalar, or a
+  :class:`StepIf` holding one. Where it is False the step is skipped inside
+  the same elementwise pass that would take it (``AdamRule.held``: each new
+  moment is selected against the old one where it is computed), without a
+  select over whole arrays afterwards, which would make XLA copy donated
+  moments: the direction is zero and count, moments, and int8 codes and
+  scales come back bitwise unchanged. Other extra arguments are ignored.
+  """
   _check_rule(rule)
   mu_storage = _storage.canonical_storage("mu_dtype", mu_dtype)
   nu_storage = _storage.canonical_storage("nu_dtype", nu_dtype)
@@ -175,15 +243,15 @@ def _scale_by_rule(rule: _rule.AdamRule, mu_dtype: Any,
       return amsgrad_state(count, mu, nu, nu_max, scales)
     return adam_state(count, mu, nu, scales)
 
-  def update_fn(updates, state, params=None):
+  def update_fn(updates, state, params=None, **extra_args):
+    # Extra arguments meant for other transformations of a chain are ignored.
     del params
     _validation.check_same_tree(updates, state.mu, what="optimizer state")
     _validation.check_float_leaves(updates)
-    guard = _GUARDS[-1] if _GUARDS else None
+    step_if, active = _step_signal(extra_args)
     count = optax.safe_increment(state.count)
     step_rule = rule
-    if guard is not None:
-      active = guard[0]
+    if active is not None:
       count = jnp.where(active, count, state.count)
       step_rule = rule._replace(held=jnp.logical_not(active))
     grads, treedef = jax.tree.flatten(updates)
@@ -203,7 +271,7 @@ def _scale_by_rule(rule: _rule.AdamRule, mu_dtype: Any,
       direction, moments, scales = _storage.step_leaf(
           g, stored, count, step_rule, index=index, scales=leaf_scales,
           formats=formats)
-      if guard is not None and any(
+      if active is not None and any(
           x is not None and x.dtype in (jnp.int8, jnp.uint8) for x in stored):
         # Re-encoding unchanged int8 moments need not give the same codes.
         held = functools.partial(_rule.hold, step_rule.held)
@@ -225,11 +293,11 @@ def _scale_by_rule(rule: _rule.AdamRule, mu_dtype: Any,
       new_state = amsgrad_state(count, *moment_trees[:3], scales)
     else:
       new_state = adam_state(count, *moment_trees[:2], scales)
-    if guard is not None:
-      guard[1].add(id(new_state))
+    if step_if is not None:
+      step_if.record(state, new_state)
     return out, new_state
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def scale_by_adam(
@@ -243,7 +311,7 @@ def scale_by_adam(
     nesterov: bool = False,
     cautious: bool = False,
     numerics: str = "optax",
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
   """Rescale gradients by Adam's bias-corrected moments.
 
   The transformation returns ``m̂_t / (√(v̂_t + eps_root) + eps)``; chain it
@@ -269,7 +337,12 @@ def scale_by_adam(
       ε is 1e-7.
 
   Returns:
-    An ``optax.GradientTransformation`` with state :class:`ScaleByAdamState`.
+    An ``optax.GradientTransformationExtraArgs`` with state
+    :class:`ScaleByAdamState`. Its ``update`` accepts the extra argument
+    ``jadam_step_if``, a bool scalar: where it is False the step is skipped
+    (zero direction, count and moments bitwise unchanged) inside the same
+    fused pass; :func:`jadam.skip_nonfinite` passes it. Other extra
+    arguments, meant for other members of a chain, are ignored.
 
   Raises:
     ValueError: at construction, naming the argument that is out of range.
@@ -302,7 +375,7 @@ def scale_by_amsgrad(
     nu_dtype: Optional[Any] = None,
     cautious: bool = False,
     numerics: str = "optax",
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
   """Adam dividing by the running maximum of the bias-corrected v̂.
 
   Args:
@@ -314,7 +387,9 @@ def scale_by_amsgrad(
       ``keras.optimizers.Adam(amsgrad=True)``.
 
   Returns:
-    An ``optax.GradientTransformation`` with state :class:`ScaleByAmsgradState`.
+    An ``optax.GradientTransformationExtraArgs`` with state
+    :class:`ScaleByAmsgradState`; ``update`` accepts ``jadam_step_if`` as in
+    :func:`scale_by_adam`.
 
   Example:
     >>> import jadam
@@ -336,15 +411,16 @@ def scale_by_adamax(
     mu_dtype: Optional[Any] = None,
     nu_dtype: Optional[Any] = None,
     cautious: bool = False,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
   """AdaMax: Adam with the infinity norm u_t = max(β2·u_{t-1}, |g_t| + ε).
 
   Args:
     b1, b2, eps, mu_dtype, nu_dtype, cautious: as in :func:`scale_by_adam`.
 
   Returns:
-    An ``optax.GradientTransformation`` with state :class:`ScaleByAdamState`
-    whose ``nu`` holds u.
+    An ``optax.GradientTransformationExtraArgs`` with state
+    :class:`ScaleByAdamState` whose ``nu`` holds u; ``update`` accepts
+    ``jadam_step_if`` as in :func:`scale_by_adam`.
 
   Example:
     >>> import jadam
@@ -369,7 +445,7 @@ def scale_by_radam(
     mu_dtype: Optional[Any] = None,
     nu_dtype: Optional[Any] = None,
     cautious: bool = False,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
   """RAdam: Adam with the variance of the adaptive step rectified.
 
   Args:
@@ -378,7 +454,9 @@ def scale_by_radam(
     threshold: while the SMA length ρ_t is below it, take momentum steps.
 
   Returns:
-    An ``optax.GradientTransformation`` with state :class:`ScaleByAdamState`.
+    An ``optax.GradientTransformationExtraArgs`` with state
+    :class:`ScaleByAdamState`; ``update`` accepts ``jadam_step_if`` as in
+    :func:`scale_by_adam`.
 
   Example:
     >>> import jadam

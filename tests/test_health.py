@@ -388,9 +388,10 @@ def test_bad_step_leaves_compressed_moments_bitwise(name, storage):
   assert int(new_state.skipped) == 1
 
 
-def test_skip_guard_protects_jadam_state_rebuilt_by_a_wrapper():
+def test_skip_protects_jadam_state_rebuilt_by_a_wrapper():
   # MultiSteps rebuilds its inner state through lax.cond, so the wrapper
-  # cannot tell it was guarded and selects it: still bitwise unchanged.
+  # cannot tell that the update inside honoured the jadam_step_if argument
+  # and selects it: still bitwise unchanged.
   opt = jadam.skip_nonfinite(optax.MultiSteps(jadam.adam(0.05), 2))
   step = _stepper(opt)
   params, state = _run(opt, [_grads(t) for t in range(3)], step)

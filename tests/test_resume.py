@@ -202,13 +202,18 @@ def test_sharded_state_needs_jadam_abstract_state_as_target(tmp_path):
   state = opt.init(_params())
   _save(tmp_path / "ckpt", state)
   checkpointer = ocp.StandardCheckpointer()
-  with pytest.raises(ValueError, match="AbstractMesh"):
-    checkpointer.restore(tmp_path / "ckpt",
-                         jax.eval_shape(opt.init, _params()))
+  shapes = jax.eval_shape(opt.init, _params())
+  if isinstance(getattr(shapes[0].mu["big"].sharding, "mesh", None),
+                jax.sharding.AbstractMesh):
+    # Newer JAX (0.9 on) gives eval_shape's shardings an abstract mesh.
+    with pytest.raises(ValueError, match="AbstractMesh"):
+      checkpointer.restore(tmp_path / "ckpt", shapes)
   restored = checkpointer.restore(
       tmp_path / "ckpt", jadam.abstract_state(opt, _params()))
   _assert_bitwise(restored, state)
-  assert restored[0].mu["big"].sharding == state[0].mu["big"].sharding
+  big = state[0].mu["big"]
+  assert restored[0].mu["big"].sharding.is_equivalent_to(big.sharding,
+                                                         big.ndim)
 
 
 def test_restored_state_keeps_storage_dtypes(tmp_path):
