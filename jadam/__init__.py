@@ -1,6 +1,19 @@
 """jadam: the Adam family as pure Optax GradientTransformations.
 
-Module map:
+Public namespace: the optimizers, their ``scale_by_*`` transformations and
+states, and :class:`FlatView` at the top level; the rest grouped by concern:
+
+* ``jadam.storage``: moment storage formats (``BlockwiseInt8``),
+  ``decode_moments``, ``stochastic_rounding``.
+* ``jadam.health``: ``skip_nonfinite``, ``with_telemetry``, ``stats``.
+* ``jadam.sharding``: ``zero1``, ``abstract_state``, ``state_shardings``, ...
+* ``jadam.rule``: ``adam_step`` and ``AdamRule``, for writing new variants.
+* ``jadam.cpu``: ``enable_cpu_fusion``, a process-wide XLA:CPU setting.
+
+The same names remain importable from the top level (``jadam.zero1`` is
+``jadam.sharding.zero1``), as in earlier releases.
+
+Module map (private modules, one concern each):
 
 * ``_rule``: the Adam rule on one array (Kingma & Ba, Algorithm 1) and its
   variant flags. The only place the arithmetic lives.
@@ -15,6 +28,7 @@ Module map:
   rule's pieces (cautious and Keras numerics are flags of the rule itself).
 * ``_health``: non-finite step skipping and gradient-health telemetry.
 * ``_sharding``: where state lives on a device mesh (follows parameters, ZeRO-1).
+* ``_fusion``: the XLA:CPU single-pass form (platform policy).
 """
 
 from jadam._alias import adam
@@ -65,50 +79,46 @@ from jadam._variants import schedule_free_eval_params
 
 __version__ = "0.1.0"
 
+from jadam import cpu
+from jadam import health
+from jadam import rule
+from jadam import sharding
+from jadam import storage
+
 __all__ = [
-    "AdamRule",
-    "BlockwiseInt8",
-    "FlatView",
-    "HealthStats",
-    "Moments",
-    "QuantizedAdamState",
-    "QuantizedAmsgradState",
-    "ScaleByAdamState",
-    "ScaleByAdemamixState",
-    "ScaleByAmsgradState",
-    "ScaleBySecondMomentState",
-    "StochasticRoundingState",
-    "SkipNonfiniteState",
-    "TelemetryState",
-    "abstract_state",
+    # Optimizers.
     "adam",
-    "adam_step",
     "adamax",
     "adamaxw",
     "adamw",
     "ademamix",
-    "ademamix_b3_schedule",
     "adopt",
     "amsgrad",
-    "decode_moments",
-    "enable_cpu_fusion",
-    "bytes_per_device",
     "nadam",
     "nadamw",
     "radam",
+    "schedule_free_adamw",
+    "schedule_free_eval_params",
+    "ademamix_b3_schedule",
+    # Their scaling transformations and states.
     "scale_by_adam",
     "scale_by_adamax",
     "scale_by_ademamix",
     "scale_by_adopt",
     "scale_by_amsgrad",
     "scale_by_radam",
-    "schedule_free_adamw",
-    "schedule_free_eval_params",
-    "stochastic_rounding",
-    "skip_nonfinite",
-    "state_shardings",
-    "stats",
-    "with_telemetry",
-    "zero1",
-    "zero1_shardings",
+    "QuantizedAdamState",
+    "QuantizedAmsgradState",
+    "ScaleByAdamState",
+    "ScaleByAdemamixState",
+    "ScaleByAmsgradState",
+    "ScaleBySecondMomentState",
+    # The fast path.
+    "FlatView",
+    # Grouped by concern.
+    "cpu",
+    "health",
+    "rule",
+    "sharding",
+    "storage",
 ]

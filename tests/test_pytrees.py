@@ -113,3 +113,25 @@ def test_complex_training_matches_optax():
   ours, _ = train(jadam.adam(1e-2), params, loss, 200)
   theirs, _ = train(optax.adam(1e-2), params, loss, 200)
   np.testing.assert_allclose(ours, theirs, rtol=1e-6, atol=1e-7)
+
+
+def test_grouped_namespaces_hold_the_same_objects_as_the_top_level():
+  # jadam.storage, .health, .sharding, .rule and .cpu group what is not an
+  # optimizer; the top-level names of earlier releases still work.
+  groups = {jadam.storage: {"BlockwiseInt8", "decode_moments",
+                            "stochastic_rounding", "StochasticRoundingState"},
+            jadam.health: {"skip_nonfinite", "with_telemetry", "stats",
+                           "HealthStats", "SkipNonfiniteState",
+                           "TelemetryState"},
+            jadam.sharding: {"zero1", "zero1_shardings", "abstract_state",
+                             "state_shardings", "bytes_per_device"},
+            jadam.rule: {"AdamRule", "Moments", "adam_step"},
+            jadam.cpu: {"enable_cpu_fusion"}}
+  for module, names in groups.items():
+    assert set(module.__all__) == names
+    for name in names:
+      assert getattr(module, name) is getattr(jadam, name)
+  grouped = set().union(*groups.values())
+  assert not grouped & set(jadam.__all__)
+  assert {"adam", "adamw", "adopt", "ademamix", "schedule_free_adamw",
+          "scale_by_adam", "ScaleByAdamState", "FlatView"} <= set(jadam.__all__)

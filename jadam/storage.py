@@ -1,0 +1,15 @@
+"""How moments (and parameters) are stored between steps.
+
+``mu_dtype=``/``nu_dtype=`` of every optimizer take float32, bfloat16,
+float16, ``"int8"`` or a :class:`BlockwiseInt8`; :func:`decode_moments`
+reads any state's moments back as float arrays; :func:`stochastic_rounding`
+keeps low-precision parameters training. See ``docs/memory.md``.
+"""
+
+from jadam._quant import BlockwiseInt8
+from jadam._rounding import StochasticRoundingState
+from jadam._rounding import stochastic_rounding
+from jadam._storage import decode_moments
+
+__all__ = ["BlockwiseInt8", "StochasticRoundingState", "decode_moments",
+           "stochastic_rounding"]
