@@ -67,6 +67,7 @@ from jadam._transform import scale_by_adam
 from jadam._transform import scale_by_adamax
 from jadam._transform import scale_by_amsgrad
 from jadam._transform import scale_by_radam
+from jadam._variants import QuantizedAdemamixState
 from jadam._variants import ScaleByAdemamixState
 from jadam._variants import ScaleBySecondMomentState
 from jadam._variants import ademamix
@@ -108,6 +109,7 @@ __all__ = [
     "scale_by_amsgrad",
     "scale_by_radam",
     "QuantizedAdamState",
+    "QuantizedAdemamixState",
     "QuantizedAmsgradState",
     "ScaleByAdamState",
     "ScaleByAdemamixState",

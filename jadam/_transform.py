@@ -22,18 +22,12 @@ from jadam import _validation
 ArrayLike = jax.typing.ArrayLike
 
 
-class ScaleByAdamState(NamedTuple):
-  """State of :func:`scale_by_adam` (and of AdaMax, RAdam, NAdam and ADOPT).
-
-  Attributes:
-    count: number of updates taken, an int32 that saturates instead of wrapping.
-    mu: first moments m, one per parameter, in their storage format.
-    nu: second moments v (u for AdaMax), one per parameter.
-  """
-
-  count: jax.Array
-  mu: Any
-  nu: Any
+# Where jadam keeps what optax keeps, its state *is* optax's: the same
+# NamedTuple classes, so that tree structures match, isinstance holds, and a
+# checkpoint written by one restores into the other. Only int8 moments, which
+# optax has no equivalent of, add a class with the block scales.
+ScaleByAdamState = optax.ScaleByAdamState
+ScaleByAmsgradState = optax.ScaleByAmsgradState
 
 
 class QuantizedAdamState(NamedTuple):
@@ -50,15 +44,6 @@ class QuantizedAdamState(NamedTuple):
   mu: Any
   nu: Any
   scales: Any
-
-
-class ScaleByAmsgradState(NamedTuple):
-  """State of :func:`scale_by_amsgrad`: Adam's plus the running max of v̂."""
-
-  count: jax.Array
-  mu: Any
-  nu: Any
-  nu_max: Any
 
 
 class QuantizedAmsgradState(NamedTuple):

@@ -303,23 +303,39 @@ def adopt(
 # ---------------------------------------------------------------------------
 
 
-class ScaleByAdemamixState(NamedTuple):
-  """State of :func:`scale_by_ademamix`.
+# Without int8 moments the state is optax's own (``optax.contrib``'s
+# ``scale_by_ademamix`` keeps the same fields), so checkpoints move between
+# the two; int8 moments add their block scales in a class of their own.
+ScaleByAdemamixState = optax_contrib.ScaleByAdemamixState
+
+
+class QuantizedAdemamixState(NamedTuple):
+  """State of :func:`scale_by_ademamix` when a moment is stored as int8.
 
   Attributes:
     count: number of updates taken (int32, saturating).
+    count_m2: the update count the ``b3`` and ``alpha`` schedules see (equal
+      to ``count``; kept apart as optax keeps it).
     m1: the fast EMA of g (decay β1), bias-corrected when used.
     m2: the slow EMA of g (decay β3), used as is.
     nu: the second moment v (decay β2).
-    scales: only with int8 storage: ``{"m1": ..., "m2": ..., "nu": ...}``
-      trees of float32 block scales; None otherwise.
+    scales: ``{"m1": ..., "m2": ..., "nu": ...}`` trees of float32 block
+      scales.
   """
 
   count: jax.Array
+  count_m2: jax.Array
   m1: Any
   m2: Any
   nu: Any
-  scales: Any = None
+  scales: Any
+
+
+def _ademamix_state(count, count_m2, m1, m2, nu, scales):
+  if scales is None:
+    return ScaleByAdemamixState(count=count, count_m2=count_m2, m1=m1, m2=m2,
+                                nu=nu)
+  return QuantizedAdemamixState(count, count_m2, m1, m2, nu, scales)
 
 
 def scale_by_ademamix(
@@ -359,7 +375,8 @@ def scale_by_ademamix(
 
   Returns:
     An ``optax.GradientTransformation`` with state
-    :class:`ScaleByAdemamixState`.
+    :class:`ScaleByAdemamixState` (``optax.contrib``'s), or
+    :class:`QuantizedAdemamixState` with int8 moments.
 
   Example:
     >>> import jadam
@@ -382,15 +399,15 @@ def scale_by_ademamix(
 
   def init_fn(params):
     (m1, m2, nu), scales = _init_state_trees(moments, params)
-    return ScaleByAdemamixState(
-        jnp.zeros([], jnp.int32), m1, m2, nu,
+    return _ademamix_state(
+        jnp.zeros([], jnp.int32), jnp.zeros([], jnp.int32), m1, m2, nu,
         None if scales is None else dict(zip(names, scales)))
 
   def update_fn(updates, state, params=None):
     del params
     # Schedules see the number of updates already taken, as optax's do.
-    b3_t = b3(state.count) if callable(b3) else b3
-    alpha_t = alpha(state.count) if callable(alpha) else alpha
+    b3_t = b3(state.count_m2) if callable(b3) else b3
+    alpha_t = alpha(state.count_m2) if callable(alpha) else alpha
     t = optax.safe_increment(state.count)
 
     def leaf_step(g, m1, m2, nu):
@@ -402,12 +419,12 @@ def scale_by_ademamix(
       direction = (m1_hat + alpha_t * m2) / _rule.denominator(v_hat, rule)
       return direction, (m1, m2, nu)
 
-    scales = state.scales
+    scales = getattr(state, "scales", None)
     out, (m1, m2, nu), new_scales = _walk(
         leaf_step, updates, t, moments, [state.m1, state.m2, state.nu],
         None if scales is None else [scales[name] for name in names])
-    return out, ScaleByAdemamixState(
-        t, m1, m2, nu,
+    return out, _ademamix_state(
+        t, optax.safe_increment(state.count_m2), m1, m2, nu,
         None if new_scales is None else dict(zip(names, new_scales)))
 
   return optax.GradientTransformation(init_fn, update_fn)

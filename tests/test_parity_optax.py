@@ -114,3 +114,47 @@ def test_scale_by_adam_state_is_count_mu_nu():
   assert isinstance(state, jadam.ScaleByAdamState)
   assert state._fields == ("count", "mu", "nu")
   assert state.count.dtype == jnp.int32
+
+
+ALIAS_NAMES = ["adam", "adamw", "nadam", "nadamw", "amsgrad", "adamax", "adamaxw",
+           "radam"]
+
+
+@pytest.mark.parametrize("name", ALIAS_NAMES)
+def test_state_is_optax_state(name):
+  # Same NamedTuple classes and layout as optax: equal tree structures, so
+  # checkpoints of either restore into the other.
+  params, _ = PROBLEMS["mlp"]()
+  ours = getattr(jadam, name)(1e-3).init(params)
+  theirs = getattr(optax, name)(1e-3).init(params)
+  assert jax.tree.structure(ours) == jax.tree.structure(theirs)
+  assert type(ours[0]) is type(theirs[0])
+  for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs)):
+    assert a.dtype == b.dtype and a.shape == b.shape
+
+
+@pytest.mark.parametrize("name", ALIAS_NAMES)
+def test_optax_state_continues_under_jadam_as_under_optax(name):
+  # Train 10 steps with optax, then hand its state, as it is, to jadam: the
+  # next 10 steps follow optax's own continuation to float32 rounding (the
+  # free-running trajectories drift apart by a few ulps per step, as in
+  # test_final_parameters_match_optax).
+  params, loss = PROBLEMS["mlp"]()
+  theirs_tx, ours_tx = getattr(optax, name)(1e-2), getattr(jadam, name)(1e-2)
+
+  def run(tx, params, state, steps):
+    @jax.jit
+    def step(params, state):
+      updates, state = tx.update(jax.grad(loss)(params), state, params)
+      return optax.apply_updates(params, updates), state
+    for _ in range(steps):
+      params, state = step(params, state)
+    return params, state
+
+  mid, state = run(theirs_tx, params, theirs_tx.init(params), 10)
+  ours, ours_state = run(ours_tx, mid, state, 10)
+  theirs, theirs_state = run(theirs_tx, mid, state, 10)
+  assert jax.tree.structure(ours_state) == jax.tree.structure(theirs_state)
+  assert int(ours_state[0].count) == 20
+  assert relative_error(ours, theirs) < 1e-6
+  assert relative_error(ours_state, theirs_state) < 1e-6

@@ -112,6 +112,27 @@ def test_free_running_training_matches_optax_contrib(variant):
   assert loss(a) < 0.5 * loss(params)
 
 
+@pytest.mark.parametrize("variant", sorted(CONTRIB))
+def test_state_is_optax_contrib_state_and_continues_it(variant):
+  # jadam's ADOPT and AdEMAMix states are optax.contrib's (same classes and
+  # fields, count_m2 included): an optax checkpoint continues under jadam.
+  params, loss = PROBLEMS["quadratic"]()
+  ours, theirs = (make() for make in CONTRIB[variant])
+  assert (jax.tree.structure(ours.init(params))
+          == jax.tree.structure(theirs.init(params)))
+  mid, state = train(theirs, params, loss, 10)
+  state_a = state_b = state
+  a = b = mid
+  step = lambda tx: jax.jit(lambda p, s: (lambda u, s: (
+      optax.apply_updates(p, u), s))(*tx.update(jax.grad(loss)(p), s, p)))
+  step_a, step_b = step(ours), step(theirs)
+  for _ in range(10):
+    a, state_a = step_a(a, state_a)
+    b, state_b = step_b(b, state_b)
+  assert relative_error(a, b) < 1e-6
+  assert relative_error(state_a, state_b) < 1e-6
+
+
 def test_ademamix_b3_schedule_grows_the_half_life_linearly():
   """The paper's f_β3, transcribed in float64: h(β) = ln ½ / ln β."""
   b3, b_start, warmup = 0.9999, 0.9, 500
