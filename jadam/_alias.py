@@ -174,6 +174,7 @@ def nadam(
     eps_root: ArrayLike = 0.0,
     mu_dtype: Optional[Any] = None,
     *,
+    nesterov: bool = True,
     nu_dtype: Optional[Any] = None,
     cautious: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
@@ -182,6 +183,8 @@ def nadam(
   Args:
     learning_rate, b1, b2, eps, eps_root, mu_dtype, nu_dtype, cautious: see
       :func:`adam`.
+    nesterov: accepted, as optax's ``nadam`` accepts it; ``False`` gives
+      plain Adam.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -194,7 +197,7 @@ def nadam(
     Dozat, "Incorporating Nesterov Momentum into Adam", ICLR workshop 2016.
   """
   return adam(learning_rate, b1, b2, eps, eps_root, mu_dtype,
-              nesterov=True, nu_dtype=nu_dtype, cautious=cautious)
+              nesterov=nesterov, nu_dtype=nu_dtype, cautious=cautious)
 
 
 def nadamw(
@@ -207,6 +210,7 @@ def nadamw(
     weight_decay: ScalarOrSchedule = 1e-4,
     mask: MaskOrFn = None,
     *,
+    nesterov: bool = True,
     nu_dtype: Optional[Any] = None,
     cautious: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
@@ -215,6 +219,8 @@ def nadamw(
   Args:
     learning_rate, b1, b2, eps, eps_root, mu_dtype, weight_decay, mask,
       nu_dtype, cautious: see :func:`adamw`.
+    nesterov: accepted, as optax's ``nadamw`` accepts it; ``False`` gives
+      plain AdamW.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -227,7 +233,7 @@ def nadamw(
     Dozat (2016); Loshchilov & Hutter (2019).
   """
   return adamw(learning_rate, b1, b2, eps, eps_root, mu_dtype, weight_decay,
-               mask, nesterov=True, nu_dtype=nu_dtype, cautious=cautious)
+               mask, nesterov=nesterov, nu_dtype=nu_dtype, cautious=cautious)
 
 
 def amsgrad(
@@ -237,6 +243,8 @@ def amsgrad(
     eps: ArrayLike = 1e-8,
     eps_root: ArrayLike = 0.0,
     mu_dtype: Optional[Any] = None,
+    bias_correction_mu: bool = True,
+    bias_correction_nu: bool = True,
     *,
     nu_dtype: Optional[Any] = None,
     cautious: bool = False,
@@ -247,6 +255,8 @@ def amsgrad(
   Args:
     learning_rate, b1, b2, eps, eps_root, mu_dtype, nu_dtype, cautious: see
       :func:`adam`.
+    bias_correction_mu, bias_correction_nu: see
+      :func:`jadam.scale_by_amsgrad`.
     numerics: see :func:`jadam.scale_by_amsgrad`; ``"keras"`` reproduces
       ``keras.optimizers.Adam(amsgrad=True)``.
 
@@ -261,7 +271,8 @@ def amsgrad(
     Reddi, Kale & Kumar, "On the Convergence of Adam and Beyond", ICLR 2018.
   """
   return _optimizer(
-      _transform.scale_by_amsgrad(b1, b2, eps, eps_root, mu_dtype=mu_dtype,
+      _transform.scale_by_amsgrad(b1, b2, eps, eps_root, mu_dtype,
+                                  bias_correction_mu, bias_correction_nu,
                                   nu_dtype=nu_dtype, cautious=cautious,
                                   numerics=numerics), learning_rate)
 

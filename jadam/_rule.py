@@ -61,6 +61,8 @@ class AdamRule(NamedTuple):
     numerics: ``"optax"`` (Algorithm 1 as written, as optax computes it) or
       ``"keras"`` (as ``keras.optimizers.Adam`` computes it; see
       :func:`_keras_step`).
+    bias_correction_mu: divide m_t by 1 − β1^t (line 9); False uses m_t.
+    bias_correction_nu: divide v_t by 1 − β2^t (line 10); False uses v_t.
     held: None, or a traced bool that skips the step where True: the
       moments come back bitwise unchanged and the direction is zero, chosen
       element by element in the same pass as a real step rather than by
@@ -79,6 +81,8 @@ class AdamRule(NamedTuple):
   cautious: bool = False
   numerics: str = "optax"
   held: Optional[Array] = None
+  bias_correction_mu: bool = True
+  bias_correction_nu: bool = True
 
 
 NUMERICS = ("optax", "keras")
@@ -184,11 +188,14 @@ def _step(g: Array, moments: Moments, t: Array,
     t_next = jnp.where(t < jnp.iinfo(jnp.int32).max, t + 1, t)
     m_hat = (b1 * (m / bias_correction(b1, t_next).astype(m.dtype))
              + (1 - b1) * (g / bias_correction(b1, t).astype(g.dtype)))
-  else:
+  elif rule.bias_correction_mu:
     m_hat = m / bias_correction(b1, t).astype(m.dtype)            # line 9
+  else:
+    m_hat = m
   if rule.infinity_norm:
     return m_hat / v, Moments(m, v)                               # Alg. 2
-  v_hat = v / bias_correction(b2, t).astype(v.dtype)              # line 10
+  v_hat = (v / bias_correction(b2, t).astype(v.dtype)             # line 10
+           if rule.bias_correction_nu else v)
   nu_max = None
   if rule.amsgrad:
     nu_max = hold(held, jnp.maximum(moments.nu_max, v_hat), moments.nu_max)

@@ -521,7 +521,7 @@ def _scale_bounds(flat_g: Array, scales: _rule.Moments, static: dict,
       bound = _rule.ema(G * G, old, b2)
     else:
       bound = _rule.ema(G * G, scales.nu, b2)
-      if rule.numerics != "keras":
+      if rule.numerics != "keras" and rule.bias_correction_nu:
         bound = bound / _rule.bias_correction(b2, t).astype(bound.dtype)
       bound = jnp.maximum(old, bound)
     bound = jnp.clip(bound.astype(jnp.float32), jnp.finfo(jnp.float32).tiny,

@@ -182,6 +182,12 @@ def _check_rule(rule: _rule.AdamRule) -> None:
     raise ValueError(
         "numerics='keras' reproduces keras.optimizers.Adam and AdamW, which "
         "have no Nesterov form; use nesterov=True with numerics='optax'.")
+  if rule.numerics == "keras" and not (rule.bias_correction_mu
+                                       and rule.bias_correction_nu):
+    raise ValueError(
+        "numerics='keras' always corrects both moments' bias (Keras folds "
+        "the corrections into the step size); use numerics='optax' to turn "
+        "bias_correction_mu or bias_correction_nu off.")
   if rule.numerics == "keras" and (rule.infinity_norm
                                    or rule.rectify_threshold is not None):
     raise ValueError(
@@ -290,8 +296,8 @@ def scale_by_adam(
     b2: ArrayLike = 0.999,
     eps: ArrayLike = 1e-8,
     eps_root: ArrayLike = 0.0,
-    *,
     mu_dtype: Optional[Any] = None,
+    *,
     nu_dtype: Optional[Any] = None,
     nesterov: bool = False,
     cautious: bool = False,
@@ -355,8 +361,10 @@ def scale_by_amsgrad(
     b2: ArrayLike = 0.999,
     eps: ArrayLike = 1e-8,
     eps_root: ArrayLike = 0.0,
-    *,
     mu_dtype: Optional[Any] = None,
+    bias_correction_mu: bool = True,
+    bias_correction_nu: bool = True,
+    *,
     nu_dtype: Optional[Any] = None,
     cautious: bool = False,
     numerics: str = "optax",
@@ -367,6 +375,8 @@ def scale_by_amsgrad(
     b1, b2, eps, eps_root, mu_dtype, nu_dtype, cautious: as in
       :func:`scale_by_adam`; ``nu_dtype`` also sets the storage of the
       running maximum.
+    bias_correction_mu: divide m_t by 1 − β1^t (as optax's argument).
+    bias_correction_nu: divide v_t by 1 − β2^t before the running maximum.
     numerics: as in :func:`scale_by_adam`; with ``"keras"`` the running
       maximum is of the uncorrected v_t, as in
       ``keras.optimizers.Adam(amsgrad=True)``.
@@ -385,7 +395,9 @@ def scale_by_amsgrad(
   """
   return _scale_by_rule(
       _rule.AdamRule(b1, b2, eps, eps_root, amsgrad=True, cautious=cautious,
-                     numerics=numerics), mu_dtype, nu_dtype)
+                     numerics=numerics, bias_correction_mu=bias_correction_mu,
+                     bias_correction_nu=bias_correction_nu),
+      mu_dtype, nu_dtype)
 
 
 def scale_by_adamax(

@@ -158,3 +158,41 @@ def test_optax_state_continues_under_jadam_as_under_optax(name):
   assert int(ours_state[0].count) == 20
   assert relative_error(ours, theirs) < 1e-6
   assert relative_error(ours_state, theirs_state) < 1e-6
+
+
+@pytest.mark.parametrize("name", ALIAS_NAMES + [
+    "scale_by_adam", "scale_by_amsgrad", "scale_by_adamax", "scale_by_radam"])
+def test_every_optax_argument_is_accepted_the_same_way(name):
+  # Code written for optax (positional mu_dtype, nesterov=, bias_correction_*)
+  # runs unchanged: same names, same kinds (positional or keyword), same
+  # defaults.
+  import inspect
+  ours = inspect.signature(getattr(jadam, name)).parameters
+  for param in inspect.signature(getattr(optax, name)).parameters.values():
+    assert param.name in ours, param.name
+    assert ours[param.name].kind == param.kind, param.name
+    if param.name != "mask":  # optax's default None; jadam's too, typed
+      assert ours[param.name].default == param.default, param.name
+
+
+@pytest.mark.parametrize("mu,nu", [(True, False), (False, True),
+                                   (False, False)])
+def test_amsgrad_without_bias_correction_matches_optax(mu, nu):
+  params, loss = PROBLEMS["quadratic"]()
+  ours, _ = train(jadam.amsgrad(1e-2, 0.9, 0.999, 1e-8, 0.0, None, mu, nu),
+                  params, loss, 100)
+  theirs, _ = train(optax.amsgrad(1e-2, 0.9, 0.999, 1e-8, 0.0, None, mu, nu),
+                    params, loss, 100)
+  assert relative_error(ours, theirs) < 1e-6
+  corrected, _ = train(jadam.amsgrad(1e-2), params, loss, 100)
+  assert relative_error(ours, corrected) > 1e-3  # the flags do something
+
+
+def test_nadam_accepts_nesterov_false_as_plain_adam():
+  params, loss = PROBLEMS["quadratic"]()
+  ours, _ = train(jadam.nadam(1e-2, nesterov=False), params, loss, 50)
+  theirs, _ = train(optax.nadam(1e-2, nesterov=False), params, loss, 50)
+  plain, _ = train(jadam.adam(1e-2), params, loss, 50)
+  assert relative_error(ours, theirs) < 1e-6
+  np.testing.assert_array_equal(jax.tree.leaves(ours)[0],
+                                jax.tree.leaves(plain)[0])
