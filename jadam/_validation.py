@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def _concrete(value: Any) -> Optional[np.ndarray]:
+def concrete(value: Any) -> Optional[np.ndarray]:
   """The value as a NumPy array, or None if it is traced and unknowable."""
   if isinstance(value, jax.core.Tracer):
     return None
@@ -26,7 +26,7 @@ def _concrete(value: Any) -> Optional[np.ndarray]:
 
 
 def _scalar(name: str, value: Any) -> Optional[float]:
-  array = _concrete(value)
+  array = concrete(value)
   if array is None:
     return None
   # jnp's dtype tree, not NumPy's: ml_dtypes such as bfloat16 are floating

@@ -634,14 +634,14 @@ def schedule_free_adamw(
   """
   _validation.check_learning_rate(learning_rate)
   _validation.check_decay("b1", b1)
-  if not callable(b1) and float(b1) <= 0.0:
+  concrete_b1 = _validation.concrete(b1)  # None when traced (inject + jit)
+  if concrete_b1 is not None and float(concrete_b1) <= 0.0:
     raise ValueError(f"b1 must be in (0, 1) for schedule-free AdamW (x is "
                      f"recovered from y by dividing by b1), got {b1!r}.")
   _validation.check_nonnegative("weight_decay", weight_decay)
   _validation.check_nonnegative("weight_lr_power", weight_lr_power)
   if warmup_steps is not None:
-    learning_rate = optax.warmup_constant_schedule(
-        init_value=0.0, peak_value=learning_rate, warmup_steps=warmup_steps)
+    learning_rate = _with_linear_warmup(learning_rate, warmup_steps)
   base = optax.chain(
       _scale_by_adam_without_momentum(b2, eps, nu_dtype),
       optax.add_decayed_weights(weight_decay, mask),
@@ -649,6 +649,21 @@ def schedule_free_adamw(
   return optax_contrib.schedule_free(
       base, learning_rate=learning_rate, b1=b1,
       weight_lr_power=weight_lr_power, state_dtype=state_dtype)
+
+
+def _with_linear_warmup(learning_rate: ScalarOrSchedule,
+                        warmup_steps: int) -> optax.Schedule:
+  """``learning_rate`` ramped up linearly from 0 over ``warmup_steps``.
+
+  A constant becomes optax's ``warmup_constant_schedule`` (bitwise what
+  optax's schedule-free AdamW uses); a schedule is multiplied by the same
+  ramp, so that a float or a schedule are both accepted as documented.
+  """
+  if not callable(learning_rate):
+    return optax.warmup_constant_schedule(
+        init_value=0.0, peak_value=learning_rate, warmup_steps=warmup_steps)
+  ramp = optax.linear_schedule(0.0, 1.0, warmup_steps)
+  return lambda count: ramp(count) * learning_rate(count)
 
 
 def schedule_free_eval_params(state: optax.OptState, params: Any) -> Any:

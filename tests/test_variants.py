@@ -479,3 +479,27 @@ def test_variants_study_example_trains_every_variant():
 def test_bad_hyperparameters_are_named(make, name):
   with pytest.raises(ValueError, match=name):
     make()
+
+
+def test_schedule_free_adamw_under_inject_hyperparams_and_jit():
+  # b1 is a traced value there; construction must not call float() on it.
+  params, loss = PROBLEMS["quadratic"]()
+  ours = optax.inject_hyperparams(jadam.schedule_free_adamw)(
+      learning_rate=1e-2, b1=0.9)
+  theirs = optax.inject_hyperparams(optax.contrib.schedule_free_adamw)(
+      learning_rate=1e-2, b1=0.9)
+  a, _ = train(ours, params, loss, 20)
+  b, _ = train(theirs, params, loss, 20)
+  assert relative_error(a, b) < 1e-6
+
+
+def test_schedule_free_adamw_takes_a_schedule_with_warmup():
+  # The warmup ramps the schedule's value linearly from 0.
+  schedule = optax.exponential_decay(1e-2, 10, 0.5)
+  params, loss = PROBLEMS["quadratic"]()
+  warmed, _ = train(jadam.schedule_free_adamw(schedule, warmup_steps=5),
+                    params, loss, 30)
+  ramped = lambda count: jnp.minimum(count / 5, 1.0) * schedule(count)
+  by_hand, _ = train(jadam.schedule_free_adamw(ramped), params, loss, 30)
+  assert relative_error(warmed, by_hand) < 1e-6
+  assert loss(warmed) < loss(params)
