@@ -82,9 +82,19 @@ def canonical_storage(name: str, dtype: Any) -> Storage:
   return _quant.BlockwiseInt8() if canonical == "int8" else canonical
 
 
+def _as_array(param: Any) -> Any:
+  """A Python or NumPy scalar leaf as an array (optax accepts them too)."""
+  return param if hasattr(param, "dtype") else jnp.asarray(param)
+
+
+def _inexact(param: Any) -> bool:
+  return jnp.issubdtype(param.dtype, jnp.inexact)
+
+
 def quantized(param: Any, storage: Storage, *, real: bool) -> bool:
   """Whether this moment of ``param`` is stored as int8 block codes."""
-  if not isinstance(storage, _quant.BlockwiseInt8):
+  param = _as_array(param)
+  if not isinstance(storage, _quant.BlockwiseInt8) or not _inexact(param):
     return False
   if not real and jnp.issubdtype(param.dtype, jnp.complexfloating):
     return False  # a complex first moment has no 8-bit code: see init_moment
@@ -105,6 +115,12 @@ def init_moment(param: Array, storage: Storage, *, real: bool) -> Array:
     bfloat16, float16 and int8 have no complex form, so a complex first
     moment stored in them is kept in the compute dtype instead.
   """
+  param = _as_array(param)
+  if not _inexact(param):
+    # Integer and boolean leaves (step counters, frozen buffers) get zeros of
+    # their own dtype, as optax gives them; a gradient for them is an error
+    # at update, naming the key path.
+    return zeros(param, param.shape, param.dtype)
   if storage is None:
     dtype = real_dtype(param.dtype) if real else param.dtype
     return zeros(param, param.shape, dtype)
@@ -126,6 +142,7 @@ def init_moment(param: Array, storage: Storage, *, real: bool) -> Array:
 def init_scales(param: Array, storage: Storage, *, real: bool) -> Array:
   """The float32 block scales of an int8 moment, or a scalar placeholder
   (orbax cannot save empty arrays)."""
+  param = _as_array(param)
   if quantized(param, storage, real=real):
     n_blocks = storage.n_blocks(math.prod(param.shape))
     return zeros(param, (n_blocks,), jnp.float32)

@@ -135,3 +135,36 @@ def test_grouped_namespaces_hold_the_same_objects_as_the_top_level():
   assert not grouped & set(jadam.__all__)
   assert {"adam", "adamw", "adopt", "ademamix", "schedule_free_adamw",
           "scale_by_adam", "ScaleByAdamState", "FlatView"} <= set(jadam.__all__)
+
+
+@pytest.mark.parametrize("make", [
+    lambda m: m.adam(1e-3), lambda m: m.amsgrad(1e-3),
+    lambda m: m.adamw(1e-3)])
+def test_python_float_and_integer_leaves_initialise_as_in_optax(make):
+  # A Python float parameter, an integer step counter and a boolean buffer:
+  # optax initialises them, and so does jadam, with the same dtypes.
+  params = {"w": jnp.ones(3), "temperature": 1.0, "step": jnp.int32(4),
+            "flag": jnp.array(True)}
+  ours, theirs = make(jadam).init(params), make(optax).init(params)
+  assert jax.tree.structure(ours) == jax.tree.structure(theirs)
+  for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs)):
+    assert a.dtype == b.dtype and a.shape == b.shape
+
+
+def test_python_float_leaf_trains_like_optax():
+  params = {"w": jnp.ones(3), "temperature": 1.0}
+  grads = {"w": jnp.arange(3.0), "temperature": jnp.asarray(0.5)}
+  ours, _ = jadam.adam(1e-2).update(grads, jadam.adam(1e-2).init(params),
+                                    params)
+  theirs, _ = optax.adam(1e-2).update(grads, optax.adam(1e-2).init(params),
+                                      params)
+  np.testing.assert_allclose(ours["temperature"], theirs["temperature"],
+                             rtol=1e-6)
+
+
+def test_integer_gradient_names_its_key_path():
+  params = {"w": jnp.ones(3), "step": jnp.int32(0)}
+  tx = jadam.adam(1e-3)
+  with pytest.raises(TypeError, match=r"\['step'\].*optax.masked"):
+    tx.update({"w": jnp.ones(3), "step": jnp.int32(1)}, tx.init(params),
+              params)
