@@ -33,6 +33,7 @@ The family members are flags on :class:`AdamRule`:
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple, Optional
 
 import jax
@@ -131,8 +132,14 @@ def hold(held: Optional[Array], new: Optional[Array],
   return jnp.where(held, old, new)
 
 
+@functools.partial(jax.jit, inline=True)
 def bias_correction(decay: ArrayLike, t: Array) -> Array:
-  """``1 − decay^t``: the mass an EMA started at zero has gathered by step t."""
+  """``1 − decay^t``: the mass an EMA started at zero has gathered by step t.
+
+  Compiled as one function (inlined under an outer ``jit``), as optax does,
+  so that an update run eagerly rounds exactly as the same update under
+  ``jax.jit``; op by op, ``decay^t`` and the subtraction round differently.
+  """
   return 1 - decay**t
 
 

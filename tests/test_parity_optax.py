@@ -196,3 +196,23 @@ def test_nadam_accepts_nesterov_false_as_plain_adam():
   assert relative_error(ours, theirs) < 1e-6
   np.testing.assert_array_equal(jax.tree.leaves(ours)[0],
                                 jax.tree.leaves(plain)[0])
+
+
+def test_eager_and_jitted_updates_round_exactly_as_optax():
+  # optax compiles its bias correction as one function; jadam does too, so
+  # eager updates give optax's eager bits and jitted ones optax's jitted
+  # bits. (Eager and jitted differ from each other by an ulp in both
+  # libraries: XLA fuses the jitted step's division and square root.)
+  params = {"w": jnp.linspace(-1.0, 1.0, 1000)}
+  ours, theirs = jadam.scale_by_adam(), optax.scale_by_adam()
+  eager = [ours.init(params), theirs.init(params)]
+  jitted = [ours.init(params), theirs.init(params)]
+  jit_updates = [jax.jit(ours.update), jax.jit(theirs.update)]
+  for i in range(10):
+    g = {"w": jnp.sin(jnp.arange(1000.0) * (i + 1))}
+    (a, eager[0]), (b, eager[1]) = (ours.update(g, eager[0]),
+                                    theirs.update(g, eager[1]))
+    np.testing.assert_array_equal(a["w"], b["w"])
+    (a, jitted[0]), (b, jitted[1]) = (jit_updates[0](g, jitted[0]),
+                                      jit_updates[1](g, jitted[1]))
+    np.testing.assert_array_equal(a["w"], b["w"])
