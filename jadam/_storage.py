@@ -133,6 +133,9 @@ def init_moment(param: Array, storage: Storage, *, real: bool) -> Array:
     # Small leaves stay in the compute dtype, as in Dettmers et al.
     return zeros(param, param.shape, compute)
   dtype = jnp.dtype(storage)
+  if (jnp.issubdtype(dtype, jnp.complexfloating)
+      and not jnp.issubdtype(compute, jnp.complexfloating)):
+    dtype = real_dtype(dtype)  # complex storage of a real moment
   if jnp.issubdtype(compute, jnp.complexfloating):
     dtype = (jnp.result_type(dtype, jnp.complex64) if dtype.itemsize >= 4
              else compute)

@@ -63,6 +63,10 @@ def check_learning_rate(value: Any) -> None:
 # Storage formats a moment may take. The compute dtype is always float32 or
 # wider; these only change how the moment is kept between steps.
 FLOAT_STORAGE = ("float32", "bfloat16", "float16", "float64")
+# Complex storage (optax's mu_dtype=jnp.complex64 for complex parameters):
+# a complex moment of a complex parameter; for a real parameter, or for the
+# real second moment, its real counterpart (float32 for complex64).
+COMPLEX_STORAGE = ("complex64", "complex128")
 
 
 def canonical_storage(name: str, dtype: Any,
@@ -83,7 +87,8 @@ def canonical_storage(name: str, dtype: Any,
     raise ValueError(
         f"{name}={dtype!r} is not a dtype; use one of "
         f"{', '.join(FLOAT_STORAGE + tuple(extra))} or None.") from error
-  if canonical not in FLOAT_STORAGE and canonical not in extra:
+  if (canonical not in FLOAT_STORAGE + COMPLEX_STORAGE
+      and canonical not in extra):
     raise ValueError(
         f"{name}={dtype!r} cannot hold an optimizer moment; use one of "
         f"{', '.join(FLOAT_STORAGE + tuple(extra))} or None.")

@@ -336,3 +336,21 @@ def test_storage_names_are_validated():
   # jnp.int8 names the int8 format too.
   state = jadam.scale_by_adam(nu_dtype=jnp.int8).init({"w": jnp.zeros(4096)})
   assert state.nu["w"].dtype == jnp.uint8 and state.scales.nu["w"].shape == (16,)
+
+
+def test_complex_mu_dtype_is_accepted_and_matches_optax_on_complex_params():
+  # optax's natural choice for complex parameters; for a real parameter
+  # jadam keeps its real counterpart (optax would return complex updates).
+  params = {"z": (jnp.arange(4.0) + 1j * jnp.arange(4.0)).astype(
+      jnp.complex64), "w": jnp.ones(3)}
+  grads = jax.tree.map(lambda x: 0.5 * x + 0.1, params)
+  ours = jadam.adam(1e-2, mu_dtype=jnp.complex64)
+  theirs = optax.adam(1e-2, mu_dtype=jnp.complex64)
+  state = ours.init(params)
+  assert state[0].mu["z"].dtype == jnp.complex64
+  assert state[0].mu["w"].dtype == jnp.float32
+  a, _ = ours.update(grads, state, params)
+  b, _ = theirs.update(grads, theirs.init(params), params)
+  np.testing.assert_allclose(a["z"], b["z"], rtol=1e-6)
+  assert a["w"].dtype == jnp.float32
+  np.testing.assert_allclose(a["w"], np.real(b["w"]), rtol=1e-6)

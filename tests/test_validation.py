@@ -94,3 +94,10 @@ def test_inject_hyperparams_with_float16_parameters():
 def test_complex_scalar_hyperparameters_are_rejected():
   with pytest.raises(ValueError, match="learning_rate must be a real scalar"):
     jadam.adam(1e-3 + 1e-3j)
+
+
+def test_b2_that_rounds_to_one_is_rejected():
+  # 0.999 in bfloat16 is 1.0: the bias correction 1 - b2**t would be 0.
+  assert float(jnp.asarray(0.999, jnp.bfloat16)) == 1.0
+  with pytest.raises(ValueError, match="b2 must be in"):
+    jadam.adam(1e-3, b2=jnp.asarray(0.999, jnp.bfloat16))
