@@ -354,3 +354,41 @@ def test_complex_mu_dtype_is_accepted_and_matches_optax_on_complex_params():
   np.testing.assert_allclose(a["z"], b["z"], rtol=1e-6)
   assert a["w"].dtype == jnp.float32
   np.testing.assert_allclose(a["w"], np.real(b["w"]), rtol=1e-6)
+
+
+def _int8_vs_float32_after_300_steps(complex_params):
+  n = 4096
+  k1, k2 = jax.random.split(jax.random.PRNGKey(0))
+  target = jax.random.normal(k1, (n,)) * jnp.logspace(-2, 1, n)
+  if complex_params:
+    target = target + 1j * jax.random.normal(k2, (n,)) * jnp.logspace(1, -2, n)
+  weight = jnp.logspace(0, 1, n)
+  loss = lambda p: jnp.sum(jnp.abs(p["x"] - target) ** 2 * weight)
+  finals = []
+  for nu_dtype in (None, _quant.BlockwiseInt8(min_size=0)):
+    tx = jadam.adam(1e-2, nu_dtype=nu_dtype)
+    params = {"x": jnp.zeros(n, target.dtype)}
+
+    @jax.jit
+    def step(params, state, tx=tx):
+      # The descent direction of a real loss in a complex parameter is the
+      # conjugate of JAX's gradient.
+      grads = jax.tree.map(jnp.conj, jax.grad(loss)(params))
+      updates, state = tx.update(grads, state, params)
+      return optax.apply_updates(params, updates), state
+
+    state = tx.init(params)
+    for _ in range(300):
+      params, state = step(params, state)
+    finals.append(params["x"])
+  return float(jnp.linalg.norm(finals[1] - finals[0])
+               / jnp.linalg.norm(finals[0]))
+
+
+def test_int8_second_moments_of_complex_parameters_track_float32():
+  # Measured: 1.35% (complex) and 1.37% (real) after 300 steps; before the
+  # block maxima were taken by modulus, complex parameters ended 120% off.
+  real = _int8_vs_float32_after_300_steps(False)
+  complex_ = _int8_vs_float32_after_300_steps(True)
+  assert real < 0.03
+  assert complex_ < 1.5 * real
