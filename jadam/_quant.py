@@ -11,9 +11,16 @@ Block-wise Quantization", ICLR 2022:
   spread over many binary orders of magnitude below the block's maximum, so
   that small values are kept relative to their own size rather than rounded
   to zero. First moments use int8 codes ``±index`` (so zero is code 0),
-  second moments uint8 codes. One code marks a non-finite value (NaN, ±inf),
-  which decodes to NaN so that a poisoned moment stays visible instead of
-  turning into a number.
+  second moments uint8 codes. One signed code marks NaN, which decodes to
+  NaN so that a poisoned moment stays visible instead of turning into a
+  number (an infinite first moment saturates to the top code). One unsigned
+  code marks +inf: a finite gradient whose square overflows gives v = inf
+  and a zero step for its element, as with float32 storage, while the
+  block's scale, set without it, keeps its other elements intact. Second
+  moments never round a positive value to
+  zero: below the map's smallest point they keep that point, so that a tiny
+  v next to an outlier in its block makes its element's step too small
+  rather than divided by ε alone.
 
 The code maps are ours, not the paper's base-10 "dynamic trees": tiny
 floating-point formats. Each is two runs of binary octaves
@@ -60,8 +67,13 @@ Array = jax.Array
 # the orders of magnitude of m).
 _RUNS = {True: ((3, 96), (2, 30)), False: ((4, 128), (3, 125))}
 _ONE_BITS = 0x3F800000  # float32 1.0
-NAN_CODE = 255          # unsigned (uint8) code of a non-finite value
-NAN_CODE_SIGNED = -128  # signed (int8) code of a non-finite value
+# The code of a non-finite value. Signed codes (first moments): NaN, which
+# decodes to NaN (an infinity saturates to the top code instead). Unsigned
+# codes (second moments): NaN or +inf, which decodes to +inf, as float32
+# storage keeps v = inf (and a zero step) after a gradient whose square
+# overflows.
+NAN_CODE = 255
+NAN_CODE_SIGNED = -128
 
 
 def top_index(signed: bool) -> int:
@@ -103,8 +115,8 @@ def code_map(signed: bool) -> tuple[np.ndarray, np.ndarray]:
   """Every code and the value in [-1, 1] or [0, 1] it decodes to.
 
   A signed code is an int8 ``±index`` into :func:`magnitudes` (so 0 is zero),
-  with -128 for non-finite values; an unsigned code is a uint8 ``index``,
-  with 255 for non-finite values, which decode to NaN. :func:`encode` and
+  with -128 for NaN (decodes to NaN); an unsigned code is a uint8
+  ``index``, with 255 for NaN or +inf (decodes to +inf). :func:`encode` and
   :func:`decode` compute with bit patterns instead; this table is their
   specification (the tests compare against it).
 
@@ -119,19 +131,33 @@ def code_map(signed: bool) -> tuple[np.ndarray, np.ndarray]:
     values[codes == NAN_CODE_SIGNED] = np.nan
   else:
     codes = np.arange(256).astype(np.uint8)
-    values = np.append(mags, np.nan)
+    values = np.append(mags, np.inf)
   return codes, values.astype(np.float32)
 
 
-def encode(y: Array, signed: bool, bits: Optional[Array] = None) -> Array:
+def encode(y: Array, signed: bool, bits: Optional[Array] = None,
+           round_up: bool = False,
+           positive: Optional[Array] = None) -> Array:
   """Codes of values ``y`` already divided by their block's scale.
 
+  Second moments (unsigned codes) never round a positive value to zero: a
+  value below the map's smallest point gets that point. A v flushed to
+  zero would divide its element's step by ε alone (a block-mate of an
+  outlier would step up to 10⁷ times too far, measured in docs/memory.md);
+  kept at the smallest point its step is too small instead, never too large.
+
   Args:
-    y: float32 values in [-1, 1] (signed) or [0, 1] (unsigned); values
-      outside are clipped; non-finite values get the NaN code.
+    y: float32 values in [-1, 1] (signed) or [0, 1] (unsigned); finite
+      values outside are clipped to the largest code. Signed: ±inf too, and
+      NaN gets the NaN code. Unsigned: +inf and NaN get the code of +inf.
     signed: which code map.
     bits: uniform uint32 random bits of ``y.shape`` for stochastic rounding
       (the top 24 are used), or None to round to the nearest code.
+    round_up: round every value up to the next code instead (for AMSGrad's
+      running maximum, which must never decrease); ``bits`` is then unused.
+    positive: for unsigned codes, where the value before scaling was > 0:
+      those get at least the smallest point even if ``y`` underflowed to
+      zero (XLA:CPU flushes subnormal floats to zero).
 
   Returns:
     int8 codes (signed) or uint8 codes (unsigned) of ``y.shape``.
@@ -139,32 +165,45 @@ def encode(y: Array, signed: bool, bits: Optional[Array] = None) -> Array:
   a = jnp.abs(y) if signed else jnp.maximum(y, 0.0)
   a = jnp.minimum(a, 1.0)
   raw = jax.lax.bitcast_convert_type(a, jnp.uint32)
+  if round_up:
+    bits = None
   if bits is None:
     uniform = np.float32(0.5)
   else:
     uniform = (bits >> np.uint32(8)).astype(jnp.float32) * np.float32(2.0**-24)
-  # Below index 1 the neighbours are 0 and the value of index 1.
-  # ``uniform < fraction`` is never true for a = 0, so zero stays zero.
+  # Below index 1 the neighbours are 0 and the value of index 1: first
+  # moments round between them (``uniform < fraction`` is never true for
+  # a = 0, so zero stays zero); second moments take index 1 if positive.
   smallest = magnitudes(signed)[1]
-  index = (a * np.float32(1 / smallest) > uniform).astype(jnp.uint32)
+  if signed and not round_up:
+    index = (a * np.float32(1 / smallest) > uniform).astype(jnp.uint32)
+  else:
+    above_zero = a > 0
+    if positive is not None and not signed:
+      above_zero = jnp.logical_or(above_zero, positive)
+    index = above_zero.astype(jnp.uint32)
   # Inside a run the points are evenly spaced in bit patterns, so adding
   # ``carry`` (a uniform fraction of one step, or half a step) and truncating
   # rounds up with probability equal to the covered fraction of the gap.
   # 1.0 is index ``top_index``: no clip is needed.
   for lowest, shift, offset in reversed(_runs(signed)):
-    if bits is None:
+    if round_up:
+      carry = np.uint32((1 << shift) - 1)
+    elif bits is None:
       carry = np.uint32(1 << (shift - 1))
     else:
       carry = bits >> np.uint32(32 - shift)
     start = np.uint32(offset + (lowest << shift))  # pattern of ``lowest``
     in_run = (raw - np.uint32(offset) + carry) >> np.uint32(shift)
     index = jnp.where(raw >= start, in_run, index)
-  finite = jnp.isfinite(y)
   if signed:
+    # Only NaN is marked; an infinite first moment saturates to the top code.
     code = index.astype(jnp.int32)
     code = jnp.where(y < 0, -code, code)
-    return jnp.where(finite, code, NAN_CODE_SIGNED).astype(jnp.int8)
-  return jnp.where(finite, index, np.uint32(NAN_CODE)).astype(jnp.uint8)
+    return jnp.where(jnp.isnan(y), NAN_CODE_SIGNED, code).astype(jnp.int8)
+  # A second moment that is +inf (or NaN) is kept as +inf.
+  return jnp.where(jnp.isfinite(y), index,
+                   np.uint32(NAN_CODE)).astype(jnp.uint8)
 
 
 def decode(codes: Array) -> Array:
@@ -184,7 +223,7 @@ def decode(codes: Array) -> Array:
   if signed:
     raw = raw | jnp.where(c < 0, np.uint32(1 << 31), np.uint32(0))
   values = jax.lax.bitcast_convert_type(raw, jnp.float32)
-  return jnp.where(nan, np.float32(np.nan), values)
+  return jnp.where(nan, np.float32(np.nan if signed else np.inf), values)
 
 
 def code_dtype(signed: bool):
@@ -250,10 +289,16 @@ def block_size_of(size: int, n_blocks: int) -> int:
   return 1 << (-(-size // n_blocks) - 1).bit_length()
 
 
+# The largest block scale: its reciprocal, 2^-126, is still a normal float32
+# (XLA:CPU flushes subnormals to zero, and inf · 0 would be NaN).
+MAX_SCALE = np.float32(2.0**126)
+
+
 def block_scales(x: Array) -> Array:
-  """The largest finite |x| along the last axis, with 1 for all-zero blocks."""
-  finite = jnp.where(jnp.isfinite(x), jnp.abs(x), 0.0)
-  scale = jnp.max(finite, axis=-1)
+  """The largest finite |x| along the last axis (at most
+  :data:`MAX_SCALE`), with 1 for all-zero blocks."""
+  magnitude = jnp.where(jnp.isfinite(x), jnp.abs(x), 0.0)
+  scale = jnp.minimum(jnp.max(magnitude, axis=-1), MAX_SCALE)
   return jnp.where(scale > 0, scale, jnp.float32(1.0))
 
 
@@ -261,7 +306,8 @@ def quantize_blocks(x: Array, signed: bool,
                     bits: Optional[Array] = None) -> tuple[Array, Array]:
   """Codes and scales of float32 tiles ``x`` of shape ``(..., block)``."""
   scale = block_scales(x)
-  return encode(x / scale[..., None], signed, bits), scale
+  return encode(x / scale[..., None], signed, bits,
+                positive=None if signed else x > 0), scale
 
 
 def dequantize_blocks(codes: Array, scales: Array) -> Array:

@@ -394,7 +394,7 @@ def _step_quantized(g: Array, stored: _rule.Moments, t: Array, seed: Array,
     _, new = run_rule(*inputs[:3], rule._replace(cautious=False))
     values[name] = _write(getattr(stored, name), getattr(new, name),
                           inputs[3].get(name), streams[name],
-                          *static[name][:3])
+                          *static[name][:3], round_up=name == "nu_max")
     new_scales[name] = bounds.get(name, getattr(scales, name))
   new_stored = _rule.Moments(**{name: values.get(name)
                                 for name in _rule.Moments._fields})
@@ -441,8 +441,16 @@ def _concat(parts: list[Array]) -> Array:
   return parts[0] if len(parts) == 1 else jnp.concatenate(parts)
 
 
+# Gradients larger than this (whose square would exceed MAX_SCALE, 2^126)
+# are left out of the block maxima behind the int8 scale bounds: such an
+# element's v is +inf (a code of its own, a zero step, as with float32
+# moments), and the scale stays that of its block-mates.
+LARGEST_G = 2.0**63
+
+
 def _block_max_abs(flat: Array, block: int) -> Array:
-  """The largest finite |x| of each block of ``block`` elements of ``flat``.
+  """The largest |x| <= ``LARGEST_G`` of each block of ``block`` elements of
+  ``flat`` (non-finite and overflowing values left out).
 
   XLA:CPU reduces a plain float32 array fast (YNNPACK), but first writes out
   any elementwise function of it, a float32 copy of the whole gradient. So
@@ -457,7 +465,8 @@ def _block_max_abs(flat: Array, block: int) -> Array:
   parts = _blocks(flat, block)
 
   def finite_max(part):
-    part = jnp.where(jnp.isfinite(part), jnp.abs(part), 0)
+    magnitude = jnp.abs(part)
+    part = jnp.where(magnitude <= LARGEST_G, magnitude, 0)  # NaN: False
     return jnp.max(part, axis=1).astype(jnp.float32)
 
   def tiled_finite_max(part):
@@ -477,7 +486,7 @@ def _block_max_abs(flat: Array, block: int) -> Array:
 
   fast = _concat([jnp.maximum(jnp.max(p, axis=1), -jnp.min(p, axis=1))
                   .astype(jnp.float32) for p in parts])
-  return jax.lax.cond(jnp.all(jnp.isfinite(fast)), lambda: fast,
+  return jax.lax.cond(jnp.all(fast <= LARGEST_G), lambda: fast,
                       lambda: _concat([tiled_finite_max(p) for p in parts]))
 
 
@@ -510,10 +519,12 @@ def _scale_bounds(flat_g: Array, scales: _rule.Moments, static: dict,
   A skipped step (``rule.held``) keeps the old scales, so the codes come
   back as they were. A block whose bound is zero gets the smallest normal
   float32 instead: a positive scale that decodes its zero codes to zero.
-  Bounds are clipped to the largest float32, so that one overflowing |g|²
-  (stored as the NaN code) does not turn its block's other values into
-  zeros. Rounding can put a value a few ulps above its bound; encoding clips
-  it to the top code.
+  G leaves out gradients above ``LARGEST_G`` (2^63, whose square would
+  exceed 2^126): their v is +inf, stored as its own code, so they do not
+  inflate their block's scale. Bounds are clipped to
+  :data:`jadam._quant.MAX_SCALE` (2^126, whose reciprocal is still a normal
+  float32). Rounding can put
+  a value a few ulps above its bound; encoding clips it to the top code.
   """
   blocks = {name: spec[0] for name, spec in static.items()
             if spec[0] is not None}
@@ -545,7 +556,7 @@ def _scale_bounds(flat_g: Array, scales: _rule.Moments, static: dict,
         bound = bound / _rule.bias_correction(b2, t).astype(bound.dtype)
       bound = jnp.maximum(old, bound)
     bound = jnp.clip(bound.astype(jnp.float32), jnp.finfo(jnp.float32).tiny,
-                     jnp.finfo(jnp.float32).max)
+                     _quant.MAX_SCALE)
     out[name] = _rule.hold(held, bound, old)
   return out
 
@@ -580,9 +591,10 @@ def _read(stored: Array, scales: Array, block: Optional[int],
 
 def _write(stored: Array, value: Array, scales: Optional[Array],
            bits: Array, block: Optional[int], stochastic: bool,
-           root: bool) -> Array:
+           root: bool, round_up: bool = False) -> Array:
   """The flat compute-dtype ``value`` rounded into ``stored``'s format, with
-  the new block ``scales`` for codes."""
+  the new block ``scales`` for codes (rounded up with ``round_up``: AMSGrad's
+  running maximum must not decrease through rounding)."""
   if block is None:
     return store(value, stored, bits, root=root).reshape(stored.shape)
   # A multiply by each block's reciprocal scale rather than a division:
@@ -590,6 +602,8 @@ def _write(stored: Array, value: Array, scales: Optional[Array],
   # several times (as encoding does), and would store y in float32.
   y = value.astype(jnp.float32) * _per_element(1 / scales, block,
                                                value.shape[0])
-  codes = _quant.encode(y, stored.dtype == jnp.int8,
-                        bits if stochastic else None)
+  signed = stored.dtype == jnp.int8
+  codes = _quant.encode(y, signed, bits if stochastic else None,
+                        round_up=round_up,
+                        positive=None if signed else value > 0)
   return codes.reshape(stored.shape)

@@ -11,7 +11,7 @@ from jadam import _rounding
 
 # Jitted once per signature: op-by-op dispatch of the bit manipulations is
 # what would make these tests slow.
-encode = jax.jit(_quant.encode, static_argnums=1)
+encode = jax.jit(_quant.encode, static_argnums=1, static_argnames="round_up")
 decode = jax.jit(_quant.decode)
 quantize = jax.jit(_quant.quantize, static_argnums=(1, 2))
 dequantize = jax.jit(_quant.dequantize)
@@ -31,7 +31,11 @@ def test_code_map_is_sorted_distinct_and_spans_zero_to_one(signed):
   codes, values = _quant.code_map(signed)
   finite = values[np.isfinite(values)]
   assert len(finite) == 255 and len(np.unique(finite)) == 255
-  assert np.isnan(values).sum() == 1
+  # One code for a non-finite value: NaN for m, +inf for v.
+  if signed:
+    assert np.isnan(values).sum() == 1
+  else:
+    assert np.isposinf(values).sum() == 1 and not np.isnan(values).any()
   assert finite.max() == 1.0 and 0.0 in finite
   assert finite.min() == (-1.0 if signed else 0.0)
   # Zero is code 0, so zero-initialised codes are zero moments.
@@ -68,8 +72,51 @@ def test_encode_rounds_to_the_nearest_code(signed):
   grid = np.clip(grid, -1, 1).astype(np.float32)
   decoded = np.asarray(decode(encode(jnp.asarray(grid), signed)))
   best = np.min(np.abs(grid[:, None] - finite[None, :]), axis=1)
-  # No code is nearer than the chosen one (a tie may go either way).
-  assert np.all(np.abs(decoded - grid) <= best * (1 + 1e-6) + 1e-12)
+  smallest = finite[finite > 0].min()
+  floored = (grid > 0) & (grid < smallest) & (not signed)
+  # No code is nearer than the chosen one (a tie may go either way) ...
+  near = ~floored
+  assert np.all(np.abs(decoded - grid)[near] <= best[near] * (1 + 1e-6)
+                + 1e-12)
+  # ... except that a positive second moment below the smallest point takes
+  # that point, never zero (its step would otherwise be divided by ε alone).
+  assert floored.sum() > 100 if not signed else not floored.any()
+  np.testing.assert_array_equal(decoded[floored], smallest)
+
+
+def test_second_moment_codes_never_round_a_positive_value_to_zero():
+  # Including values that underflow once divided by their block scale.
+  x = jnp.array([[1e-30, 1e-20, 0.0, 1.0]], jnp.float32)
+  codes, scales = _quant.quantize_blocks(x * 1e30, signed=False)
+  assert np.all(np.asarray(codes)[0, [0, 1, 3]] > 0)
+  assert int(codes[0, 2]) == 0
+  for bits in (None, jax.random.bits(jax.random.PRNGKey(0), (3,),
+                                      jnp.uint32)):
+    y = encode(jnp.array([1e-12, 1e-9, 0.0], jnp.float32), False, bits)
+    np.testing.assert_array_equal(np.asarray(y), [1, 1, 0])
+
+
+def test_non_finite_codes_of_first_and_second_moments():
+  # m: an infinity saturates to the top code, NaN stays NaN. v: +inf (and
+  # NaN) is kept as +inf, as float32 storage keeps an overflowed v.
+  y = jnp.array([jnp.inf, jnp.nan, 0.5], jnp.float32)
+  decoded = np.asarray(decode(encode(y, True)))
+  assert decoded[0] == 1.0 and np.isnan(decoded[1]) and decoded[2] > 0
+  decoded = np.asarray(decode(encode(y, False)))
+  assert np.isposinf(decoded[0]) and np.isposinf(decoded[1])
+  # The block scale is over the finite values: the others are kept.
+  codes, scales = _quant.quantize_blocks(
+      jnp.array([[jnp.inf, 1.0, 0.0, 2.0]]), signed=False)
+  assert float(scales[0]) == 2.0
+  decoded = np.asarray(_quant.dequantize_blocks(codes, scales))
+  np.testing.assert_allclose(decoded[0, 1:], [1.0, 0.0, 2.0], rtol=0.05)
+  assert np.isposinf(decoded[0, 0])
+
+
+def test_round_up_never_decodes_below_the_value():
+  grid = jnp.asarray(np.geomspace(1e-9, 1, 20000).astype(np.float32))
+  decoded = np.asarray(decode(encode(grid, False, round_up=True)))
+  assert np.all(decoded >= np.asarray(grid))
 
 
 @pytest.mark.parametrize("signed", [True, False])
@@ -140,17 +187,29 @@ def test_a_huge_outlier_costs_precision_only_in_its_block():
   assert np.all(np.isfinite(np.asarray(y_s)))
 
 
-@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
-def test_non_finite_values_decode_to_nan_and_leave_the_block_intact(bad):
+def test_nan_decodes_to_nan_and_leaves_the_block_intact():
   x = jnp.linspace(-2.0, 2.0, 512)
-  codes, scales = quantize(x.at[10].set(bad), True, 256)
+  codes, scales = quantize(x.at[10].set(np.nan), True, 256)
   y = np.asarray(dequantize(codes, scales))
   assert np.isnan(y[10])
-  # The scale is over finite values, so the rest of the block is unaffected.
+  # The scale leaves NaN out, so the rest of the block is unaffected.
   assert float(scales[0]) == pytest.approx(float(np.max(np.abs(x[:256]))))
   mask = np.arange(512) != 10
   assert np.all(np.isfinite(y[mask]))
   np.testing.assert_allclose(y[mask], np.asarray(x)[mask], rtol=0.07, atol=1e-6)
+
+
+@pytest.mark.parametrize("bad", [np.inf, -np.inf])
+def test_an_infinite_first_moment_saturates_and_leaves_its_block_intact(bad):
+  x = jnp.linspace(-2.0, 2.0, 512)
+  codes, scales = quantize(x.at[10].set(bad), True, 256)
+  y = np.asarray(dequantize(codes, scales))
+  assert float(scales[0]) == pytest.approx(float(np.max(np.abs(x[:256]))))
+  assert y[10] == np.sign(bad) * float(scales[0])
+  assert np.all(np.isfinite(y))
+  mask = np.arange(512) != 10
+  np.testing.assert_allclose(y[mask], np.asarray(x)[mask], rtol=0.07,
+                             atol=1e-6)
 
 
 @pytest.mark.parametrize("signed", [True, False])
@@ -159,6 +218,11 @@ def test_stochastic_rounding_is_unbiased(signed, value):
   n = 1 << 16
   y = jnp.full((n,), value, jnp.float32)
   decoded = decode(encode(y, signed, _bits((n,))))
+  smallest = _quant.magnitudes(signed)[1]
+  if not signed and value < smallest:
+    # Second moments below the smallest point take it (never zero).
+    np.testing.assert_array_equal(np.asarray(decoded), smallest)
+    return
   # Exactly two neighbouring codes are used, with the right frequencies.
   assert len(np.unique(np.asarray(decoded))) <= 2
   mean = float(jnp.mean(decoded))

@@ -1,0 +1,103 @@
+"""int8 moments on the data that breaks block-wise quantization.
+
+Each test compares with float32 moments on one hard case, with a tolerance
+taken from the measurement stated beside it (Python 3.11, JAX 0.10.2, CPU).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jadam
+from jadam import _quant
+
+INT8 = _quant.BlockwiseInt8(min_size=0)
+N = 4096
+
+
+def _directions(nu_dtype, grads):
+  tx = jadam.scale_by_adam(nu_dtype=nu_dtype)
+  state = tx.init({"w": jnp.zeros(N)})
+  update = jax.jit(tx.update)
+  out = []
+  for g in grads:
+    u, state = update({"w": jnp.asarray(g)}, state)
+    out.append(np.asarray(u["w"]))
+  return np.array(out)
+
+
+def test_an_outlier_does_not_make_its_block_mates_step_too_far():
+  # Element 0 of every 256-element block is 3e4 times its block-mates. Their
+  # second moments fall below the code map's smallest point relative to the
+  # block scale; flushed to zero they divided the step by eps alone.
+  # Measured, over 200 steps: the largest block-mate step is at most 1.02x
+  # the largest float32 one (was 36,588x), the RMS step 0.12x (median over
+  # steps; was 488x): too small, never too large.
+  rng = np.random.default_rng(0)
+  grads = []
+  for _ in range(200):
+    g = rng.standard_normal(N).astype(np.float32) * 1e-3
+    g[::256] *= 3e4
+    grads.append(g)
+  exact, int8 = _directions(None, grads), _directions(INT8, grads)
+  mates = np.ones(N, bool)
+  mates[::256] = False
+  largest = (np.abs(int8[:, mates]).max(axis=1)
+             / np.abs(exact[:, mates]).max(axis=1))
+  assert largest.max() < 1.1
+  # The outliers themselves step as with float32 moments.
+  np.testing.assert_allclose(int8[:, ~mates], exact[:, ~mates], rtol=0.1)
+
+
+@pytest.mark.parametrize("nu_dtype", [None, "bfloat16", INT8])
+def test_a_gradient_whose_square_overflows_leaves_parameters_finite(nu_dtype):
+  # |g| = 3e19: g² overflows float32. float32 moments keep v = inf and a zero
+  # step for that element; int8 now stores v = +inf in a code of its own and
+  # sets the block scale without it, so its 255 block-mates step as with
+  # float32 (before: the NaN code, and the parameter became NaN).
+  tx = jadam.adam(1e-3, nu_dtype=nu_dtype)
+  params = {"w": jnp.ones(N)}
+  state = tx.init(params)
+  for g in (jnp.full(N, 1e-3).at[5].set(3e19), jnp.full(N, 1e-3)):
+    updates, state = tx.update({"w": g}, state, params)
+    params = optax.apply_updates(params, updates)
+  assert np.all(np.isfinite(np.asarray(params["w"])))
+  # The overflowing element does not move (v is infinite, or saturated),
+  # and the others took two ordinary steps.
+  assert float(params["w"][5]) == pytest.approx(1.0, abs=1e-6)
+  assert float(params["w"][0]) == pytest.approx(1 - 2e-3, rel=1e-3)
+
+
+def test_skip_nonfinite_catches_what_float32_would_make_nonfinite():
+  # An infinite gradient makes a float32-moment step NaN; under
+  # skip_nonfinite the int8 step is skipped with codes and scales unchanged.
+  tx = jadam.skip_nonfinite(jadam.adam(1e-3, nu_dtype=INT8))
+  params = {"w": jnp.ones(N)}
+  state = tx.init(params)
+  _, state = tx.update({"w": jnp.full(N, 0.1)}, state, params)
+  updates, new = tx.update({"w": jnp.full(N, 0.1).at[3].set(jnp.inf)}, state,
+                           params)
+  assert not np.any(np.asarray(updates["w"]))
+  for a, b in zip(jax.tree.leaves(new.inner_state),
+                  jax.tree.leaves(state.inner_state)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_amsgrad_running_maximum_never_decreases_with_int8():
+  # Measured before the fix: 0.5% of element-steps decreased, by up to 9.7%.
+  # The maximum is now rounded up when stored.
+  tx = jadam.scale_by_amsgrad(nu_dtype=INT8)
+  state = tx.init({"w": jnp.zeros(N)})
+  update = jax.jit(tx.update)
+  rng = np.random.default_rng(1)
+  previous = None
+  for _ in range(200):
+    g = (rng.standard_normal(N) * np.exp(2 * rng.standard_normal())).astype(
+        np.float32)
+    _, state = update({"w": jnp.asarray(g)}, state)
+    current = np.asarray(jadam.decode_moments(state).nu_max["w"])
+    if previous is not None:
+      assert np.all(current >= previous)
+    previous = current
