@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jadam import _rule
 from jadam import _storage
 from jadam import _transform
 
@@ -204,7 +205,9 @@ def _norm(tree: Any) -> Array:
   leaves = _nonempty_leaves(tree)
   if not leaves:
     return jnp.zeros([], jnp.float32)
-  squares = [jnp.real(jnp.vdot(x, x)) for x in leaves]
+  # A reduction of |x|², not jnp.vdot: vdot flattens its operands, which
+  # has no sharding type for an array split over Explicit mesh axes.
+  squares = [jnp.sum(_rule.abs_sq(x)) for x in leaves]
   return jnp.sqrt(sum(squares)).astype(jnp.float32)
 
 

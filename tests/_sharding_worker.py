@@ -467,6 +467,39 @@ def check_flat(results):
   results["flat"] = out
 
 
+def check_telemetry(results):
+  """with_telemetry (alone and under zero1) on Explicit and Auto meshes with
+  split parameters: the step runs and the statistics equal one device's."""
+  params, x, y = make_problem()
+  out = {}
+  for axis_type in (AxisType.Explicit, AxisType.Auto):
+    for kind in ("data", "model", "mixed"):
+      mesh = make_mesh(kind, axis_type)
+      split = {"data": (P("data"), P("data")),
+               "model": (P(None, "model"), P("model", None)),
+               "mixed": (P("data", "model"), P("model", "data"))}[kind]
+      sharded = put(params, mesh, {"w1": split[0], "b1": P(),
+                                   "w2": split[1], "b2": P()})
+      txs = [("telemetry", jadam.with_telemetry(jadam.adam(1e-2)))]
+      if "data" in mesh.axis_names:
+        txs.append(("zero1_telemetry", jadam.zero1(
+            jadam.with_telemetry(jadam.adam(1e-2)), mesh, "data")))
+      for name, tx in txs:
+        grads = jax.tree.map(lambda a: a * 0.5, sharded)
+        state = tx.init(sharded)
+        _, state = jax.jit(tx.update)(grads, state, sharded)
+        one = jadam.with_telemetry(jadam.adam(1e-2))
+        single = jax.device_put(params, jax.devices()[0])
+        _, ref = one.update(jax.tree.map(lambda a: a * 0.5, single),
+                            one.init(single), single)
+        got, want = jadam.stats(state), jadam.stats(ref)
+        out[f"{axis_type.name}/{kind}/{name}"] = max(
+            abs(float(got[k]) - float(want[k])) / max(abs(float(want[k])),
+                                                      1e-30)
+            for k in want)
+  results["telemetry"] = out
+
+
 def main():
   results = {"device_count": jax.device_count(), "jax": jax.__version__}
   if os.environ.get("JADAM_TEST_SINGLE_PASS"):
@@ -476,7 +509,7 @@ def main():
     _fusion.MIN_SIZE = 0
     results["single_pass"] = _fusion.single_pass(1)
   for check in (check_placement, check_shard_map, check_zero1,
-                check_zero1_bytes, check_int8, check_flat):
+                check_zero1_bytes, check_int8, check_flat, check_telemetry):
     try:
       check(results)
     except Exception as e:  # pylint: disable=broad-except
