@@ -69,6 +69,7 @@ from jadam._transform import scale_by_amsgrad
 from jadam._transform import scale_by_radam
 from jadam._variants import QuantizedAdemamixState
 from jadam._variants import ScaleByAdemamixState
+from jadam._variants import QuantizedSecondMomentState
 from jadam._variants import ScaleBySecondMomentState
 from jadam._variants import ademamix
 from jadam._variants import ademamix_b3_schedule
@@ -111,6 +112,7 @@ __all__ = [
     "QuantizedAdamState",
     "QuantizedAdemamixState",
     "QuantizedAmsgradState",
+    "QuantizedSecondMomentState",
     "ScaleByAdamState",
     "ScaleByAdemamixState",
     "ScaleByAmsgradState",

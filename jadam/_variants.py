@@ -525,18 +525,32 @@ def ademamix(
 # ---------------------------------------------------------------------------
 
 
-class ScaleBySecondMomentState(NamedTuple):
-  """State of Adam without momentum: the count and v (no m to store).
+# Without int8 v the state is the one optax's schedule-free AdamW keeps for
+# its base step (``optax.scale_by_rms(bias_correction=True)``'s: count and
+# nu), so its checkpoints restore into jadam; optax does not export the class,
+# so it is taken from that transformation's init.
+ScaleBySecondMomentState = type(
+    optax.scale_by_rms(bias_correction=True).init(()))
+
+
+class QuantizedSecondMomentState(NamedTuple):
+  """State of Adam without momentum with v stored as int8.
 
   Attributes:
     count: number of updates taken (int32, saturating).
-    nu: the second moment v.
-    scales: only with int8 storage: a tree of v's float32 block scales.
+    nu: the second moment v (uint8 codes).
+    scales: a tree of v's float32 block scales.
   """
 
   count: jax.Array
   nu: Any
-  scales: Any = None
+  scales: Any
+
+
+def _second_moment_state(count, nu, scales):
+  if scales is None:
+    return ScaleBySecondMomentState(count=count, nu=nu)
+  return QuantizedSecondMomentState(count, nu, scales)
 
 
 def _scale_by_adam_without_momentum(
@@ -554,7 +568,7 @@ def _scale_by_adam_without_momentum(
 
   def init_fn(params):
     (nu,), scales = _init_state_trees(moments, params)
-    return ScaleBySecondMomentState(
+    return _second_moment_state(
         jnp.zeros([], jnp.int32), nu, None if scales is None else scales[0])
 
   def update_fn(updates, state, params=None):
@@ -566,10 +580,11 @@ def _scale_by_adam_without_momentum(
           g, _rule.Moments(mu=jnp.zeros_like(g), nu=nu), t, rule)
       return direction, (new.nu,)
 
+    scales = getattr(state, "scales", None)
     out, (nu,), new_scales = _walk(
         leaf_step, updates, t, moments, [state.nu],
-        None if state.scales is None else [state.scales])
-    return out, ScaleBySecondMomentState(
+        None if scales is None else [scales])
+    return out, _second_moment_state(
         t, nu, None if new_scales is None else new_scales[0])
 
   return optax.GradientTransformation(init_fn, update_fn)

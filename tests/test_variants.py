@@ -198,8 +198,35 @@ def test_schedule_free_base_step_stores_no_first_moment():
   state = jadam.schedule_free_adamw().init({"w": jnp.ones(5)})
   base = state.base_optimizer_state[0]
   assert isinstance(base, jadam.ScaleBySecondMomentState)
-  assert base._fields == ("count", "nu", "scales")
-  assert base.scales is None  # int8 scales only when v is stored in int8
+  assert base._fields == ("count", "nu")
+  int8 = jadam.schedule_free_adamw(nu_dtype="int8").init({"w": jnp.ones(8192)})
+  assert isinstance(int8.base_optimizer_state[0],
+                    jadam.QuantizedSecondMomentState)
+
+
+def test_schedule_free_state_is_optax_state_and_continues_it():
+  # The same tree as optax.contrib.schedule_free_adamw's state: an optax
+  # checkpoint continues under jadam.
+  params, loss = PROBLEMS["quadratic"]()
+  ours = jadam.schedule_free_adamw(1e-2, warmup_steps=5)
+  theirs = optax.contrib.schedule_free_adamw(1e-2, warmup_steps=5)
+  assert (jax.tree.structure(ours.init(params))
+          == jax.tree.structure(theirs.init(params)))
+  mid, state = train(theirs, params, loss, 10)
+  a, state_a = mid, state
+  b, state_b = mid, state
+  for tx, which in ((ours, "a"), (theirs, "b")):
+    step = jax.jit(lambda p, s, tx=tx: (lambda u, s: (
+        optax.apply_updates(p, u), s))(*tx.update(jax.grad(loss)(p), s, p)))
+    p, s = mid, state
+    for _ in range(10):
+      p, s = step(p, s)
+    if which == "a":
+      a, state_a = p, s
+    else:
+      b, state_b = p, s
+  assert relative_error(a, b) < 1e-6
+  assert relative_error(state_a, state_b) < 1e-6
 
 
 def test_schedule_free_eval_params_finds_the_state_inside_a_chain():
