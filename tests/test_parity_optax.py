@@ -178,6 +178,10 @@ def test_every_optax_argument_is_accepted_the_same_way(name):
 @pytest.mark.parametrize("mu,nu", [(True, False), (False, True),
                                    (False, False)])
 def test_amsgrad_without_bias_correction_matches_optax(mu, nu):
+  import inspect
+  if "bias_correction_mu" not in inspect.signature(optax.amsgrad).parameters:
+    pytest.skip(f"optax {optax.__version__}'s amsgrad has no bias_correction "
+                "arguments to compare with")
   params, loss = PROBLEMS["quadratic"]()
   ours, _ = train(jadam.amsgrad(1e-2, 0.9, 0.999, 1e-8, 0.0, None, mu, nu),
                   params, loss, 100)

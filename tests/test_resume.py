@@ -325,3 +325,46 @@ def test_sigkilled_run_resumes_to_bitwise_the_same_parameters(tmp_path):
   for key, value in straight.items():
     assert resumed[key].dtype == value.dtype
     assert resumed[key].tobytes() == value.tobytes(), key
+
+
+OPTAX_PAIRS = {
+    name: (getattr(optax, name), getattr(jadam, name))
+    for name in ("adam", "adamw", "nadam", "nadamw", "amsgrad", "adamax",
+                 "adamaxw", "radam")}
+OPTAX_PAIRS.update({
+    name: (getattr(optax.contrib, name), getattr(jadam, name))
+    for name in ("adopt", "ademamix", "schedule_free_adamw")})
+
+
+@pytest.mark.parametrize("name", sorted(OPTAX_PAIRS))
+def test_an_optax_checkpoint_restores_into_jadam_and_continues(name,
+                                                               tmp_path):
+  # Saved by optax through orbax, restored with jadam's own state as the
+  # target, then stepped by jadam: the same as optax's own continuation.
+  make_optax, make_jadam = OPTAX_PAIRS[name]
+  theirs, ours = make_optax(1e-2), make_jadam(1e-2)
+  params = {"w": jnp.linspace(-1.0, 1.0, 12).reshape(3, 4),
+            "b": jnp.zeros(4)}
+  loss = lambda p: jnp.sum((p["w"] @ jnp.ones(4) - 1.0) ** 2) + jnp.sum(
+      (p["b"] - 0.5) ** 2)
+
+  def run(tx, params, state, steps):
+    step = jax.jit(lambda p, s: (lambda u, s: (optax.apply_updates(p, u), s))(
+        *tx.update(jax.grad(loss)(p), s, p)))
+    for _ in range(steps):
+      params, state = step(params, state)
+    return params, state
+
+  params, state = run(theirs, params, theirs.init(params), 5)
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(tmp_path / "ckpt", state)
+  checkpointer.wait_until_finished()
+  restored = checkpointer.restore(tmp_path / "ckpt",
+                                  jax.eval_shape(ours.init, params))
+  assert jax.tree.structure(restored) == jax.tree.structure(
+      ours.init(params))
+  a, _ = run(ours, params, restored, 5)
+  b, _ = run(theirs, params, state, 5)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5,
+                               atol=1e-7)
