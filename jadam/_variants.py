@@ -528,9 +528,10 @@ def ademamix(
 # Without int8 v the state is the one optax's schedule-free AdamW keeps for
 # its base step (``optax.scale_by_rms(bias_correction=True)``'s: count and
 # nu), so its checkpoints restore into jadam; optax does not export the class,
-# so it is taken from that transformation's init.
-ScaleBySecondMomentState = type(
-    optax.scale_by_rms(bias_correction=True).init(()))
+# so it is taken from that transformation's init, traced abstractly (nothing
+# runs on a backend at import: jadam.enable_cpu_fusion must come first).
+ScaleBySecondMomentState = type(jax.eval_shape(
+    optax.scale_by_rms(bias_correction=True).init, ()))
 
 
 class QuantizedSecondMomentState(NamedTuple):

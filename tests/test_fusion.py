@@ -288,3 +288,16 @@ def test_vmap_of_the_single_pass(fused):
 
 if __name__ == "__main__":
   _worker(sys.argv[1])
+
+
+def test_importing_jadam_runs_nothing_on_a_backend():
+  # enable_cpu_fusion must be callable right after `import jadam`: nothing
+  # in the package may compute on a backend at import time.
+  import subprocess
+  import sys
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env["JAX_PLATFORMS"] = "cpu"
+  proc = subprocess.run(
+      [sys.executable, "-c", "import jadam; jadam.enable_cpu_fusion()"],
+      env=env, capture_output=True, text=True, timeout=300, check=False)
+  assert proc.returncode == 0, proc.stderr[-2000:]
