@@ -16,19 +16,10 @@ import optax
 import pytest
 
 import jadam
+# The same small tree and gradients as the skip_nonfinite tests.
+from test_health import _grads, _params  # pylint: disable=g-bad-import-order
 
 STEP_IF = "jadam_step_if"
-
-
-def _params():
-  return {"w": jnp.linspace(-1.0, 1.0, 6).reshape(2, 3),
-          "b": jnp.array([0.5, -0.25]), "s": jnp.asarray(2.0)}
-
-
-def _grads(step):
-  """Deterministic, step-dependent finite gradients with _params' structure."""
-  return jax.tree.map(
-      lambda p: jnp.cos(3.0 * p + step) * (1.0 + 0.1 * step), _params())
 
 
 def _poison(grads, value=np.nan):
