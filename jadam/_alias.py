@@ -20,7 +20,7 @@ ScalarOrSchedule = Union[float, jax.Array, optax.Schedule]
 MaskOrFn = Optional[Union[Any, Callable[[optax.Params], Any]]]
 
 
-def _optimizer(scaling: optax.GradientTransformation,
+def optimizer(scaling: optax.GradientTransformation,
                learning_rate: ScalarOrSchedule,
                weight_decay: Optional[ScalarOrSchedule] = None,
                mask: MaskOrFn = None,
@@ -108,7 +108,7 @@ def adam(
   References:
     Kingma & Ba, "Adam: A Method for Stochastic Optimization", ICLR 2015.
   """
-  return _optimizer(
+  return optimizer(
       _transform.scale_by_adam(b1, b2, eps, eps_root, mu_dtype=mu_dtype,
                                nu_dtype=nu_dtype, nesterov=nesterov,
                                cautious=cautious, numerics=numerics),
@@ -159,7 +159,7 @@ def adamw(
   References:
     Loshchilov & Hutter, "Decoupled Weight Decay Regularization", ICLR 2019.
   """
-  return _optimizer(
+  return optimizer(
       _transform.scale_by_adam(b1, b2, eps, eps_root, mu_dtype=mu_dtype,
                                nu_dtype=nu_dtype, nesterov=nesterov,
                                cautious=cautious, numerics=numerics),
@@ -270,7 +270,7 @@ def amsgrad(
   References:
     Reddi, Kale & Kumar, "On the Convergence of Adam and Beyond", ICLR 2018.
   """
-  return _optimizer(
+  return optimizer(
       _transform.scale_by_amsgrad(b1, b2, eps, eps_root, mu_dtype,
                                   bias_correction_mu, bias_correction_nu,
                                   nu_dtype=nu_dtype, cautious=cautious,
@@ -302,7 +302,7 @@ def adamax(
   References:
     Kingma & Ba (2015), Section 7.1.
   """
-  return _optimizer(
+  return optimizer(
       _transform.scale_by_adamax(b1, b2, eps, mu_dtype=mu_dtype,
                                  nu_dtype=nu_dtype, cautious=cautious),
       learning_rate)
@@ -337,7 +337,7 @@ def adamaxw(
   References:
     Kingma & Ba (2015); Loshchilov & Hutter (2019).
   """
-  return _optimizer(
+  return optimizer(
       _transform.scale_by_adamax(b1, b2, eps, mu_dtype=mu_dtype,
                                  nu_dtype=nu_dtype, cautious=cautious),
       learning_rate, weight_decay, mask)
@@ -374,7 +374,7 @@ def radam(
     Liu et al., "On the Variance of the Adaptive Learning Rate and Beyond",
     ICLR 2020.
   """
-  return _optimizer(
+  return optimizer(
       _transform.scale_by_radam(b1, b2, eps, eps_root, threshold,
                                 nesterov=nesterov, mu_dtype=mu_dtype,
                                 nu_dtype=nu_dtype, cautious=cautious),

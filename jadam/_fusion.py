@@ -126,3 +126,23 @@ def alias(tree: Any, tag: int = 0) -> Any:
     one, _ = jax.lax.optimization_barrier((jnp.ones((), x.dtype), tag))
     return x * one
   return jax.tree.map(leaf, tree)
+
+
+def separate(tree: Any, tag: int) -> tuple[Any, Any]:
+  """``tree`` :func:`alias`-ed under ``tag``, and an opaque 0 (uint32) behind
+  the same barrier, when XLA:CPU multi-output fusion is on; ``(tree, 0)``
+  otherwise.
+
+  A loop that computes one stored moment from such inputs (and from random
+  bits drawn at the returned offset) shares nothing with the loops that
+  write the direction and the other moments. With multi-output fusion on, a
+  shared value (new moments, per-element scales, random bits) would be
+  written out in float32 or uint32 for the whole leaf, and the loops would
+  be slower. With it off XLA recomputes elementwise producers in each
+  consumer anyway, and the multiplies by one would cost time (an 8-bit
+  multiply has no vector instruction on x86), so nothing is done.
+  """
+  if not cpu_fusion_active():
+    return tree, 0
+  tree, one = alias((tree, jnp.uint32(1)), tag)
+  return tree, one - 1

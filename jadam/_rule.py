@@ -34,7 +34,7 @@ The family members are flags on :class:`AdamRule`:
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -141,6 +141,104 @@ def bias_correction(decay: ArrayLike, t: Array) -> Array:
   ``jax.jit``; op by op, ``decay^t`` and the subtraction round differently.
   """
   return 1 - decay**t
+
+
+class LeafRule(NamedTuple):
+  """One optimizer's step on one array, as the engine (``_storage.step_leaf``
+  walked over a tree by ``_transform.walk``) needs it.
+
+  Every optimizer of the package, the Adam family here and the variants of
+  :mod:`jadam._variants`, is one of these handed to the same engine, which
+  owns storage formats, the in-pass skip, the CPU single-pass form, sharding
+  and the random streams.
+
+  Attributes:
+    step: ``step(g, moments) -> (direction, new_moments)``: ``g`` and the
+      moments (a tuple, in the order of ``real``) in the compute dtype; the
+      direction without the cautious mask. Where ``held`` is True the new
+      moments must equal the old ones bitwise and the direction must be zero.
+    real: for each moment, whether it is a moment of |g|² (real for complex
+      parameters, kept as √v in float16).
+    bounds: None, or ``bounds(g_max, old_scales) -> tuple``: for each int8
+      moment, an upper bound of its new block maxima from ``g_max`` (the
+      block's largest finite |g|, None for a moment that is not int8) and
+      the block's old scales; None in the result where the recurrence gives
+      no useful bound (the engine then takes the new values' exact maxima).
+    cautious: apply :func:`caution` to the direction.
+    held: None, or the traced bool of a skipped step.
+    monotone: for each moment, whether it is a running maximum that rounding
+      must not lower (AMSGrad's).
+  """
+
+  step: Callable[[Array, tuple], tuple[Array, tuple]]
+  real: tuple[bool, ...]
+  bounds: Optional[Callable[[tuple, tuple], tuple]] = None
+  cautious: bool = False
+  held: Optional[Array] = None
+  monotone: tuple[bool, ...] = ()
+
+
+def leaf_rule(rule: AdamRule, t: Array) -> LeafRule:
+  """The Adam family's :class:`LeafRule`: moments ``(m, v)``, or
+  ``(m, v, max v̂)`` for AMSGrad, stepped by :func:`adam_step`."""
+  n = 3 if rule.amsgrad else 2
+  plain = rule._replace(cautious=False)
+
+  def step(g, moments):
+    direction, new = adam_step(g, Moments(*moments), t, plain)
+    return direction, tuple(new)[:n]
+
+  return LeafRule(step, real=(False, True, True)[:n],
+                  bounds=lambda g_max, old: scale_bounds(rule, t, g_max, old),
+                  cautious=rule.cautious, held=rule.held,
+                  monotone=(False, False, True)[:n])
+
+
+def scale_bounds(rule: AdamRule, t: Array, g_max: tuple,
+                 old: tuple) -> tuple:
+  """Upper bounds of the new block maxima of the Adam family's moments, from
+  S, a block's old bound (itself above the old moment), and G, its largest
+  finite |g|, by the rule's own recurrences (and decay factors, rounded as
+  the rule rounds them, so that no rounding puts a bound below its moment):
+
+  * m = β1·m + (1 − β1)·g, so |m| <= β1·S_m + (1 − β1)·G (Keras' form
+    m + (g − m)(1 − β1) is the same number).
+  * v = β2·v + (1 − β2)·|g|², so v <= β2·S_v + (1 − β2)·G².
+  * AdaMax: u = max(β2·u, |g| + ε) <= max(β2·S_u, G + ε).
+  * AMSGrad: max v̂ <= max(S_max, (β2·S_v + (1 − β2)·G²) / (1 − β2^t))
+    (Keras keeps the maximum of v itself, without the division).
+
+  By induction every stored value stays within its bound, and a bound is an
+  average of past block maxima of the gradient (or of its square), which
+  decays as the moment does.
+
+  Args:
+    rule: the Adam variant.
+    t: the step number.
+    g_max: per moment, G (float32 per block), or None if it is not int8.
+    old: per moment, its old block scales.
+
+  Returns:
+    Per moment, the bound (None where ``g_max`` is None).
+  """
+  out = []
+  for k, G in enumerate(g_max):
+    if G is None:
+      out.append(None)
+      continue
+    if k == 0:
+      bound = ema(G, old[0], rule.b1)
+    elif k == 1 and rule.infinity_norm:
+      bound = jnp.maximum(G + rule.eps, rule.b2 * old[1])
+    elif k == 1:
+      bound = ema(G * G, old[1], rule.b2)
+    else:
+      bound = ema(G * G, old[1], rule.b2)
+      if rule.numerics != "keras" and rule.bias_correction_nu:
+        bound = bound / bias_correction(rule.b2, t).astype(bound.dtype)
+      bound = jnp.maximum(old[2], bound)
+    out.append(bound)
+  return tuple(out)
 
 
 def denominator(v_hat: Array, rule: AdamRule) -> Array:

@@ -242,34 +242,37 @@ def decode_moments(state: Any, dtype: Any = jnp.float32) -> _rule.Moments:
       nu_max=decode(nu_max, None if scales is None else scales.nu_max, True))
 
 
-def step_leaf(g: Array, stored: _rule.Moments, t: Array,
-              rule: _rule.AdamRule, index: int = 0,
-              scales: Optional[_rule.Moments] = None,
-              formats: Optional[_rule.Moments] = None
-              ) -> tuple[Array, _rule.Moments, Optional[_rule.Moments]]:
-  """Load one leaf's moments, take one Adam step, store them again.
+def step_leaf(g: Array, stored: tuple, t: Array, leaf: _rule.LeafRule,
+              index: int = 0, scales: Optional[tuple] = None,
+              formats: Optional[tuple] = None
+              ) -> tuple[Array, tuple, Optional[tuple]]:
+  """Load one leaf's moments, take one step of ``leaf``, store them again.
+
+  This is the one codec of the package: every optimizer reaches its moments
+  through here, whatever its recurrence.
 
   Args:
     g: the gradient of this leaf.
-    stored: its moments in their storage formats.
+    stored: its moments in their storage formats, in ``leaf``'s order.
     t: the step number (int32, from 1).
-    rule: the Adam variant.
+    leaf: the optimizer's step on one array (:class:`jadam._rule.LeafRule`).
     index: the leaf's position in the tree; with ``t`` it seeds stochastic
       rounding, so that every leaf and step draws different bits and a run
       is reproducible without keeping a key in the state.
-    scales: the block scales of int8 moments (empty arrays for the others),
-      or None if no moment is int8.
+    scales: the block scales of int8 moments (scalar placeholders for the
+      others), or None if no moment is int8.
     formats: the storage formats the moments were created with.
 
   Returns:
     ``(direction, stored_moments, scales)``: the direction in the gradient's
     dtype, the moments and scales in their storage formats.
   """
+  stored = tuple(stored)
   # The rounding seed is traced only where something is rounded: on trees of
   # thousands of float32 leaves its integer ops would cost compile time.
-  if g.size and any(x is not None and _is_codes(x) for x in stored):
+  if g.size and any(_is_codes(x) for x in stored):
     seed = _rounding.salt(t, index)
-    step = lambda *a: _step_quantized(*a, rule, formats)
+    step = lambda *a: _step_quantized(*a, leaf, formats)
     explicit = _explicit_shardings((g, stored, scales))
     if explicit is not None:
       # Cutting an array split over Explicit mesh axes into blocks would
@@ -279,23 +282,22 @@ def step_leaf(g: Array, stored: _rule.Moments, t: Array,
       step = jax.sharding.auto_axes(step, out_sharding=explicit)
     return step(g, stored, t, seed, scales)
   dtype = compute_dtype(g.dtype)
-  real = real_dtype(dtype)
+  dtypes = [real_dtype(dtype) if real else dtype for real in leaf.real]
 
   def step(g, stored):
-    moments = _rule.Moments(
-        mu=load(stored.mu, dtype),
-        nu=load(stored.nu, real, root=True),
-        nu_max=None if stored.nu_max is None else load(stored.nu_max, real,
-                                                       root=True))
-    return _rule.adam_step(g.astype(dtype), moments, t, rule)
+    moments = tuple(load(x, d, root=real)
+                    for x, d, real in zip(stored, dtypes, leaf.real))
+    direction, new = leaf.step(g.astype(dtype), moments)
+    if leaf.cautious:
+      direction = _rule.caution(direction, g.astype(dtype))
+    return direction, new
 
   direction, new = step(g, stored)
-  narrow = any(x is not None and jnp.dtype(x.dtype).itemsize < 4
-               for x in stored)
+  narrow = any(jnp.dtype(x.dtype).itemsize < 4 for x in stored)
   seed = _rounding.salt(t, index) if narrow else None
   streams = _streams(None if seed is None
                      else _rounding.random_bits(g.shape, seed))
-  if _fusion.single_pass(g.size) and not rule.cautious:
+  if _fusion.single_pass(g.size) and not leaf.cautious:
     # The direction again, from the same inputs rather than from ``new``, so
     # that the parameter loop reads what the moment loops read and XLA:CPU
     # merges them into one pass (see _fusion). A cautious direction needs a
@@ -304,19 +306,15 @@ def step_leaf(g: Array, stored: _rule.Moments, t: Array,
     if narrow:
       # Each rounded moment from inputs of its own (see _own_inputs).
       parts = []
-      for tag, field in enumerate(_rule.Moments._fields, start=1):
+      for k in range(len(stored)):
         (g_k, stored_k), streams_k = _own_inputs((g, stored), g.shape, seed,
-                                                 tag)
-        parts.append((getattr(step(g_k, stored_k)[1], field),
-                      streams_k[field]))
-      new = _rule.Moments(*(p[0] for p in parts))
+                                                 k + 1)
+        parts.append((step(g_k, stored_k)[1][k], streams_k[k]))
+      new = tuple(p[0] for p in parts)
       streams = [p[1] for p in parts]
-  mu_bits, nu_bits, max_bits = streams
-  return direction.astype(g.dtype), _rule.Moments(
-      mu=store(new.mu, stored.mu, mu_bits),
-      nu=store(new.nu, stored.nu, nu_bits, root=True),
-      nu_max=None if new.nu_max is None else store(
-          new.nu_max, stored.nu_max, max_bits, root=True)), scales
+  return direction.astype(g.dtype), tuple(
+      store(value, x, bits, root=real) for value, x, bits, real in zip(
+          new, stored, streams, leaf.real)), scales
 
 
 def _explicit_shardings(tree: Any) -> Optional[Any]:
@@ -332,10 +330,10 @@ def _explicit_shardings(tree: Any) -> Optional[Any]:
   return None
 
 
-def _step_quantized(g: Array, stored: _rule.Moments, t: Array, seed: Array,
-                    scales: _rule.Moments, rule: _rule.AdamRule,
-                    formats: _rule.Moments
-                    ) -> tuple[Array, _rule.Moments, _rule.Moments]:
+def _step_quantized(g: Array, stored: tuple, t: Array, seed: Array,
+                    scales: tuple, leaf: _rule.LeafRule,
+                    formats: Optional[tuple]
+                    ) -> tuple[Array, tuple, tuple]:
   """:func:`step_leaf` for leaves with int8 moments, without a tile loop.
 
   Encoding a new moment needs its block's scale before any element of the
@@ -343,14 +341,16 @@ def _step_quantized(g: Array, stored: _rule.Moments, t: Array, seed: Array,
   its own over the decoded moments, which XLA:CPU can only run fast as a
   sequential loop over tiles (it cannot fuse the decoding into a fast
   reduction): that loop alone cost about twice the float32 step, on one
-  core. Instead the new scale is an *upper bound* of the new block's largest
-  finite |value|, from the block's old scale and its largest finite |g|
-  (see :func:`_scale_bounds`): one reduction of the plain float32 gradient,
-  which XLA:CPU does fast. Everything else is elementwise over the whole
-  leaf (decode with the old scales, the rule, encode with the new scales),
-  so XLA runs it as loops over both cores: one for the direction and one
-  for each moment's codes, each decoding the moments it needs on the fly,
-  so that no moment is ever held in float32.
+  core. So where the rule's recurrence gives one (``leaf.bounds``, for
+  example :func:`jadam._rule.scale_bounds`), the new scale is an *upper
+  bound* of the new block's largest finite |value|, from the block's old
+  scale and its largest finite |g|: one reduction of the plain float32
+  gradient, which XLA:CPU does fast. Everything else is elementwise over the
+  whole leaf (decode with the old scales, the rule, encode with the new
+  scales), so XLA runs it as loops over both cores: one for the direction
+  and one for each moment's codes, each decoding the moments it needs on the
+  fly, so that no moment is ever held in float32. A moment the rule gives no
+  bound for is scaled by the exact maxima of its new values instead.
 
   A bound above the block's true maximum costs little precision: the
   octaves of each of the code map's runs hold the same number of points, so
@@ -358,72 +358,69 @@ def _step_quantized(g: Array, stored: _rule.Moments, t: Array, seed: Array,
   bottom, without coarsening them while they stay in the dense top run
   (measured in docs/memory.md).
 
+  A skipped step (``leaf.held``) keeps the old scales. A block whose bound
+  is zero gets the smallest normal float32 instead: a positive scale that
+  decodes its zero codes to zero. Scales are clipped to
+  :data:`jadam._quant.MAX_SCALE` (2^126, whose reciprocal is still a normal
+  float32); rounding can put a value a few ulps above its bound, and
+  encoding clips it to the top code.
+
   The direction and the moments come from the same rule on the same decoded
   values (up to the compiler's choice of fused multiply-adds).
   """
   dtype = compute_dtype(g.dtype)
   real = real_dtype(dtype)
   n = g.size
-  names = [name for name in _rule.Moments._fields
-           if getattr(stored, name) is not None]
   # Static per moment: block size (None for floats), stochastic rounding,
   # √v storage, compute dtype.
-  static = {}
-  for name in names:
-    x, s = getattr(stored, name), getattr(scales, name)
+  static = []
+  for k, (x, s) in enumerate(zip(stored, scales)):
     block = _quant.block_size_of(n, s.shape[0]) if _is_codes(x) else None
-    spec = getattr(formats, name) if formats is not None else None
+    spec = formats[k] if formats is not None else None
     stochastic = (spec.stochastic if isinstance(spec, _quant.BlockwiseInt8)
                   else True)
-    static[name] = (block, stochastic, name != "mu",
-                    dtype if name == "mu" else real)
+    static.append((block, stochastic, leaf.real[k],
+                   real if leaf.real[k] else dtype))
   flat_g = g.reshape(-1).astype(dtype)
 
-  def run_rule(flat_g, stored, scales, rule):
-    loaded = {name: _read(getattr(stored, name), getattr(scales, name),
-                          *static[name]) for name in names}
-    return _rule.adam_step(flat_g, _rule.Moments(**loaded), t, rule)
+  def run_rule(flat_g, stored, scales):
+    loaded = tuple(_read(x, s, *spec)
+                   for x, s, spec in zip(stored, scales, static))
+    return leaf.step(flat_g, loaded)
 
-  direction, _ = run_rule(flat_g, stored, scales, rule)
-  bounds = _scale_bounds(flat_g, scales, static, t, rule)
-  values, new_scales = {}, {}
-  for tag, name in enumerate(names):
+  direction, _ = run_rule(flat_g, stored, scales)
+  if leaf.cautious:
+    direction = _rule.caution(direction, flat_g)
+  bounds = _scale_bounds(flat_g, scales, static, leaf)
+  values, new_scales = [], []
+  for k, (x, old) in enumerate(zip(stored, scales)):
     # Each moment's codes from inputs of its own (see _own_inputs).
     inputs, streams = _own_inputs((flat_g, stored, scales, bounds), (n,),
-                                  seed, tag)
-    _, new = run_rule(*inputs[:3], rule._replace(cautious=False))
-    values[name] = _write(getattr(stored, name), getattr(new, name),
-                          inputs[3].get(name), streams[name],
-                          *static[name][:3], round_up=name == "nu_max")
-    new_scales[name] = bounds.get(name, getattr(scales, name))
-  new_stored = _rule.Moments(**{name: values.get(name)
-                                for name in _rule.Moments._fields})
-  return (direction.reshape(g.shape).astype(g.dtype), new_stored,
-          scales._replace(**new_scales))
+                                  seed, k)
+    value = run_rule(*inputs[:3])[1][k]
+    block, scale, new_scale = static[k][0], inputs[3][k], bounds[k]
+    if block is None:
+      new_scale = old  # a float moment keeps its placeholder
+    elif new_scale is None:
+      new_scale = scale = _rule.hold(leaf.held, _exact_scales(value, block),
+                                     old)
+    monotone = k < len(leaf.monotone) and leaf.monotone[k]
+    values.append(_write(x, value, scale, streams[k], *static[k][:3],
+                         round_up=monotone))
+    new_scales.append(new_scale)
+  return (direction.reshape(g.shape).astype(g.dtype), tuple(values),
+          tuple(new_scales))
 
 
 def _own_inputs(tree: Any, shape: tuple[int, ...], seed: Array,
-                tag: int) -> tuple[Any, dict[str, Array]]:
-  """``tree`` made opaque with :func:`jadam._fusion.alias` under ``tag``, and
-  the random-bit streams of ``shape`` hashed again behind an opaque offset of
-  zero (the same bits as an ordinary draw).
-
-  A loop that computes one stored moment from such inputs shares nothing
-  with the loops that write the direction and the other moments. With
-  XLA:CPU multi-output fusion on, a shared value (new moments, per-element
-  scales, random bits) would be written out in float32 or uint32 for the
-  whole leaf, and the loops would be slower. With it off XLA recomputes
-  elementwise producers in each consumer anyway, so ``tree`` is returned as
-  it is.
-  """
-  offset = 0
-  if _fusion.cpu_fusion_active():
-    # Without the pass there is nothing to separate, and the multiplies by
-    # one would cost time: an 8-bit multiply has no vector instruction on x86.
-    tree, one = _fusion.alias((tree, jnp.uint32(1)), tag)
-    offset = one - 1
+                tag: int) -> tuple[Any, list[Array]]:
+  """``tree`` made opaque with :func:`jadam._fusion.separate` under ``tag``,
+  and the random-bit streams of ``shape`` drawn behind its offset of zero
+  (the same bits as an ordinary draw), so that a loop computing one stored
+  moment from them shares nothing with the other loops (see there)."""
+  tree, offset = _fusion.separate(tree, tag)
   bits = _rounding.random_bits(shape, seed, offset=offset)
-  return tree, dict(zip(_rule.Moments._fields, _streams(bits)))
+  return tree, list(_streams(bits))
 
 
 def _blocks(flat: Array, block: int) -> list[Array]:
@@ -494,76 +491,54 @@ def _block_max_abs(flat: Array, block: int) -> Array:
 FALLBACK_TILE = 1 << 18
 
 
-def _scale_bounds(flat_g: Array, scales: _rule.Moments, static: dict,
-                  t: Array, rule: _rule.AdamRule) -> dict[str, Array]:
-  """New block scales of the int8 moments: upper bounds of each new block's
-  largest finite |value|, from S, the block's old scale (itself a bound of
-  the old moment), and G, the block's largest finite |g|:
+def _scale_bounds(flat_g: Array, scales: tuple, static: list,
+                  leaf: _rule.LeafRule) -> tuple:
+  """The new block scales of the int8 moments for which ``leaf.bounds``
+  gives an upper bound (None for the others): the rule's bounds from each
+  block's largest finite |g| (G) and its old scales, clipped to
+  [smallest normal float32, :data:`jadam._quant.MAX_SCALE`], and the old
+  scales where a step is skipped.
 
-  * m = β1·m + (1 − β1)·g, so |m| <= β1·S_m + (1 − β1)·G (Keras' form
-    m + (g − m)(1 − β1) is the same number).
-  * v = β2·v + (1 − β2)·|g|², so v <= β2·S_v + (1 − β2)·G².
-  * AdaMax: u = max(β2·u, |g| + ε) <= max(β2·S_u, G + ε).
-  * AMSGrad: max v̂ <= max(S_max, (β2·S_v + (1 − β2)·G²) / (1 − β2^t))
-    (Keras keeps the maximum of v itself, without the division).
-
-  By induction every stored value stays within its scale, and a scale is an
-  average of past block maxima of the gradient (or of its square), which
-  decays as the moment does: it does not drift upwards. It sits above the
-  block's true maximum by the ratio of the gradient's block maximum to the
-  moment's (a few octaves where gradient signs vary). The code map's dense
-  top run (:mod:`jadam._quant`: 12 octaves for m, 8 for v) holds the same
-  points in every octave, so that costs range at the bottom of the map
-  rather than precision. No pass over the stored codes is needed.
-
-  A skipped step (``rule.held``) keeps the old scales, so the codes come
-  back as they were. A block whose bound is zero gets the smallest normal
-  float32 instead: a positive scale that decodes its zero codes to zero.
   G leaves out gradients above ``LARGEST_G`` (2^63, whose square would
   exceed 2^126): their v is +inf, stored as its own code, so they do not
-  inflate their block's scale. Bounds are clipped to
-  :data:`jadam._quant.MAX_SCALE` (2^126, whose reciprocal is still a normal
-  float32). Rounding can put
-  a value a few ulps above its bound; encoding clips it to the top code.
+  inflate their block's scale.
   """
-  blocks = {name: spec[0] for name, spec in static.items()
-            if spec[0] is not None}
-  if not blocks:
-    return {}
-  smallest = min(blocks.values())
+  blocks = [spec[0] for spec in static]
+  if leaf.bounds is None or all(block is None for block in blocks):
+    return tuple(None for _ in blocks)
+  smallest = min(block for block in blocks if block is not None)
   g_max = {smallest: _block_max_abs(flat_g, smallest)}
-  for block in set(blocks.values()) - {smallest}:
+  for block in set(blocks) - {smallest, None}:
     g_max[block] = jnp.max(_quant.to_blocks(g_max[smallest],
                                             block // smallest), axis=1)
-  b2, held = rule.b2, rule.held
-  out = {}
-  for name in ("mu", "nu", "nu_max"):
-    if name not in blocks:
+  raw = leaf.bounds(tuple(None if block is None else g_max[block]
+                          for block in blocks), scales)
+  out = []
+  for bound, block, old in zip(raw, blocks, scales):
+    if bound is None or block is None:
+      out.append(None)
       continue
-    G = g_max[blocks[name]]
-    old = getattr(scales, name)
-    # The rule's own averages (and decay factors, as it rounds them) applied
-    # to the bounds, so that no rounding puts a bound below its moment.
-    if name == "mu":
-      bound = _rule.ema(G, old, rule.b1)
-    elif name == "nu" and rule.infinity_norm:
-      bound = jnp.maximum(G + rule.eps, b2 * old)
-    elif name == "nu":
-      bound = _rule.ema(G * G, old, b2)
-    else:
-      bound = _rule.ema(G * G, scales.nu, b2)
-      if rule.numerics != "keras" and rule.bias_correction_nu:
-        bound = bound / _rule.bias_correction(b2, t).astype(bound.dtype)
-      bound = jnp.maximum(old, bound)
     bound = jnp.clip(bound.astype(jnp.float32), jnp.finfo(jnp.float32).tiny,
                      _quant.MAX_SCALE)
-    out[name] = _rule.hold(held, bound, old)
-  return out
+    out.append(_rule.hold(leaf.held, bound, old))
+  return tuple(out)
+
+
+def _exact_scales(value: Array, block: int) -> Array:
+  """Block scales from the exact largest finite |value| of each block (for a
+  moment whose recurrence gives no bound), clipped as bounds are."""
+  magnitude = jnp.abs(value).astype(jnp.float32)
+  magnitude = jnp.where(jnp.isfinite(magnitude), magnitude, 0)
+  top = _concat([jnp.max(part, axis=1) for part in _blocks(magnitude, block)])
+  return jnp.clip(top, jnp.finfo(jnp.float32).tiny, _quant.MAX_SCALE)
+
 
 
 def _streams(bits: Optional[Array]):
-  """Random bits for m, v and max v̂ from one draw per element: m uses the
-  top 16 bits, v the bottom 16, and only AMSGrad pays for a hash of them."""
+  """Random bits for a leaf's first, second and third moments (m, v and
+  max v̂ for the Adam family) from one draw per element: the first uses the
+  top 16 bits, the second the bottom 16, and only a third moment pays for a
+  hash of them."""
   if bits is None:
     return None, None, None
   return bits, bits << 16, _rounding.remix(bits)

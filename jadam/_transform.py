@@ -1,14 +1,16 @@
 """The Adam rule walked over a pytree, as Optax GradientTransformations.
 
 Each public function here is a thin choice of :class:`jadam._rule.AdamRule`
-flags; :func:`_scale_by_rule` is the one place that walks the tree, checks the
-gradients, and keeps the state.
+flags. :func:`walk` is the one place in the package that walks a tree of
+gradients and moments (every optimizer, the variants of
+:mod:`jadam._variants` included, hands it a :class:`jadam._rule.LeafRule`),
+and :func:`_scale_by_rule` keeps the Adam family's state around it.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +21,7 @@ from jadam import _rule
 from jadam import _storage
 from jadam import _validation
 
+Array = jax.Array
 ArrayLike = jax.typing.ArrayLike
 
 
@@ -168,7 +171,7 @@ def _step_signal(extra_args: dict[str, Any]) -> tuple[Optional[StepIf],
   return step_if, active
 
 
-def _check_rule(rule: _rule.AdamRule) -> None:
+def check_rule(rule: _rule.AdamRule) -> None:
   _validation.check_decay("b1", rule.b1)
   _validation.check_decay("b2", rule.b2)
   _validation.check_nonnegative("eps", rule.eps)
@@ -195,6 +198,96 @@ def _check_rule(rule: _rule.AdamRule) -> None:
         "AMSGrad); AdaMax and RAdam take numerics='optax'.")
 
 
+def init_moments(params: Any, storages: tuple, real: tuple[bool, ...]
+                 ) -> tuple[list[Any], Optional[list[Any]]]:
+  """Zero moments of ``params`` in their storage formats, one tree per
+  moment, and their int8 block scales (scalar placeholders for leaves that
+  are not int8), or None if no moment's storage is int8.
+
+  Args:
+    params: the parameters (arrays or ``jax.ShapeDtypeStruct``s).
+    storages: per moment, its canonical storage
+      (``_storage.canonical_storage``).
+    real: per moment, whether it is a moment of |g|².
+  """
+  stored = [jax.tree.map(
+      lambda p, s=storage, r=r: _storage.init_moment(p, s, real=r), params)
+            for storage, r in zip(storages, real)]
+  if not any(isinstance(storage, _quant.BlockwiseInt8)
+             for storage in storages):
+    return stored, None
+  return stored, [jax.tree.map(
+      lambda p, s=storage, r=r: _storage.init_scales(p, s, real=r), params)
+                  for storage, r in zip(storages, real)]
+
+
+def walk(leaf: _rule.LeafRule, updates: Any, t: Array,
+         stored_trees: Sequence[Any], scale_trees: Optional[Sequence[Any]],
+         formats: tuple) -> tuple[Any, list[Any], Optional[list[Any]]]:
+  """The one tree walk of the package: check the gradients, and step each
+  leaf's moments through the codec (:func:`jadam._storage.step_leaf`).
+
+  Args:
+    leaf: the optimizer's step on one array.
+    updates: the gradients.
+    t: the step number (int32, from 1); with a leaf's position it seeds the
+      stochastic rounding of narrow formats.
+    stored_trees: one tree per moment, in ``leaf``'s order.
+    scale_trees: their int8 block scales, or None.
+    formats: per moment, its canonical storage.
+
+  Returns:
+    ``(directions, new_stored_trees, new_scale_trees)``. Where ``leaf.held``
+    is True, every moment and scale comes back bitwise as it was.
+  """
+  _validation.check_same_tree(updates, stored_trees[0],
+                              what="optimizer state")
+  _validation.check_float_leaves(updates)
+  grads, treedef = jax.tree.flatten(updates)
+  if not grads:
+    return updates, list(stored_trees), (
+        None if scale_trees is None else list(scale_trees))
+  columns = [treedef.flatten_up_to(tree) for tree in stored_trees]
+  scale_columns = ([treedef.flatten_up_to(tree) for tree in scale_trees]
+                   if scale_trees is not None else None)
+  directions, new_stored, new_scales = [], [], []
+  for index, g in enumerate(grads):
+    stored = tuple(column[index] for column in columns)
+    scales = (None if scale_columns is None
+              else tuple(column[index] for column in scale_columns))
+    direction, moments, leaf_scales = _storage.step_leaf(
+        g, stored, t, leaf, index=index, scales=scales, formats=formats)
+    if leaf.held is not None and any(
+        x.dtype in (jnp.int8, jnp.uint8) for x in stored):
+      # Re-encoding unchanged int8 moments need not give the same codes.
+      held = functools.partial(_rule.hold, leaf.held)
+      moments = tuple(map(held, moments, stored))
+      leaf_scales = tuple(map(held, leaf_scales, scales))
+    directions.append(direction)
+    new_stored.append(moments)
+    new_scales.append(leaf_scales)
+  unflatten = lambda rows: [treedef.unflatten(list(column))
+                            for column in zip(*rows)]
+  return (treedef.unflatten(directions), unflatten(new_stored),
+          None if scale_trees is None else unflatten(new_scales))
+
+
+def step_signal(extra_args: dict[str, Any], count: Array
+                ) -> tuple[Optional[StepIf], Optional[Array], Array]:
+  """The skip decision among ``update``'s extra arguments, and the new count.
+
+  Returns:
+    ``(step_if, held, t)``: the :class:`StepIf` passed (or None), the traced
+    bool of a skipped step (None when no decision was passed), and the
+    incremented ``count`` (``count`` itself where the step is skipped).
+  """
+  step_if, active = _step_signal(extra_args)
+  t = optax.safe_increment(count)
+  if active is None:
+    return step_if, None, t
+  return step_if, jnp.logical_not(active), jnp.where(active, t, count)
+
+
 def _scale_by_rule(rule: _rule.AdamRule, mu_dtype: Any,
                    nu_dtype: Any) -> optax.GradientTransformationExtraArgs:
   """A GradientTransformationExtraArgs applying ``rule`` leaf by leaf.
@@ -208,82 +301,38 @@ def _scale_by_rule(rule: _rule.AdamRule, mu_dtype: Any,
   moments: the direction is zero and count, moments, and int8 codes and
   scales come back bitwise unchanged. Other extra arguments are ignored.
   """
-  _check_rule(rule)
+  check_rule(rule)
   mu_storage = _storage.canonical_storage("mu_dtype", mu_dtype)
   nu_storage = _storage.canonical_storage("nu_dtype", nu_dtype)
-  quantized = any(isinstance(storage, _quant.BlockwiseInt8)
-                  for storage in (mu_storage, nu_storage))
-  formats = _rule.Moments(mu_storage, nu_storage, nu_storage)
+  formats = (mu_storage, nu_storage, nu_storage)[:3 if rule.amsgrad else 2]
+  real = (False, True, True)[:len(formats)]
 
   def init_fn(params):
-    mu = jax.tree.map(
-        lambda p: _storage.init_moment(p, mu_storage, real=False), params)
-    nu = jax.tree.map(
-        lambda p: _storage.init_moment(p, nu_storage, real=True), params)
+    stored, scales = init_moments(params, formats, real)
     count = jnp.zeros([], jnp.int32)
-    scales = None
-    if quantized:
-      scale_tree = lambda storage, real: jax.tree.map(
-          lambda p: _storage.init_scales(p, storage, real=real), params)
-      scales = _rule.Moments(
-          scale_tree(mu_storage, False), scale_tree(nu_storage, True),
-          scale_tree(nu_storage, True) if rule.amsgrad else None)
+    if scales is not None:
+      scales = _rule.Moments(*scales, *([None] * (3 - len(scales))))
     if rule.amsgrad:
-      nu_max = jax.tree.map(
-          lambda p: _storage.init_moment(p, nu_storage, real=True), params)
-      return amsgrad_state(count, mu, nu, nu_max, scales)
-    return adam_state(count, mu, nu, scales)
+      return amsgrad_state(count, *stored, scales)
+    return adam_state(count, *stored, scales)
 
   def update_fn(updates, state, params=None, **extra_args):
     # Extra arguments meant for other transformations of a chain are ignored.
     del params
-    _validation.check_same_tree(updates, state.mu, what="optimizer state")
-    _validation.check_float_leaves(updates)
-    step_if, active = _step_signal(extra_args)
-    count = optax.safe_increment(state.count)
-    step_rule = rule
-    if active is not None:
-      count = jnp.where(active, count, state.count)
-      step_rule = rule._replace(held=jnp.logical_not(active))
-    grads, treedef = jax.tree.flatten(updates)
-    mus = treedef.flatten_up_to(state.mu)
-    nus = treedef.flatten_up_to(state.nu)
-    nu_maxes = (treedef.flatten_up_to(state.nu_max) if rule.amsgrad
-                else [None] * len(grads))
-    scale_columns = [[None] * len(grads)] * 3
-    if getattr(state, "scales", None) is not None:
-      scale_columns = [treedef.flatten_up_to(tree) if tree is not None
-                       else [None] * len(grads) for tree in state.scales]
-    directions, new_moments, new_scales = [], [], []
-    for index, (g, mu, nu, nu_max, *leaf_scales) in enumerate(
-        zip(grads, mus, nus, nu_maxes, *scale_columns)):
-      stored = _rule.Moments(mu, nu, nu_max)
-      leaf_scales = _rule.Moments(*leaf_scales)
-      direction, moments, scales = _storage.step_leaf(
-          g, stored, count, step_rule, index=index, scales=leaf_scales,
-          formats=formats)
-      if active is not None and any(
-          x is not None and x.dtype in (jnp.int8, jnp.uint8) for x in stored):
-        # Re-encoding unchanged int8 moments need not give the same codes.
-        held = functools.partial(_rule.hold, step_rule.held)
-        moments = _rule.Moments(*map(held, moments, stored))
-        scales = _rule.Moments(*map(held, scales, leaf_scales))
-      directions.append(direction)
-      new_moments.append(moments)
-      new_scales.append(scales)
-    moment_trees = [treedef.unflatten(list(column))
-                    for column in zip(*new_moments)] if grads else [
-                        state.mu, state.nu, getattr(state, "nu_max", None)]
+    step_if, held, t = step_signal(extra_args, state.count)
+    stored = [state.mu, state.nu] + ([state.nu_max] if rule.amsgrad else [])
     scales = getattr(state, "scales", None)
-    if scales is not None and grads:
-      scales = _rule.Moments(*(
-          None if tree is None else treedef.unflatten(list(column))
-          for tree, column in zip(scales, zip(*new_scales))))
-    out = treedef.unflatten(directions)
+    if scales is not None:
+      scales = list(scales)[:len(stored)]
+    out, moments, scales = walk(
+        _rule.leaf_rule(rule._replace(held=held), t), updates, t, stored,
+        scales, formats)
+    if scales is not None:
+      scales = _rule.Moments(*scales, *([None] * (3 - len(scales))))
     if rule.amsgrad:
-      new_state = amsgrad_state(count, *moment_trees[:3], scales)
+      new_state = amsgrad_state(t, *moments, scales)
     else:
-      new_state = adam_state(count, *moment_trees[:2], scales)
+      new_state = adam_state(t, *moments, scales)
     if step_if is not None:
       step_if.record(state, new_state)
     return out, new_state

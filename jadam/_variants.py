@@ -19,7 +19,7 @@ the rule module (``ema``, ``abs_sq``, ``bias_correction``, ``denominator``,
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
+from typing import Any, Callable, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -27,8 +27,6 @@ import optax
 from optax import contrib as optax_contrib
 
 from jadam import _alias
-from jadam import _quant
-from jadam import _rounding
 from jadam import _rule
 from jadam import _storage
 from jadam import _transform
@@ -42,112 +40,6 @@ ScalarOrSchedule = Union[float, jax.Array, optax.Schedule]
 def _check_decay(name: str, value: Any) -> None:
   if not callable(value):
     _validation.check_decay(name, value)
-
-
-class _Moment:
-  """One moment of a variant: its storage format, and reading and writing it.
-
-  The formats are those of :mod:`jadam._storage` (float dtypes, float16 √v
-  for second moments, int8 block codes with a separate tree of scales), so
-  ``mu_dtype``/``nu_dtype`` mean here what they mean for :func:`jadam.adam`.
-
-  Args:
-    storage: the canonical storage format (see ``_storage.canonical_storage``).
-    real: a moment of |g|² (real, and kept as √v in float16).
-    stream: distinguishes this moment's random bits from the others'.
-  """
-
-  def __init__(self, storage: _storage.Storage, *, real: bool, stream: int):
-    self.storage, self.real, self.stream = storage, real, stream
-
-  @property
-  def quantized(self) -> bool:
-    return isinstance(self.storage, _quant.BlockwiseInt8)
-
-  def init(self, params: Any) -> Any:
-    return jax.tree.map(
-        lambda p: _storage.init_moment(p, self.storage, real=self.real),
-        params)
-
-  def init_scales(self, params: Any) -> Any:
-    return jax.tree.map(
-        lambda p: _storage.init_scales(p, self.storage, real=self.real),
-        params)
-
-  def read(self, stored: Array, scales: Optional[Array], dtype: Any) -> Array:
-    if self.real:
-      dtype = _storage.real_dtype(dtype)
-    return _storage.load(stored, dtype, root=self.real, scales=scales)
-
-  def write(self, value: Array, stored: Array, scales: Optional[Array],
-            seed: Array) -> tuple[Array, Optional[Array]]:
-    narrow = jnp.dtype(stored.dtype).itemsize < 4
-    bits = (_rounding.random_bits(stored.shape,
-                                  _rounding.salt(seed, self.stream))
-            if narrow else None)
-    if jnp.dtype(stored.dtype) in (jnp.int8, jnp.uint8):
-      # The whole leaf is re-encoded at once, with its exact block maxima
-      # as scales (jadam.adam sets bounds before the pass instead, see
-      # _storage._step_quantized; XLA fuses this elementwise encode with the
-      # variant's arithmetic).
-      codes, scales = _quant.quantize(
-          value, signed=stored.dtype == jnp.int8,
-          block_size=self.storage.block_size,
-          bits=bits if self.storage.stochastic else None)
-      return codes, scales
-    return _storage.store(value, stored, bits, root=self.real), scales
-
-
-def _init_state_trees(moments: Sequence[_Moment],
-                      params: Any) -> tuple[list[Any], Optional[list[Any]]]:
-  """Zero moments, and their int8 scales if any moment is int8 (else None)."""
-  stored = [moment.init(params) for moment in moments]
-  if not any(moment.quantized for moment in moments):
-    return stored, None
-  return stored, [moment.init_scales(params) for moment in moments]
-
-
-def _walk(leaf_step: Callable[..., tuple[Array, Sequence[Array]]],
-          updates: Any, t: Array, moments: Sequence[_Moment],
-          stored_trees: Sequence[Any], scale_trees: Optional[Sequence[Any]]
-          ) -> tuple[Any, list[Any], Optional[list[Any]]]:
-  """Load each leaf's moments, apply ``leaf_step``, store them again.
-
-  ``leaf_step(g, *moments)`` gets the gradient and the moments in the
-  compute dtype (float32 or wider) and returns ``(direction, new_moments)``;
-  this function owns the storage formats. ``t`` and the leaf's position seed
-  the stochastic rounding of narrow formats.
-
-  Returns:
-    ``(directions, new_stored_trees, new_scale_trees)``.
-  """
-  _validation.check_same_tree(updates, stored_trees[0],
-                              what="optimizer state")
-  _validation.check_float_leaves(updates)
-  grads, treedef = jax.tree.flatten(updates)
-  stored_columns = [treedef.flatten_up_to(tree) for tree in stored_trees]
-  scale_columns = ([treedef.flatten_up_to(tree) for tree in scale_trees]
-                   if scale_trees is not None
-                   else [[None] * len(grads) for _ in moments])
-  directions = []
-  new_stored = [[] for _ in moments]
-  new_scales = [[] for _ in moments]
-  for index, g in enumerate(grads):
-    dtype = _storage.compute_dtype(g.dtype)
-    seed = _rounding.salt(t, index)
-    loaded = [moment.read(column[index], scales[index], dtype)
-              for moment, column, scales in zip(moments, stored_columns,
-                                                scale_columns)]
-    direction, values = leaf_step(g.astype(dtype), *loaded)
-    directions.append(direction.astype(g.dtype))
-    for k, moment in enumerate(moments):
-      stored, scales = moment.write(values[k], stored_columns[k][index],
-                                    scale_columns[k][index], seed)
-      new_stored[k].append(stored)
-      new_scales[k].append(scales)
-  unflatten = lambda columns: [treedef.unflatten(c) for c in columns]
-  return (treedef.unflatten(directions), unflatten(new_stored),
-          unflatten(new_scales) if scale_trees is not None else None)
 
 
 # ---------------------------------------------------------------------------
@@ -216,45 +108,58 @@ def scale_by_adopt(
   _validation.check_decay("b1", b1)
   _validation.check_decay("b2", b2)
   _validation.check_nonnegative("eps", eps)
-  moments = (
-      _Moment(_storage.canonical_storage("mu_dtype", mu_dtype), real=False,
-              stream=1),
-      _Moment(_storage.canonical_storage("nu_dtype", nu_dtype), real=True,
-              stream=2))
+  formats = (_storage.canonical_storage("mu_dtype", mu_dtype),
+             _storage.canonical_storage("nu_dtype", nu_dtype))
+  real = (False, True)
 
   def init_fn(params):
-    (mu, nu), scales = _init_state_trees(moments, params)
+    (mu, nu), scales = _transform.init_moments(params, formats, real)
     return _transform.adam_state(
         jnp.zeros([], jnp.int32), mu, nu,
         None if scales is None else _rule.Moments(*scales, None))
 
-  def update_fn(updates, state, params=None):
+  def update_fn(updates, state, params=None, **extra_args):
     del params
+    step_if, held, t = _transform.step_signal(extra_args, state.count)
     first = state.count == 0
     # The first call sets v_0 = g_0² and leaves m at zero (decays 0 and 1).
     b1_t = jnp.where(first, 1.0, b1)
     b2_t = jnp.where(first, 0.0, b2)
     bound = clip_value_fn(state.count) if use_clipping else None
 
-    def leaf_step(g, mu, nu):
+    def step(g, moments):
+      mu, nu = moments
       normalized = g / jnp.maximum(jnp.sqrt(nu), eps)
       if bound is not None:
         normalized = _clip(normalized, bound)
-      mu = _rule.ema(normalized, mu, b1_t)
-      nu = _rule.ema(_rule.abs_sq(g), nu, b2_t)
-      direction = _rule.ema(normalized, mu, b1_t) if nesterov else mu
-      return direction, (mu, nu)
+      new_mu = _rule.ema(normalized, mu, b1_t, held)
+      new_nu = _rule.ema(_rule.abs_sq(g), nu, b2_t, held)
+      direction = _rule.ema(normalized, new_mu, b1_t) if nesterov else new_mu
+      if held is not None:
+        direction = jnp.where(held, jnp.zeros_like(direction), direction)
+      return direction, (new_mu, new_nu)
 
-    t = optax.safe_increment(state.count)
+    def bounds(g_max, old):
+      # v's recurrence bounds it by G², as Adam's; m averages g normalised by
+      # each element's own √v, which G does not bound (only the clip does,
+      # loosely), so m takes its blocks' exact maxima.
+      g_mu, g_nu = g_max
+      return (None, None if g_nu is None
+              else _rule.ema(g_nu * g_nu, old[1], b2_t))
+
     scales = getattr(state, "scales", None)
-    out, (mu, nu), new_scales = _walk(
-        leaf_step, updates, t, moments, [state.mu, state.nu],
-        None if scales is None else [scales.mu, scales.nu])
-    return out, _transform.adam_state(
+    out, (mu, nu), new_scales = _transform.walk(
+        _rule.LeafRule(step, real, bounds, held=held), updates, t,
+        [state.mu, state.nu], None if scales is None else scales[:2],
+        formats)
+    new_state = _transform.adam_state(
         t, mu, nu,
         None if new_scales is None else _rule.Moments(*new_scales, None))
+    if step_if is not None:
+      step_if.record(state, new_state)
+    return out, new_state
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def adopt(
@@ -291,7 +196,7 @@ def adopt(
     Taniguchi et al., "ADOPT: Modified Adam Can Converge with Any β2 with the
     Optimal Rate", NeurIPS 2024.
   """
-  return _alias._optimizer(  # pylint: disable=protected-access
+  return _alias.optimizer(
       scale_by_adopt(b1, b2, eps, mu_dtype, nesterov=nesterov,
                      use_clipping=use_clipping, clip_value_fn=clip_value_fn,
                      nu_dtype=nu_dtype),
@@ -387,47 +292,64 @@ def scale_by_ademamix(
     Older", ICLR 2025 (arXiv:2409.03137).
   """
   rule = _rule.AdamRule(b1, b2, eps, eps_root)
-  _transform._check_rule(rule)  # pylint: disable=protected-access
+  _transform.check_rule(rule)
   _check_decay("b3", b3)
   _validation.check_nonnegative("alpha", alpha)
   mu_storage = _storage.canonical_storage("mu_dtype", mu_dtype)
-  moments = (_Moment(mu_storage, real=False, stream=1),
-             _Moment(mu_storage, real=False, stream=3),
-             _Moment(_storage.canonical_storage("nu_dtype", nu_dtype),
-                     real=True, stream=2))
+  formats = (mu_storage, mu_storage,
+             _storage.canonical_storage("nu_dtype", nu_dtype))
+  real = (False, False, True)
   names = ("m1", "m2", "nu")
 
   def init_fn(params):
-    (m1, m2, nu), scales = _init_state_trees(moments, params)
+    (m1, m2, nu), scales = _transform.init_moments(params, formats, real)
     return _ademamix_state(
         jnp.zeros([], jnp.int32), jnp.zeros([], jnp.int32), m1, m2, nu,
         None if scales is None else dict(zip(names, scales)))
 
-  def update_fn(updates, state, params=None):
+  def update_fn(updates, state, params=None, **extra_args):
     del params
+    step_if, held, t = _transform.step_signal(extra_args, state.count)
     # Schedules see the number of updates already taken, as optax's do.
     b3_t = b3(state.count_m2) if callable(b3) else b3
     alpha_t = alpha(state.count_m2) if callable(alpha) else alpha
-    t = optax.safe_increment(state.count)
 
-    def leaf_step(g, m1, m2, nu):
-      m1 = _rule.ema(g, m1, rule.b1)
-      m2 = _rule.ema(g, m2, b3_t)
-      nu = _rule.ema(_rule.abs_sq(g), nu, rule.b2)
+    def step(g, moments):
+      m1, m2, nu = moments
+      m1 = _rule.ema(g, m1, rule.b1, held)
+      m2 = _rule.ema(g, m2, b3_t, held)
+      nu = _rule.ema(_rule.abs_sq(g), nu, rule.b2, held)
       m1_hat = m1 / _rule.bias_correction(rule.b1, t).astype(m1.dtype)
       v_hat = nu / _rule.bias_correction(rule.b2, t).astype(nu.dtype)
       direction = (m1_hat + alpha_t * m2) / _rule.denominator(v_hat, rule)
+      if held is not None:
+        direction = jnp.where(held, jnp.zeros_like(direction), direction)
       return direction, (m1, m2, nu)
 
-    scales = getattr(state, "scales", None)
-    out, (m1, m2, nu), new_scales = _walk(
-        leaf_step, updates, t, moments, [state.m1, state.m2, state.nu],
-        None if scales is None else [scales[name] for name in names])
-    return out, _ademamix_state(
-        t, optax.safe_increment(state.count_m2), m1, m2, nu,
-        None if new_scales is None else dict(zip(names, new_scales)))
+    def bounds(g_max, old):
+      # The three averages of the recurrence, applied to the block maxima.
+      decays = (rule.b1, b3_t, rule.b2)
+      return tuple(
+          None if G is None else _rule.ema(G * G if r else G, s, decay)
+          for G, s, decay, r in zip(g_max, old, decays, real))
 
-  return optax.GradientTransformation(init_fn, update_fn)
+    scales = getattr(state, "scales", None)
+    out, (m1, m2, nu), new_scales = _transform.walk(
+        _rule.LeafRule(step, real, bounds, held=held), updates, t,
+        [state.m1, state.m2, state.nu],
+        None if scales is None else [scales[name] for name in names],
+        formats)
+    count_m2 = optax.safe_increment(state.count_m2)
+    if held is not None:
+      count_m2 = jnp.where(held, state.count_m2, count_m2)
+    new_state = _ademamix_state(
+        t, count_m2, m1, m2, nu,
+        None if new_scales is None else dict(zip(names, new_scales)))
+    if step_if is not None:
+      step_if.record(state, new_state)
+    return out, new_state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def ademamix_b3_schedule(b3: float, warmup_steps: int,
@@ -514,7 +436,7 @@ def ademamix(
     Pagliardini, Ablin & Grangier, "The AdEMAMix Optimizer: Better, Faster,
     Older", ICLR 2025 (arXiv:2409.03137).
   """
-  return _alias._optimizer(  # pylint: disable=protected-access
+  return _alias.optimizer(
       scale_by_ademamix(b1, b2, b3, alpha, eps, eps_root, mu_dtype,
                         nu_dtype=nu_dtype),
       learning_rate, weight_decay, mask)
@@ -563,32 +485,39 @@ def _scale_by_adam_without_momentum(
   still :func:`jadam.adam_step`, fed a zero m_{t-1}.
   """
   rule = _rule.AdamRule(0.0, b2, eps)
-  _transform._check_rule(rule)  # pylint: disable=protected-access
-  moments = (_Moment(_storage.canonical_storage("nu_dtype", nu_dtype),
-                     real=True, stream=2),)
+  _transform.check_rule(rule)
+  formats = (_storage.canonical_storage("nu_dtype", nu_dtype),)
+  real = (True,)
 
   def init_fn(params):
-    (nu,), scales = _init_state_trees(moments, params)
+    (nu,), scales = _transform.init_moments(params, formats, real)
     return _second_moment_state(
         jnp.zeros([], jnp.int32), nu, None if scales is None else scales[0])
 
-  def update_fn(updates, state, params=None):
+  def update_fn(updates, state, params=None, **extra_args):
     del params
-    t = optax.safe_increment(state.count)
+    step_if, held, t = _transform.step_signal(extra_args, state.count)
+    adam = _rule.leaf_rule(rule._replace(held=held), t)
 
-    def leaf_step(g, nu):
-      direction, new = _rule.adam_step(
-          g, _rule.Moments(mu=jnp.zeros_like(g), nu=nu), t, rule)
-      return direction, (new.nu,)
+    def step(g, moments):
+      (nu,) = moments
+      direction, (_, new_nu) = adam.step(g, (jnp.zeros_like(g), nu))
+      return direction, (new_nu,)
+
+    def bounds(g_max, old):
+      return adam.bounds((None,) + tuple(g_max), (None,) + tuple(old))[1:]
 
     scales = getattr(state, "scales", None)
-    out, (nu,), new_scales = _walk(
-        leaf_step, updates, t, moments, [state.nu],
-        None if scales is None else [scales])
-    return out, _second_moment_state(
+    out, (nu,), new_scales = _transform.walk(
+        _rule.LeafRule(step, real, bounds, held=held), updates, t,
+        [state.nu], None if scales is None else [scales], formats)
+    new_state = _second_moment_state(
         t, nu, None if new_scales is None else new_scales[0])
+    if step_if is not None:
+      step_if.record(state, new_state)
+    return out, new_state
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 ScheduleFreeState = optax_contrib.ScheduleFreeState
