@@ -13,22 +13,30 @@ states, and :class:`FlatView` at the top level; the rest grouped by concern:
 The same names remain importable from the top level (``jadam.zero1`` is
 ``jadam.sharding.zero1``), as in earlier releases.
 
-Module map (private modules, one concern each):
+Module map (private modules, one concern each). There is one engine: every
+optimizer is a per-array step (a ``_rule.LeafRule``) handed to the one tree
+walk (``_transform.walk``), which moves each leaf's moments through the one
+codec (``_storage.step_leaf``):
 
-* ``_rule``: the Adam rule on one array (Kingma & Ba, Algorithm 1) and its
-  variant flags. The only place the arithmetic lives.
-* ``_storage``: how moments are stored between steps (dtypes, compression).
+* ``_rule``: the Adam rule on one array (Kingma & Ba, Algorithm 1), its
+  variant flags, its ``LeafRule`` and the int8 scale bounds its recurrence
+  gives. The only place the Adam arithmetic lives.
+* ``_variants``: ADOPT, AdEMAMix and schedule-free AdamW, each a ``LeafRule``
+  of its own beside the rule (cautious and Keras numerics are flags of the
+  rule itself).
+* ``_transform``: the one tree walk, the skip decision passed to it as an
+  update argument, and ``scale_by_*`` of the Adam family with their states.
+* ``_storage``: the one codec: how each moment is kept between steps
+  (dtypes, float16 √v, block-wise int8), load and store around the step.
+* ``_quant``, ``_rounding``: the int8 code maps; stochastic rounding
+  (bfloat16/float16 moments, and ``stochastic_rounding`` for parameters).
+* ``_fusion``: the platform policy: when to compute a direction once or once
+  per output (the XLA:CPU single-pass form), in one seam.
 * ``_validation``: hyperparameter and gradient checks with clear errors.
-* ``_transform``: the rule walked over a pytree (``scale_by_*``).
 * ``_alias``: complete optimizers (``adam``, ``adamw``, ...).
 * ``_flat``: the fast path, parameters packed in one buffer per dtype.
-* ``_quant``, ``_rounding``: block-wise 8-bit moments; stochastic rounding
-  (bfloat16/float16 moments, and ``stochastic_rounding`` for parameters).
-* ``_variants``: ADOPT, AdEMAMix and schedule-free AdamW, composed from the
-  rule's pieces (cautious and Keras numerics are flags of the rule itself).
 * ``_health``: non-finite step skipping and gradient-health telemetry.
 * ``_sharding``: where state lives on a device mesh (follows parameters, ZeRO-1).
-* ``_fusion``: the XLA:CPU single-pass form (platform policy).
 """
 
 from jadam._alias import adam

@@ -153,44 +153,59 @@ class LeafRule(NamedTuple):
   and the random streams.
 
   Attributes:
-    step: ``step(g, moments) -> (direction, new_moments)``: ``g`` and the
-      moments (a tuple, in the order of ``real``) in the compute dtype; the
-      direction without the cautious mask. Where ``held`` is True the new
-      moments must equal the old ones bitwise and the direction must be zero.
+    step: ``step(g, moments, scalars) -> (direction, new_moments)``: ``g``
+      and the moments (a tuple, in the order of ``real``) in the compute
+      dtype, and ``scalars`` as below; the direction without the cautious
+      mask. Where ``scalars["held"]`` is True the new moments must equal the
+      old ones bitwise and the direction must be zero.
     real: for each moment, whether it is a moment of |g|² (real for complex
       parameters, kept as √v in float16).
-    bounds: None, or ``bounds(g_max, old_scales) -> tuple``: for each int8
-      moment, an upper bound of its new block maxima from ``g_max`` (the
-      block's largest finite |g|, None for a moment that is not int8) and
-      the block's old scales; None in the result where the recurrence gives
-      no useful bound (the engine then takes the new values' exact maxima).
+    bounds: None, or ``bounds(g_max, old_scales, scalars) -> tuple``: for
+      each int8 moment, an upper bound of its new block maxima from
+      ``g_max`` (the block's largest finite |g|, None for a moment that is
+      not int8) and the block's old scales; None in the result where the
+      recurrence gives no close bound (the engine then takes the new
+      values' exact maxima).
     cautious: apply :func:`caution` to the direction.
-    held: None, or the traced bool of a skipped step.
+    scalars: a dict of this call's values that ``step`` and ``bounds`` read
+      (the step number ``"t"``, the skip decision ``"held"``, traced
+      hyperparameters, ...). ``step`` and ``bounds`` take them from their
+      argument, never from a closure: the engine hands them through
+      transformations such as ``jax.sharding.auto_axes``, inside which a
+      value traced outside is not valid.
     monotone: for each moment, whether it is a running maximum that rounding
       must not lower (AMSGrad's).
   """
 
-  step: Callable[[Array, tuple], tuple[Array, tuple]]
+  step: Callable[[Array, tuple, dict], tuple[Array, tuple]]
   real: tuple[bool, ...]
-  bounds: Optional[Callable[[tuple, tuple], tuple]] = None
+  bounds: Optional[Callable[[tuple, tuple, dict], tuple]] = None
   cautious: bool = False
-  held: Optional[Array] = None
+  scalars: Optional[dict] = None
   monotone: tuple[bool, ...] = ()
+
+  @property
+  def held(self) -> Optional[Array]:
+    """The traced bool of a skipped step, or None."""
+    return (self.scalars or {}).get("held")
 
 
 def leaf_rule(rule: AdamRule, t: Array) -> LeafRule:
   """The Adam family's :class:`LeafRule`: moments ``(m, v)``, or
   ``(m, v, max v̂)`` for AMSGrad, stepped by :func:`adam_step`."""
   n = 3 if rule.amsgrad else 2
-  plain = rule._replace(cautious=False)
 
-  def step(g, moments):
-    direction, new = adam_step(g, Moments(*moments), t, plain)
+  def step(g, moments, scalars):
+    plain = scalars["rule"]._replace(cautious=False)
+    direction, new = adam_step(g, Moments(*moments), scalars["t"], plain)
     return direction, tuple(new)[:n]
 
-  return LeafRule(step, real=(False, True, True)[:n],
-                  bounds=lambda g_max, old: scale_bounds(rule, t, g_max, old),
-                  cautious=rule.cautious, held=rule.held,
+  def bounds(g_max, old, scalars):
+    return scale_bounds(scalars["rule"], scalars["t"], g_max, old)
+
+  return LeafRule(step, real=(False, True, True)[:n], bounds=bounds,
+                  cautious=rule.cautious,
+                  scalars={"t": t, "held": rule.held, "rule": rule},
                   monotone=(False, False, True)[:n])
 
 

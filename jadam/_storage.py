@@ -272,7 +272,19 @@ def step_leaf(g: Array, stored: tuple, t: Array, leaf: _rule.LeafRule,
   # thousands of float32 leaves its integer ops would cost compile time.
   if g.size and any(_is_codes(x) for x in stored):
     seed = _rounding.salt(t, index)
-    step = lambda *a: _step_quantized(*a, leaf, formats)
+    # The rule's per-call values travel as arguments: a value traced outside
+    # ``auto_axes`` (below) is not valid inside it. Python numbers stay
+    # static, so that they round as in the plain path.
+    leaves, treedef = jax.tree.flatten(leaf.scalars)
+    traced = [isinstance(x, jax.Array) for x in leaves]
+
+    def step(g, stored, t, seed, scales, arrays):
+      arrays = iter(arrays)
+      scalars = treedef.unflatten([next(arrays) if is_array else x
+                                   for x, is_array in zip(leaves, traced)])
+      return _step_quantized(g, stored, t, seed, scales,
+                             leaf._replace(scalars=scalars), formats)
+
     explicit = _explicit_shardings((g, stored, scales))
     if explicit is not None:
       # Cutting an array split over Explicit mesh axes into blocks would
@@ -280,14 +292,15 @@ def step_leaf(g: Array, stored: tuple, t: Array, leaf: _rule.LeafRule,
       # the compiler places the blocks, as on Auto meshes, and the results
       # come back with the inputs' shardings.
       step = jax.sharding.auto_axes(step, out_sharding=explicit)
-    return step(g, stored, t, seed, scales)
+    return step(g, stored, t, seed, scales,
+                [x for x, is_array in zip(leaves, traced) if is_array])
   dtype = compute_dtype(g.dtype)
   dtypes = [real_dtype(dtype) if real else dtype for real in leaf.real]
 
   def step(g, stored):
     moments = tuple(load(x, d, root=real)
                     for x, d, real in zip(stored, dtypes, leaf.real))
-    direction, new = leaf.step(g.astype(dtype), moments)
+    direction, new = leaf.step(g.astype(dtype), moments, leaf.scalars)
     if leaf.cautious:
       direction = _rule.caution(direction, g.astype(dtype))
     return direction, new
@@ -386,7 +399,7 @@ def _step_quantized(g: Array, stored: tuple, t: Array, seed: Array,
   def run_rule(flat_g, stored, scales):
     loaded = tuple(_read(x, s, *spec)
                    for x, s, spec in zip(stored, scales, static))
-    return leaf.step(flat_g, loaded)
+    return leaf.step(flat_g, loaded, leaf.scalars)
 
   direction, _ = run_rule(flat_g, stored, scales)
   if leaf.cautious:
@@ -512,7 +525,7 @@ def _scale_bounds(flat_g: Array, scales: tuple, static: list,
     g_max[block] = jnp.max(_quant.to_blocks(g_max[smallest],
                                             block // smallest), axis=1)
   raw = leaf.bounds(tuple(None if block is None else g_max[block]
-                          for block in blocks), scales)
+                          for block in blocks), scales, leaf.scalars)
   out = []
   for bound, block, old in zip(raw, blocks, scales):
     if bound is None or block is None:
