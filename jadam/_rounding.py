@@ -30,6 +30,8 @@ Array = jax.Array
 _MIX1 = np.uint32(0x85EBCA6B)
 _MIX2 = np.uint32(0xC2B2AE35)
 _GOLDEN = np.uint32(0x9E3779B9)
+# φ·φ⁻¹ = 1 modulo 2^32.
+_GOLDEN_INVERSE = np.uint32(0x144cbc89)
 
 
 def _mix32(x: Array) -> Array:
@@ -54,6 +56,11 @@ def remix(bits: Array) -> Array:
   return _mix32(bits ^ np.uint32(0x5BD1E995))
 
 
+def uint32(value: int) -> np.uint32:
+  """A Python integer modulo 2^32, as a uint32 constant."""
+  return np.uint32(int(value) % (1 << 32))
+
+
 def random_bits(shape: tuple[int, ...], seed: Array, offset: Any = 0) -> Array:
   """Uniform uint32 bits for every element of ``shape``.
 
@@ -69,10 +76,10 @@ def random_bits(shape: tuple[int, ...], seed: Array, offset: Any = 0) -> Array:
   """
   size = int(np.prod(shape, dtype=np.int64))
   index = jax.lax.iota(jnp.uint32, size).reshape(shape)
-  index = index + jnp.asarray(offset).astype(jnp.uint32)
+  if isinstance(offset, int):
+    offset = uint32(offset)
   # A Weyl sequence: bits_i = i·φ + seed (φ the 32-bit golden ratio, odd).
-  # It is affine in the element index, so the compiler turns the multiply
-  # into one add per element: in a step with int8 or bfloat16 moments this
+  # One multiply and one add per element: in a step with int8 or bfloat16 moments this
   # runs once per element and moment, and a hash per element (the murmur3
   # finaliser, three more multiplies and shifts) cost 30% of the int8 moment
   # loops. Rounding needs no more: for a fixed element the bits are uniform
@@ -82,7 +89,13 @@ def random_bits(shape: tuple[int, ...], seed: Array, offset: Any = 0) -> Array:
   # which spreads their rounding errors evenly too. The first moment uses the
   # top 16 bits and the second the bottom 16, which are again a Weyl
   # sequence (modulo 2^16, with an odd multiplier).
-  return index * _GOLDEN + seed
+  # Computed as (i + offset + seed·φ⁻¹)·φ, the same number modulo 2^32 (φ is
+  # odd, so it has an inverse), so that the only per-step value is one
+  # scalar shared by every leaf.
+  if not (isinstance(offset, (int, np.integer)) and offset == 0):
+    index = index + jnp.asarray(offset).astype(jnp.uint32)
+  return (index + jnp.asarray(seed).astype(jnp.uint32) * _GOLDEN_INVERSE
+          ) * _GOLDEN
 
 
 def round_stochastic(x: Array, dtype: Any, bits: Array) -> Array:

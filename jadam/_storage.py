@@ -243,7 +243,7 @@ def decode_moments(state: Any, dtype: Any = jnp.float32) -> _rule.Moments:
 
 
 def step_leaf(g: Array, stored: tuple, t: Array, leaf: _rule.LeafRule,
-              index: int = 0, scales: Optional[tuple] = None,
+              offset: int = 0, scales: Optional[tuple] = None,
               formats: Optional[tuple] = None
               ) -> tuple[Array, tuple, Optional[tuple]]:
   """Load one leaf's moments, take one step of ``leaf``, store them again.
@@ -256,9 +256,17 @@ def step_leaf(g: Array, stored: tuple, t: Array, leaf: _rule.LeafRule,
     stored: its moments in their storage formats, in ``leaf``'s order.
     t: the step number (int32, from 1).
     leaf: the optimizer's step on one array (:class:`jadam._rule.LeafRule`).
-    index: the leaf's position in the tree; with ``t`` it seeds stochastic
-      rounding, so that every leaf and step draws different bits and a run
-      is reproducible without keeping a key in the state.
+    offset: added to the element index of the leaf's random stream (0 for
+      a whole leaf). Stochastic rounding draws element ``i`` of every leaf
+      from position ``offset + i`` of one stream per step, seeded by ``t``
+      alone, so a run is reproducible without keeping a key in the state.
+      The bits of different steps are independent; within a step, leaves
+      share them by element index (each rounding stays unbiased). Nothing
+      in a leaf's loops depends on its position in the tree, so that XLA
+      compiles the loops of leaves of one shape once: a seed hashed from
+      the leaf's position, as before, made every leaf's loops distinct code,
+      and compile time with bfloat16 or int8 moments grew about 10x faster
+      with the number of leaves than with float32 moments.
     scales: the block scales of int8 moments (scalar placeholders for the
       others), or None if no moment is int8.
     formats: the storage formats the moments were created with.
@@ -271,7 +279,7 @@ def step_leaf(g: Array, stored: tuple, t: Array, leaf: _rule.LeafRule,
   # The rounding seed is traced only where something is rounded: on trees of
   # thousands of float32 leaves its integer ops would cost compile time.
   if g.size and any(_is_codes(x) for x in stored):
-    seed = _rounding.salt(t, index)
+    seed = _rounding.salt(t)
     # The rule's per-call values travel as arguments: a value traced outside
     # ``auto_axes`` (below) is not valid inside it. Python numbers stay
     # static, so that they round as in the plain path.
@@ -282,7 +290,7 @@ def step_leaf(g: Array, stored: tuple, t: Array, leaf: _rule.LeafRule,
       arrays = iter(arrays)
       scalars = treedef.unflatten([next(arrays) if is_array else x
                                    for x, is_array in zip(leaves, traced)])
-      return _step_quantized(g, stored, t, seed, scales,
+      return _step_quantized(g, stored, t, seed, offset, scales,
                              leaf._replace(scalars=scalars), formats)
 
     explicit = _explicit_shardings((g, stored, scales))
@@ -307,9 +315,9 @@ def step_leaf(g: Array, stored: tuple, t: Array, leaf: _rule.LeafRule,
 
   direction, new = step(g, stored)
   narrow = any(jnp.dtype(x.dtype).itemsize < 4 for x in stored)
-  seed = _rounding.salt(t, index) if narrow else None
+  seed = _rounding.salt(t) if narrow else None
   streams = _streams(None if seed is None
-                     else _rounding.random_bits(g.shape, seed))
+                     else _rounding.random_bits(g.shape, seed, offset))
   if _fusion.single_pass(g.size) and not leaf.cautious:
     # The direction again, from the same inputs rather than from ``new``, so
     # that the parameter loop reads what the moment loops read and XLA:CPU
@@ -321,7 +329,7 @@ def step_leaf(g: Array, stored: tuple, t: Array, leaf: _rule.LeafRule,
       parts = []
       for k in range(len(stored)):
         (g_k, stored_k), streams_k = _own_inputs((g, stored), g.shape, seed,
-                                                 k + 1)
+                                                 offset, k + 1)
         parts.append((step(g_k, stored_k)[1][k], streams_k[k]))
       new = tuple(p[0] for p in parts)
       streams = [p[1] for p in parts]
@@ -344,7 +352,7 @@ def _explicit_shardings(tree: Any) -> Optional[Any]:
 
 
 def _step_quantized(g: Array, stored: tuple, t: Array, seed: Array,
-                    scales: tuple, leaf: _rule.LeafRule,
+                    offset: int, scales: tuple, leaf: _rule.LeafRule,
                     formats: Optional[tuple]
                     ) -> tuple[Array, tuple, tuple]:
   """:func:`step_leaf` for leaves with int8 moments, without a tile loop.
@@ -409,7 +417,7 @@ def _step_quantized(g: Array, stored: tuple, t: Array, seed: Array,
   for k, (x, old) in enumerate(zip(stored, scales)):
     # Each moment's codes from inputs of its own (see _own_inputs).
     inputs, streams = _own_inputs((flat_g, stored, scales, bounds), (n,),
-                                  seed, k)
+                                  seed, offset, k)
     value = run_rule(*inputs[:3])[1][k]
     block, scale, new_scale = static[k][0], inputs[3][k], bounds[k]
     if block is None:
@@ -425,13 +433,15 @@ def _step_quantized(g: Array, stored: tuple, t: Array, seed: Array,
           tuple(new_scales))
 
 
-def _own_inputs(tree: Any, shape: tuple[int, ...], seed: Array,
+def _own_inputs(tree: Any, shape: tuple[int, ...], seed: Array, offset: int,
                 tag: int) -> tuple[Any, list[Array]]:
   """``tree`` made opaque with :func:`jadam._fusion.separate` under ``tag``,
   and the random-bit streams of ``shape`` drawn behind its offset of zero
-  (the same bits as an ordinary draw), so that a loop computing one stored
+  (the same bits as an ordinary draw at ``offset``), so that a loop computing one stored
   moment from them shares nothing with the other loops (see there)."""
-  tree, offset = _fusion.separate(tree, tag)
+  tree, zero = _fusion.separate(tree, tag)
+  if not isinstance(zero, int):
+    offset = zero + _rounding.uint32(offset)
   bits = _rounding.random_bits(shape, seed, offset=offset)
   return tree, list(_streams(bits))
 
