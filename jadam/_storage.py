@@ -504,6 +504,11 @@ def _block_max_abs(flat: Array, block: int) -> Array:
       out = out.at[n_loop * rows:].set(finite_max(part[n_loop * rows:]))
     return out
 
+  if flat.shape[0] <= FALLBACK_TILE:
+    # A small leaf is in cache: the elementwise |x| costs nothing, and no
+    # branch is needed (a branch per leaf costs compile time, and under
+    # vmap, see _transform.walk, it would run both sides).
+    return _concat([finite_max(p) for p in parts])
   fast = _concat([jnp.maximum(jnp.max(p, axis=1), -jnp.min(p, axis=1))
                   .astype(jnp.float32) for p in parts])
   return jax.lax.cond(jnp.all(fast <= LARGEST_G), lambda: fast,

@@ -251,14 +251,15 @@ def walk(leaf: _rule.LeafRule, updates: Any, t: Array,
   scale_columns = ([treedef.flatten_up_to(tree) for tree in scale_trees]
                    if scale_trees is not None else None)
   directions, new_stored, new_scales = [], [], []
-  step = _shared_leaf_step(
-      leaf, formats,
-      tracing=any(isinstance(g, jax.core.Tracer) for g in grads))
-  for index, g in enumerate(grads):
-    stored = tuple(column[index] for column in columns)
-    scales = (None if scale_columns is None
-              else tuple(column[index] for column in scale_columns))
-    direction, moments, leaf_scales = step(g, stored, t, scales)
+  tracing = any(isinstance(g, jax.core.Tracer) for g in grads)
+  step = _shared_leaf_step(leaf, formats, tracing)
+  inputs = [(g, tuple(column[index] for column in columns),
+             None if scale_columns is None
+             else tuple(column[index] for column in scale_columns))
+            for index, g in enumerate(grads)]
+  results = [step(g, stored, t, scales) for g, stored, scales in inputs]
+  for (g, stored, scales), (direction, moments, leaf_scales) in zip(
+      inputs, results):
     if leaf.held is not None and any(
         x.dtype in (jnp.int8, jnp.uint8) for x in stored):
       # Re-encoding unchanged int8 moments need not give the same codes.
