@@ -1,12 +1,13 @@
 """jadam: the Adam family as pure Optax GradientTransformations.
 
 Public namespace: the optimizers, their ``scale_by_*`` transformations and
-states, and :class:`FlatView` at the top level; the rest grouped by concern:
+states, :class:`FlatView` and :func:`offload` at the top level; the rest grouped by concern:
 
 * ``jadam.storage``: moment storage formats (``BlockwiseInt8``),
   ``decode_moments``, ``stochastic_rounding``.
 * ``jadam.health``: ``skip_nonfinite``, ``with_telemetry``, ``stats``.
-* ``jadam.sharding``: ``zero1``, ``abstract_state``, ``state_shardings``, ...
+* ``jadam.sharding``: ``zero1``, ``offload``, ``abstract_state``,
+  ``state_shardings``, ...
 * ``jadam.rule``: ``adam_step`` and ``AdamRule``, for writing new variants.
 * ``jadam.cpu``: ``enable_cpu_fusion``, a process-wide XLA:CPU setting.
 
@@ -37,6 +38,7 @@ codec (``_storage.step_leaf``):
 * ``_flat``: the fast path, parameters packed in one buffer per dtype.
 * ``_health``: non-finite step skipping and gradient-health telemetry.
 * ``_sharding``: where state lives on a device mesh (follows parameters, ZeRO-1).
+* ``_offload``: state kept in host memory between steps (``offload``).
 """
 
 from jadam._alias import adam
@@ -57,6 +59,7 @@ from jadam._health import stats
 from jadam._health import with_telemetry
 from jadam._quant import BlockwiseInt8
 from jadam._rounding import StochasticRoundingState
+from jadam._offload import offload
 from jadam._rounding import stochastic_rounding
 from jadam._rule import AdamRule
 from jadam._rule import Moments
@@ -125,8 +128,9 @@ __all__ = [
     "ScaleByAdemamixState",
     "ScaleByAmsgradState",
     "ScaleBySecondMomentState",
-    # The fast path.
+    # The fast path, and state in host memory.
     "FlatView",
+    "offload",
     # Grouped by concern.
     "cpu",
     "health",

@@ -9,7 +9,7 @@ Formats:
 
 * float32 / float64: the moment as is.
 * bfloat16 / float16: rounded *stochastically* when stored (unbiased, see
-  :mod:`jadam._rounding`), seeded by the step count and the leaf's position,
+  :mod:`jadam._rounding`), seeded by the step count and the element's index,
   so a v multiplied by β2 = 0.999 decays in expectation although 0.999 is not
   a bfloat16 decay factor. float16 keeps second moments as √v, because v
   itself under- and overflows float16.

@@ -230,8 +230,8 @@ def walk(leaf: _rule.LeafRule, updates: Any, t: Array,
   Args:
     leaf: the optimizer's step on one array.
     updates: the gradients.
-    t: the step number (int32, from 1); with a leaf's position it seeds the
-      stochastic rounding of narrow formats.
+    t: the step number (int32, from 1); it seeds the stochastic rounding
+      of narrow formats.
     stored_trees: one tree per moment, in ``leaf``'s order.
     scale_trees: their int8 block scales, or None.
     formats: per moment, its canonical storage.
