@@ -1,7 +1,7 @@
 """jadam: the Adam family as pure Optax GradientTransformations.
 
 Public namespace: the optimizers, their ``scale_by_*`` transformations and
-states, :class:`FlatView` and :func:`offload` at the top level; the rest grouped by concern:
+states, and :class:`FlatView` at the top level; the rest grouped by concern:
 
 * ``jadam.storage``: moment storage formats (``BlockwiseInt8``),
   ``decode_moments``, ``stochastic_rounding``.
@@ -128,9 +128,8 @@ __all__ = [
     "ScaleByAdemamixState",
     "ScaleByAmsgradState",
     "ScaleBySecondMomentState",
-    # The fast path, and state in host memory.
+    # The fast path.
     "FlatView",
-    "offload",
     # Grouped by concern.
     "cpu",
     "health",

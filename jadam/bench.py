@@ -50,6 +50,7 @@ from jadam import _bench_lm
 from jadam import _flat
 from jadam import _fusion
 from jadam import _health
+from jadam import _offload
 
 Shapes = Mapping[str, tuple[int, ...]]
 LEARNING_RATE = 1e-3
@@ -219,11 +220,31 @@ IMPLS: dict[str, Callable[[Shapes], Runner]] = {
         _alias.adam(LEARNING_RATE)), flat=True),
     "jadam_telemetry": jax_impl(lambda: _health.with_telemetry(
         _alias.adam(LEARNING_RATE)), flat=True),
+    # Narrow moments on the tree path (compile time grows with the leaves).
+    "jadam_tree_bf16": jax_impl(lambda: _alias.adam(
+        LEARNING_RATE, mu_dtype="bfloat16", nu_dtype="bfloat16"), flat=False),
+    "jadam_tree_int8": jax_impl(lambda: _alias.adam(
+        LEARNING_RATE, mu_dtype="int8", nu_dtype="int8"), flat=False),
+    # State in host memory between steps (docs/memory.md).
+    "jadam_offload": jax_impl(lambda: _offload.offload(
+        _alias.adam(LEARNING_RATE)), flat=True),
+    "jadam_int8_offload": jax_impl(lambda: _offload.offload(_alias.adam(
+        LEARNING_RATE, mu_dtype="int8", nu_dtype="int8")), flat=True),
 }
 
 # Rows that need something optional: name -> "is it available?".
+def _offload_works() -> bool:
+  try:
+    _offload._check_compiled_transfers()  # pylint: disable=protected-access
+  except NotImplementedError:
+    return False
+  return True
+
+
 OPTIONAL: dict[str, Callable[[], bool]] = {
     "torch_fused": lambda: _torch_adam_kind() is not None,
+    "jadam_offload": _offload_works,
+    "jadam_int8_offload": _offload_works,
 }
 
 

@@ -26,6 +26,19 @@ def test_quickstart_loss_falls(capsys):
   assert np.all(np.isfinite(losses))
 
 
+def test_offload_trains_within_the_device_budget(capsys):
+  import jax  # pylint: disable=g-import-not-at-top
+  out = jax.jit(lambda x: jax.device_put(x, jax.memory.Space.Host))(
+      np.zeros(()))
+  if out.sharding.memory_kind != "pinned_host":
+    pytest.skip("this JAX does not transfer to host memory inside jit")
+  import offload  # pylint: disable=g-import-not-at-top
+  losses = offload.main(["--steps", "60", "--width", "128"])
+  text = capsys.readouterr().out
+  assert "memory kinds: ['pinned_host']" in text
+  assert losses[-1] < 0.5 * losses[0]
+
+
 def _snapshot(directory: pathlib.Path) -> dict:
   """name → (modification time, content hash) of every file below."""
   return {str(p.relative_to(directory)): (
@@ -38,7 +51,8 @@ def test_every_example_is_checked():
   # the list so that one removed by mistake is noticed too.
   assert SCRIPTS == [
       "data_parallel.py", "flat_flax.py", "flax_linen.py", "flax_nnx.py",
-      "kingma_ba.py", "memory_study.py", "quickstart.py", "resume.py",
+      "kingma_ba.py", "memory_study.py", "offload.py", "quickstart.py",
+      "resume.py",
       "telemetry.py", "variants_study.py"]
 
 

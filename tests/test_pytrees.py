@@ -124,7 +124,8 @@ def test_grouped_namespaces_hold_the_same_objects_as_the_top_level():
                            "HealthStats", "SkipNonfiniteState",
                            "TelemetryState"},
             jadam.sharding: {"zero1", "zero1_shardings", "abstract_state",
-                             "state_shardings", "bytes_per_device"},
+                             "state_shardings", "bytes_per_device",
+                             "offload"},
             jadam.rule: {"AdamRule", "Moments", "adam_step"},
             jadam.cpu: {"enable_cpu_fusion"}}
   for module, names in groups.items():
