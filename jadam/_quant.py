@@ -65,7 +65,7 @@ Array = jax.Array
 # over the top 12 octaves, then 4 per octave for 7.5 more. Second moment: 16
 # per octave over the top 8, then 8 per octave for 15.6 more (v spans twice
 # the orders of magnitude of m).
-_RUNS = {True: ((3, 96), (2, 30)), False: ((4, 128), (3, 125))}
+_RUNS = {True: ((3, 96), (2, 30)), False: ((5, 128), (3, 125))}
 _ONE_BITS = 0x3F800000  # float32 1.0
 # The code of a non-finite value. Signed codes (first moments): NaN, which
 # decodes to NaN (an infinity saturates to the top code instead). Unsigned

@@ -158,8 +158,13 @@ def _is_codes(stored: Array) -> bool:
 
 def _is_root(stored: Array, root: bool) -> bool:
   # float16 cannot hold v = g² (it underflows below |g| ≈ 2.4e-4 and
-  # overflows above |g| = 256); √v has the range of g itself.
-  return root and jnp.dtype(stored.dtype) == jnp.float16
+  # overflows above |g| = 256); √v has the range of g itself. int8 codes
+  # (uint8 for second moments) hold √v too: a block's code map spans 7
+  # decades below its scale, which is 14 decades of v when the codes hold
+  # √v but only 7 when they hold v, so gradients spread over more than
+  # 3.5 decades inside a block (an outlier, a wide dynamic range) no longer
+  # flush their smaller block-mates to the bottom of the map.
+  return root and jnp.dtype(stored.dtype) in (jnp.float16, jnp.uint8)
 
 
 def load(stored: Array, dtype: Any, *, root: bool = False,
@@ -174,8 +179,9 @@ def load(stored: Array, dtype: Any, *, root: bool = False,
     scales: the block scales, for codes.
   """
   if _is_codes(stored):
-    return _quant.dequantize(stored, scales).astype(dtype)
-  value = stored.astype(dtype)
+    value = _quant.dequantize(stored, scales).astype(dtype)
+  else:
+    value = stored.astype(dtype)
   return value * value if _is_root(stored, root) else value
 
 
@@ -423,7 +429,8 @@ def _step_quantized(g: Array, stored: tuple, t: Array, seed: Array,
     if block is None:
       new_scale = old  # a float moment keeps its placeholder
     elif new_scale is None:
-      new_scale = scale = _rule.hold(leaf.held, _exact_scales(value, block),
+      top = jnp.sqrt(value) if _is_root(x, static[k][2]) else value
+      new_scale = scale = _rule.hold(leaf.held, _exact_scales(top, block),
                                      old)
     monotone = k < len(leaf.monotone) and leaf.monotone[k]
     values.append(_write(x, value, scale, streams[k], *static[k][:3],
@@ -539,15 +546,23 @@ def _scale_bounds(flat_g: Array, scales: tuple, static: list,
   for block in set(blocks) - {smallest, None}:
     g_max[block] = jnp.max(_quant.to_blocks(g_max[smallest],
                                             block // smallest), axis=1)
-  raw = leaf.bounds(tuple(None if block is None else g_max[block]
-                          for block in blocks), scales, leaf.scalars)
+  # The codes of second moments hold √v and their scales bound √v: the
+  # rule's recurrences see and give v-domain bounds.
+  roots = [block is not None and spec[2] for block, spec in zip(blocks,
+                                                                 static)]
+  raw = leaf.bounds(
+      tuple(None if block is None else g_max[block] for block in blocks),
+      tuple(s * s if root else s for s, root in zip(scales, roots)),
+      leaf.scalars)
   out = []
-  for bound, block, old in zip(raw, blocks, scales):
+  for bound, block, old, root in zip(raw, blocks, scales, roots):
     if bound is None or block is None:
       out.append(None)
       continue
-    bound = jnp.clip(bound.astype(jnp.float32), jnp.finfo(jnp.float32).tiny,
-                     _quant.MAX_SCALE)
+    bound = bound.astype(jnp.float32)
+    if root:
+      bound = jnp.sqrt(bound)
+    bound = jnp.clip(bound, jnp.finfo(jnp.float32).tiny, _quant.MAX_SCALE)
     out.append(_rule.hold(leaf.held, bound, old))
   return tuple(out)
 
@@ -589,6 +604,8 @@ def _read(stored: Array, scales: Array, block: Optional[int],
     value = flat.astype(dtype)
     return value * value if _is_root(stored, root) else value
   values = _quant.decode(flat) * _per_element(scales, block, flat.shape[0])
+  if _is_root(stored, root):
+    values = values * values  # the codes hold √v
   return values.astype(dtype)
 
 
@@ -600,6 +617,8 @@ def _write(stored: Array, value: Array, scales: Optional[Array],
   running maximum must not decrease through rounding)."""
   if block is None:
     return store(value, stored, bits, root=root).reshape(stored.shape)
+  if _is_root(stored, root):
+    value = jnp.sqrt(value)  # the codes hold √v, scales bound √v
   # A multiply by each block's reciprocal scale rather than a division:
   # XLA:CPU does not fuse a division into a consumer that uses its result
   # several times (as encoding does), and would store y in float32.

@@ -29,12 +29,15 @@ def _directions(nu_dtype, grads):
 
 
 def test_an_outlier_does_not_make_its_block_mates_step_too_far():
-  # Element 0 of every 256-element block is 3e4 times its block-mates. Their
-  # second moments fall below the code map's smallest point relative to the
-  # block scale; flushed to zero they divided the step by eps alone.
-  # Measured, over 200 steps: the largest block-mate step is at most 1.02x
-  # the largest float32 one (was 36,588x), the RMS step 0.12x (median over
-  # steps; was 488x): too small, never too large.
+  # Element 0 of every 256-element block is 3e4 times its block-mates, so
+  # their v is 9e8 times smaller than the block's largest. The uint8 codes
+  # hold √v (a ratio of 3e4, inside the code map's 19.6 octaves), so the
+  # block-mates keep their own second moments. Measured over 200 steps:
+  # the largest block-mate step is at most 1.33x the largest float32 one,
+  # the RMS step 1.00-1.03x, the median element within 9.3% of its float32
+  # step (99th percentile 37%). Before (codes of v, floored at the map's
+  # smallest point): 1.02x, but an RMS step of 0.12x; before that (flushed
+  # to zero): 36,588x and 488x.
   rng = np.random.default_rng(0)
   grads = []
   for _ in range(200):
@@ -46,7 +49,12 @@ def test_an_outlier_does_not_make_its_block_mates_step_too_far():
   mates[::256] = False
   largest = (np.abs(int8[:, mates]).max(axis=1)
              / np.abs(exact[:, mates]).max(axis=1))
-  assert largest.max() < 1.1
+  assert largest.max() < 1.5
+  rms = lambda d: np.sqrt(np.mean(d[:, mates] ** 2, axis=1))
+  ratio = rms(int8) / rms(exact)
+  assert 0.95 < ratio.min() and ratio.max() < 1.1
+  relative = np.abs(int8[:, mates] - exact[:, mates]) / np.abs(exact[:, mates])
+  assert np.median(relative) < 0.12
   # The outliers themselves step as with float32 moments.
   np.testing.assert_allclose(int8[:, ~mates], exact[:, ~mates], rtol=0.1)
 
