@@ -20,15 +20,17 @@ Block-wise Quantization", ICLR 2022:
   moments never round a positive value to
   zero: below the map's smallest point they keep that point, so that a tiny
   v next to an outlier in its block makes its element's step too small
-  rather than divided by ε alone.
+  rather than divided by ε alone (the optimizer stores √v in these codes,
+  so that takes a block-mate 3.5·10⁵ times smaller in gradient).
 
 The code maps are ours, not the paper's base-10 "dynamic trees": tiny
 floating-point formats. Each is two runs of binary octaves
 ``[2^-(k+1), 2^-k)`` with the same number of evenly spaced points in every
 octave of a run: for the first moment 8 points per octave over the top 12
 octaves, then 4 per octave down to 1.4·10⁻⁶ of the block maximum; for the
-second, 16 per octave over the top 8 octaves, then 8 per octave down to
-8.2·10⁻⁸ (v spans twice the orders of magnitude of m). Because a run's
+second, which :mod:`jadam._storage` stores as √v (so that 12 decades of v
+fit below a block's maximum), 32 per octave over the top 4 octaves, then 8
+per octave down to 1.3·10⁻⁶. Because a run's
 points are evenly spaced in float32 bit patterns, a magnitude index is the
 bit pattern of its value minus a constant, shifted: encoding and decoding
 are a few integer operations per element, with no table and no search.
@@ -62,9 +64,9 @@ Array = jax.Array
 # Each code map is two runs of octaves with evenly spaced points, from 1.0
 # downwards: (mantissa bits, index steps), 2^bits points per octave; the
 # last run goes down to magnitude index 1. First moment: 8 points per octave
-# over the top 12 octaves, then 4 per octave for 7.5 more. Second moment: 16
-# per octave over the top 8, then 8 per octave for 15.6 more (v spans twice
-# the orders of magnitude of m).
+# over the top 12 octaves, then 4 per octave for 7.5 more. Second moment
+# (stored as √v by jadam._storage): 32 per octave over the top 4, then 8 per
+# octave for 15.6 more.
 _RUNS = {True: ((3, 96), (2, 30)), False: ((5, 128), (3, 125))}
 _ONE_BITS = 0x3F800000  # float32 1.0
 # The code of a non-finite value. Signed codes (first moments): NaN, which
