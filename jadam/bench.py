@@ -160,15 +160,26 @@ def jax_impl(make_opt: Callable[[], optax.GradientTransformation], *,
   return lambda shapes: JaxRunner(make_opt(), shapes, flat)
 
 
+def _torch_device() -> str:
+  """Where the PyTorch rows run: the GPU when JAX runs on one and torch has
+  CUDA, else the CPU, so that both libraries are measured on one device."""
+  import torch  # pylint: disable=import-outside-toplevel
+  if jax.default_backend() == "gpu" and torch.cuda.is_available():
+    return "cuda"
+  return "cpu"
+
+
 @functools.lru_cache(maxsize=None)
 def _torch_adam_kind() -> Optional[str]:
-  """"fused" if torch's fused Adam runs on this CPU, else "foreach"."""
+  """"fused" if torch's fused Adam runs on :func:`_torch_device`, else
+  "foreach"; None without torch."""
   try:
     import torch  # pylint: disable=import-outside-toplevel
   except ImportError:
     return None
-  param = torch.nn.Parameter(torch.zeros(4))
-  param.grad = torch.ones(4)
+  device = _torch_device()
+  param = torch.nn.Parameter(torch.zeros(4, device=device))
+  param.grad = torch.ones(4, device=device)
   try:
     torch.optim.Adam([param], lr=LEARNING_RATE, fused=True).step()
     return "fused"
@@ -177,19 +188,27 @@ def _torch_adam_kind() -> Optional[str]:
 
 
 class TorchRunner(Runner):
-  """``torch.optim.Adam`` (fused kernel if available) on the same tensors."""
+  """A PyTorch optimizer on the same tensors, on :func:`_torch_device`:
+  ``torch.optim.Adam`` (fused kernel if available) or, with ``make_opt``,
+  another one (bitsandbytes' ``Adam8bit``)."""
 
-  def __init__(self, shapes: Shapes, kind: str):
+  def __init__(self, shapes: Shapes, kind: Optional[str] = None,
+               make_opt: Optional[Callable[[list], Any]] = None):
     import torch  # pylint: disable=import-outside-toplevel
     params, grads = _tree_data(shapes)
+    self._device = _torch_device()
     self._params = []
     for name in params:
-      tensor = torch.nn.Parameter(torch.from_numpy(params[name]))
-      tensor.grad = torch.from_numpy(grads[name])
+      tensor = torch.nn.Parameter(
+          torch.from_numpy(params[name]).to(self._device))
+      tensor.grad = torch.from_numpy(grads[name]).to(self._device)
       self._params.append(tensor)
-    self._opt = torch.optim.Adam(self._params, lr=LEARNING_RATE,
-                                 **{kind: True})
-    self._opt.step()  # creates the state, as the first step does
+    if make_opt is None:
+      self._opt = torch.optim.Adam(self._params, lr=LEARNING_RATE,
+                                   **{kind: True})
+    else:
+      self._opt = make_opt(self._params)
+    self.step()  # creates the state, as the first step does
     self.state_bytes = sum(
         value.nbytes for state in self._opt.state.values()
         for value in state.values() if torch.is_tensor(value))
@@ -197,6 +216,22 @@ class TorchRunner(Runner):
 
   def step(self) -> None:
     self._opt.step()
+    if self._device == "cuda":
+      import torch  # pylint: disable=import-outside-toplevel
+      torch.cuda.synchronize()
+
+
+def _bnb_available() -> bool:
+  """bitsandbytes' 8-bit Adam runs on CUDA tensors only."""
+  if not (_importable("bitsandbytes") and _importable("torch")):
+    return False
+  return _torch_device() == "cuda"
+
+
+def _bnb_factory(shapes: Shapes) -> Runner:
+  import bitsandbytes  # pylint: disable=import-outside-toplevel
+  return TorchRunner(shapes, make_opt=lambda params: bitsandbytes.optim.Adam8bit(
+      params, lr=LEARNING_RATE))
 
 
 def _torch_factory(shapes: Shapes) -> Runner:
@@ -210,6 +245,8 @@ IMPLS: dict[str, Callable[[Shapes], Runner]] = {
     "jadam_tree": jax_impl(lambda: _alias.adam(LEARNING_RATE), flat=False),
     "optax": jax_impl(lambda: optax.adam(LEARNING_RATE), flat=False),
     "torch_fused": _torch_factory,
+    # bitsandbytes' block-wise 8-bit Adam (CUDA only), beside jadam_int8.
+    "bnb_adam8bit": _bnb_factory,
     # Lean moment storage on the recommended configuration (docs/memory.md).
     "jadam_bf16": jax_impl(lambda: _alias.adam(
         LEARNING_RATE, mu_dtype="bfloat16", nu_dtype="bfloat16"), flat=True),
@@ -243,6 +280,7 @@ def _offload_works() -> bool:
 
 OPTIONAL: dict[str, Callable[[], bool]] = {
     "torch_fused": lambda: _torch_adam_kind() is not None,
+    "bnb_adam8bit": _bnb_available,
     "jadam_offload": _offload_works,
     "jadam_int8_offload": _offload_works,
 }
