@@ -408,10 +408,11 @@ def _step_quantized(g: Array, stored: tuple, t: Array, seed: Array,
                   else True)
     static.append((block, stochastic, leaf.real[k],
                    real if leaf.real[k] else dtype))
-  flat_g = g.reshape(-1).astype(dtype)
+  view = _block_view(g.shape, {spec[0] for spec in static} - {None})
+  flat_g = g.reshape(view).astype(dtype)
 
   def run_rule(flat_g, stored, scales):
-    loaded = tuple(_read(x, s, *spec)
+    loaded = tuple(_read(x, s, view, *spec)
                    for x, s, spec in zip(stored, scales, static))
     return leaf.step(flat_g, loaded, leaf.scalars)
 
@@ -422,7 +423,7 @@ def _step_quantized(g: Array, stored: tuple, t: Array, seed: Array,
   values, new_scales = [], []
   for k, (x, old) in enumerate(zip(stored, scales)):
     # Each moment's codes from inputs of its own (see _own_inputs).
-    inputs, streams = _own_inputs((flat_g, stored, scales, bounds), (n,),
+    inputs, streams = _own_inputs((flat_g, stored, scales, bounds), view,
                                   seed, offset, k)
     value = run_rule(*inputs[:3])[1][k]
     block, scale, new_scale = static[k][0], inputs[3][k], bounds[k]
@@ -489,12 +490,22 @@ def _block_max_abs(flat: Array, block: int) -> Array:
   """
   if jnp.iscomplexobj(flat):
     flat = jnp.abs(flat)
-  parts = _blocks(flat, block)
 
   def finite_max(part):
     magnitude = jnp.abs(part)
     part = jnp.where(magnitude <= LARGEST_G, magnitude, 0)  # NaN: False
-    return jnp.max(part, axis=1).astype(jnp.float32)
+    return jnp.max(part, axis=-1).astype(jnp.float32)
+
+  if flat.ndim > 1:
+    # A block view (see _block_view): blocks are the last axis, and the
+    # other axes keep the parameter's sharding.
+    if flat.size <= FALLBACK_TILE:
+      return finite_max(flat).reshape(-1)
+    fast = jnp.maximum(jnp.max(flat, axis=-1),
+                       -jnp.min(flat, axis=-1)).astype(jnp.float32)
+    return jax.lax.cond(jnp.all(fast <= LARGEST_G), lambda: fast,
+                        lambda: finite_max(flat)).reshape(-1)
+  parts = _blocks(flat, block)
 
   def tiled_finite_max(part):
     rows = max(1, FALLBACK_TILE // part.shape[1])
@@ -572,7 +583,11 @@ def _exact_scales(value: Array, block: int) -> Array:
   moment whose recurrence gives no bound), clipped as bounds are."""
   magnitude = jnp.abs(value).astype(jnp.float32)
   magnitude = jnp.where(jnp.isfinite(magnitude), magnitude, 0)
-  top = _concat([jnp.max(part, axis=1) for part in _blocks(magnitude, block)])
+  if magnitude.ndim > 1:  # a block view: blocks are the last axis
+    top = jnp.max(magnitude, axis=-1).reshape(-1)
+  else:
+    top = _concat([jnp.max(part, axis=1)
+                   for part in _blocks(magnitude, block)])
   return jnp.clip(top, jnp.finfo(jnp.float32).tiny, _quant.MAX_SCALE)
 
 
@@ -587,23 +602,44 @@ def _streams(bits: Optional[Array]):
   return bits, bits << 16, _rounding.remix(bits)
 
 
-def _per_element(scales: Array, block: int, n: int) -> Array:
-  """Each of ``n`` elements' block scale, as a broadcast the compiler fuses
-  into the elementwise loop that reads it (nothing is stored)."""
+def _block_view(shape: tuple[int, ...], blocks: set) -> tuple[int, ...]:
+  """The shape an int8 leaf is stepped in: ``shape[:-1] + (k, block)`` when
+  its last axis is whole blocks (of the one block size of its int8
+  moments), so that every axis the parameter is split over on a device mesh
+  survives (cut into one flat axis, a parameter split over two mesh axes
+  came back split over one: its codes doubled per device and the step
+  compiled twice); the flat ``(n,)`` otherwise. Either way blocks are runs
+  of ``block`` consecutive elements in row-major order."""
+  n = math.prod(shape)
+  if len(shape) >= 2 and len(blocks) == 1:
+    (block,) = blocks
+    if shape[-1] % block == 0:
+      return tuple(shape[:-1]) + (shape[-1] // block, block)
+  return (n,)
+
+
+def _per_element(scales: Array, block: int, view: tuple[int, ...]) -> Array:
+  """Each element's block scale, for a leaf of shape ``view`` (see
+  :func:`_block_view`), as a broadcast the compiler fuses into the
+  elementwise loop that reads it (nothing is stored)."""
+  if len(view) > 1:
+    return jax.lax.broadcast_in_dim(scales.reshape(view[:-1]), view,
+                                    tuple(range(len(view) - 1)))
   n_blocks = scales.shape[0]
   spread = jax.lax.broadcast_in_dim(scales, (n_blocks, block), (0,))
-  return spread.reshape(-1)[:n]
+  return spread.reshape(-1)[:view[0]]
 
 
-def _read(stored: Array, scales: Array, block: Optional[int],
-          stochastic: bool, root: bool, dtype: Any) -> Array:
-  """A stored moment, flat, in the compute ``dtype``."""
+def _read(stored: Array, scales: Array, view: tuple[int, ...],
+          block: Optional[int], stochastic: bool, root: bool,
+          dtype: Any) -> Array:
+  """A stored moment, of shape ``view``, in the compute ``dtype``."""
   del stochastic
-  flat = stored.reshape(-1)
+  flat = stored.reshape(view)
   if block is None:
     value = flat.astype(dtype)
     return value * value if _is_root(stored, root) else value
-  values = _quant.decode(flat) * _per_element(scales, block, flat.shape[0])
+  values = _quant.decode(flat) * _per_element(scales, block, view)
   if _is_root(stored, root):
     values = values * values  # the codes hold √v
   return values.astype(dtype)
@@ -623,7 +659,7 @@ def _write(stored: Array, value: Array, scales: Optional[Array],
   # XLA:CPU does not fuse a division into a consumer that uses its result
   # several times (as encoding does), and would store y in float32.
   y = value.astype(jnp.float32) * _per_element(1 / scales, block,
-                                               value.shape[0])
+                                               value.shape)
   signed = stored.dtype == jnp.int8
   codes = _quant.encode(y, signed, bits if stochastic else None,
                         round_up=round_up,

@@ -251,3 +251,65 @@ def test_telemetry_runs_on_split_parameters_and_equals_one_device(
   errors = mesh_results["telemetry"]
   assert len(errors) == 2 * (3 + 2)  # zero1 where the mesh has 'data'
   assert max(errors.values()) < 1e-5, errors
+
+
+_TWO_D = r"""
+import json, os
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+os.environ["JAX_PLATFORMS"] = "cpu"
+import jax, jax.numpy as jnp, numpy as np, optax, jadam
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+out = {}
+for kind in ("Auto", "Explicit"):
+  mesh = jax.make_mesh((2, 4), ("data", "model"),
+                       axis_types=(getattr(AxisType, kind),) * 2)
+  spec = P("data", "model")
+  w = jax.device_put(jnp.linspace(-1, 1, 64 * 1024).reshape(64, 1024),
+                     NamedSharding(mesh, spec))
+  for name, make in [
+      ("adam", lambda: jadam.adam(1e-2, mu_dtype="int8", nu_dtype="int8")),
+      ("adopt", lambda: jadam.adopt(1e-2, mu_dtype="int8", nu_dtype="int8")),
+      ("ademamix", lambda: jadam.ademamix(1e-2, mu_dtype="int8",
+                                          nu_dtype="int8"))]:
+    tx = make()
+    traces = []
+    def step(p, s, tx=tx, traces=traces):
+      traces.append(1)
+      g = jax.tree.map(lambda x: jnp.cos(3 * x), p)
+      u, s = tx.update(g, s, p)
+      return optax.apply_updates(p, u), s
+    step = jax.jit(step)
+    p, s = {"w": w}, jax.jit(tx.init)({"w": w})
+    for _ in range(3):
+      p, s = step(p, s)
+    codes = [x for x in jax.tree.leaves(s)
+             if x.dtype in (jnp.int8, jnp.uint8)]
+    out[f"{kind}/{name}"] = {
+        "traces": len(traces),
+        "param": [str(a) for a in p["w"].sharding.spec],
+        "codes": sorted({tuple(str(a) for a in x.sharding.spec)
+                         for x in codes}),
+        "shard_bytes": sorted({x.addressable_shards[0].data.nbytes
+                               for x in codes}),
+        "finite": bool(np.all(np.isfinite(np.asarray(p["w"]))))}
+print(json.dumps(out))
+"""
+
+
+def test_int8_codes_keep_a_two_axis_split_after_steps():
+  # A parameter split over two mesh axes keeps both splits in its int8
+  # codes after jitted steps, on Auto and Explicit meshes, and the step
+  # compiles once. (Before, on Auto meshes, the codes came back split over
+  # "data" only: twice the bytes per device, and a second compilation.)
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  done = subprocess.run([sys.executable, "-c", _TWO_D], env=env,
+                        capture_output=True, text=True, timeout=600,
+                        check=False)
+  assert done.returncode == 0, done.stderr[-3000:]
+  out = json.loads(done.stdout.strip().splitlines()[-1])
+  for cell, got in out.items():
+    assert got["traces"] == 1, cell
+    assert got["param"] == ["data", "model"], cell
+    assert got["codes"] == [["data", "model"]], cell
+    assert got["shard_bytes"] == [64 * 1024 // 8], cell
+    assert got["finite"], cell
