@@ -496,15 +496,12 @@ def _block_max_abs(flat: Array, block: int) -> Array:
     part = jnp.where(magnitude <= LARGEST_G, magnitude, 0)  # NaN: False
     return jnp.max(part, axis=-1).astype(jnp.float32)
 
-  if flat.ndim > 1:
+  if flat.ndim > 1 and flat.size <= FALLBACK_TILE:
     # A block view (see _block_view): blocks are the last axis, and the
     # other axes keep the parameter's sharding.
-    if flat.size <= FALLBACK_TILE:
-      return finite_max(flat).reshape(-1)
-    fast = jnp.maximum(jnp.max(flat, axis=-1),
-                       -jnp.min(flat, axis=-1)).astype(jnp.float32)
-    return jax.lax.cond(jnp.all(fast <= LARGEST_G), lambda: fast,
-                        lambda: finite_max(flat)).reshape(-1)
+    return finite_max(flat).reshape(-1)
+  view = flat
+  flat = flat.reshape(-1)
   parts = _blocks(flat, block)
 
   def tiled_finite_max(part):
@@ -527,8 +524,14 @@ def _block_max_abs(flat: Array, block: int) -> Array:
     # branch is needed (a branch per leaf costs compile time, and under
     # vmap, see _transform.walk, it would run both sides).
     return _concat([finite_max(p) for p in parts])
-  fast = _concat([jnp.maximum(jnp.max(p, axis=1), -jnp.min(p, axis=1))
-                  .astype(jnp.float32) for p in parts])
+  if view.ndim > 1:
+    # The healthy path on the block view, so that the reduction keeps the
+    # parameter's sharding; the rare fallback below works on the flat leaf.
+    fast = jnp.maximum(jnp.max(view, axis=-1),
+                       -jnp.min(view, axis=-1)).astype(jnp.float32).reshape(-1)
+  else:
+    fast = _concat([jnp.maximum(jnp.max(p, axis=1), -jnp.min(p, axis=1))
+                    .astype(jnp.float32) for p in parts])
   return jax.lax.cond(jnp.all(fast <= LARGEST_G), lambda: fast,
                       lambda: _concat([tiled_finite_max(p) for p in parts]))
 
