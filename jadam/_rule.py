@@ -190,6 +190,27 @@ class LeafRule(NamedTuple):
     return (self.scalars or {}).get("held")
 
 
+def split_scalars(leaf: LeafRule) -> tuple[list, Callable[[list], LeafRule]]:
+  """``leaf``'s traced per-call values, and a function that rebuilds
+  ``leaf`` from new ones.
+
+  For handing ``leaf`` through a transformation (``jax.jit``,
+  ``jax.sharding.auto_axes``) inside which values traced outside are not
+  valid: pass the arrays as arguments and rebuild inside. Python numbers
+  stay static, so that they round as they would without the boundary.
+  """
+  values, treedef = jax.tree.flatten(leaf.scalars)
+  traced = [isinstance(x, jax.Array) for x in values]
+
+  def rebuild(arrays):
+    arrays = iter(arrays)
+    return leaf._replace(scalars=treedef.unflatten(
+        [next(arrays) if is_array else x
+         for x, is_array in zip(values, traced)]))
+
+  return [x for x, is_array in zip(values, traced) if is_array], rebuild
+
+
 def leaf_rule(rule: AdamRule, t: Array) -> LeafRule:
   """The Adam family's :class:`LeafRule`: moments ``(m, v)``, or
   ``(m, v, max v̂)`` for AMSGrad, stepped by :func:`adam_step`."""

@@ -289,15 +289,11 @@ def step_leaf(g: Array, stored: tuple, t: Array, leaf: _rule.LeafRule,
     # The rule's per-call values travel as arguments: a value traced outside
     # ``auto_axes`` (below) is not valid inside it. Python numbers stay
     # static, so that they round as in the plain path.
-    leaves, treedef = jax.tree.flatten(leaf.scalars)
-    traced = [isinstance(x, jax.Array) for x in leaves]
+    arrays, rebuild = _rule.split_scalars(leaf)
 
     def step(g, stored, t, seed, scales, arrays):
-      arrays = iter(arrays)
-      scalars = treedef.unflatten([next(arrays) if is_array else x
-                                   for x, is_array in zip(leaves, traced)])
       return _step_quantized(g, stored, t, seed, offset, scales,
-                             leaf._replace(scalars=scalars), formats)
+                             rebuild(arrays), formats)
 
     explicit = _explicit_shardings((g, stored, scales))
     if explicit is not None:
@@ -306,8 +302,7 @@ def step_leaf(g: Array, stored: tuple, t: Array, leaf: _rule.LeafRule,
       # the compiler places the blocks, as on Auto meshes, and the results
       # come back with the inputs' shardings.
       step = jax.sharding.auto_axes(step, out_sharding=explicit)
-    return step(g, stored, t, seed, scales,
-                [x for x, is_array in zip(leaves, traced) if is_array])
+    return step(g, stored, t, seed, scales, arrays)
   dtype = compute_dtype(g.dtype)
   dtypes = [real_dtype(dtype) if real else dtype for real in leaf.real]
 

@@ -282,7 +282,7 @@ def _shared_leaf_step(leaf: _rule.LeafRule, formats: tuple, tracing: bool):
   per leaf, which dominated the compile time of trees of thousands of small
   leaves. (Under an outer ``jit`` the call is inlined by XLA; nothing
   changes in the compiled step.) The rule's per-call values (``scalars``)
-  are passed as arguments; Python numbers among them stay static.
+  are passed as arguments (``_rule.split_scalars``).
 
   Called eagerly (``tracing`` False), the leaves are stepped op by op as
   before, so that an eager update rounds as optax's eager update does.
@@ -290,18 +290,13 @@ def _shared_leaf_step(leaf: _rule.LeafRule, formats: tuple, tracing: bool):
   if not tracing:
     return lambda g, stored, t, scales: _storage.step_leaf(
         g, stored, t, leaf, scales=scales, formats=formats)
-  values, treedef = jax.tree.flatten(leaf.scalars)
-  traced = [isinstance(x, jax.Array) for x in values]
+  arrays, rebuild = _rule.split_scalars(leaf)
 
   @jax.jit
   def step(g, stored, t, scales, arrays):
-    arrays = iter(arrays)
-    scalars = treedef.unflatten([next(arrays) if is_array else x
-                                 for x, is_array in zip(values, traced)])
-    return _storage.step_leaf(g, stored, t, leaf._replace(scalars=scalars),
-                              scales=scales, formats=formats)
+    return _storage.step_leaf(g, stored, t, rebuild(arrays), scales=scales,
+                              formats=formats)
 
-  arrays = [x for x, is_array in zip(values, traced) if is_array]
   return lambda g, stored, t, scales: step(g, stored, t, scales, arrays)
 
 

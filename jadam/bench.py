@@ -239,6 +239,11 @@ def _torch_factory(shapes: Shapes) -> Runner:
   return TorchRunner(shapes, kind)
 
 
+def _adam_storing(fmt: str) -> Callable[[], optax.GradientTransformation]:
+  """``jadam.adam`` with both moments stored as ``fmt``."""
+  return lambda: _alias.adam(LEARNING_RATE, mu_dtype=fmt, nu_dtype=fmt)
+
+
 IMPLS: dict[str, Callable[[Shapes], Runner]] = {
     # The recommended configuration: the flat fast path.
     "jadam": jax_impl(lambda: _alias.adam(LEARNING_RATE), flat=True),
@@ -248,25 +253,21 @@ IMPLS: dict[str, Callable[[Shapes], Runner]] = {
     # bitsandbytes' block-wise 8-bit Adam (CUDA only), beside jadam_int8.
     "bnb_adam8bit": _bnb_factory,
     # Lean moment storage on the recommended configuration (docs/memory.md).
-    "jadam_bf16": jax_impl(lambda: _alias.adam(
-        LEARNING_RATE, mu_dtype="bfloat16", nu_dtype="bfloat16"), flat=True),
-    "jadam_int8": jax_impl(lambda: _alias.adam(
-        LEARNING_RATE, mu_dtype="int8", nu_dtype="int8"), flat=True),
+    "jadam_bf16": jax_impl(_adam_storing("bfloat16"), flat=True),
+    "jadam_int8": jax_impl(_adam_storing("int8"), flat=True),
     # Overhead of the health wrappers around the recommended configuration.
     "jadam_skip_nonfinite": jax_impl(lambda: _health.skip_nonfinite(
         _alias.adam(LEARNING_RATE)), flat=True),
     "jadam_telemetry": jax_impl(lambda: _health.with_telemetry(
         _alias.adam(LEARNING_RATE)), flat=True),
     # Narrow moments on the tree path (compile time grows with the leaves).
-    "jadam_tree_bf16": jax_impl(lambda: _alias.adam(
-        LEARNING_RATE, mu_dtype="bfloat16", nu_dtype="bfloat16"), flat=False),
-    "jadam_tree_int8": jax_impl(lambda: _alias.adam(
-        LEARNING_RATE, mu_dtype="int8", nu_dtype="int8"), flat=False),
+    "jadam_tree_bf16": jax_impl(_adam_storing("bfloat16"), flat=False),
+    "jadam_tree_int8": jax_impl(_adam_storing("int8"), flat=False),
     # State in host memory between steps (docs/memory.md).
     "jadam_offload": jax_impl(lambda: _offload.offload(
         _alias.adam(LEARNING_RATE)), flat=True),
-    "jadam_int8_offload": jax_impl(lambda: _offload.offload(_alias.adam(
-        LEARNING_RATE, mu_dtype="int8", nu_dtype="int8")), flat=True),
+    "jadam_int8_offload": jax_impl(
+        lambda: _offload.offload(_adam_storing("int8")()), flat=True),
 }
 
 # Rows that need something optional: name -> "is it available?".

@@ -1,5 +1,10 @@
 """Shared test helpers: small problems and a jitted training loop."""
 
+import json
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -26,6 +31,27 @@ def train(opt, params, loss, steps):
   for _ in range(steps):
     params, state = step(params, state)
   return params, state
+
+
+def assert_bitwise(a, b):
+  """Two pytrees with the same structure, dtypes, shapes and bytes."""
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    x, y = np.asarray(x), np.asarray(y)
+    assert x.dtype == y.dtype and x.shape == y.shape
+    assert x.tobytes() == y.tobytes()
+
+
+def run_json_worker(code, timeout=600):
+  """Run ``code`` in a fresh Python (which sets its own XLA_FLAGS, e.g. a
+  simulated device count, before importing JAX) and return the JSON object
+  it prints last."""
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  done = subprocess.run([sys.executable, "-c", code], env=env,
+                        capture_output=True, text=True, timeout=timeout,
+                        check=False)
+  assert done.returncode == 0, done.stderr[-3000:]
+  return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def relative_error(a, b):

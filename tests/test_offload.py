@@ -7,19 +7,14 @@ optimizer without offload, bit for bit, that the step compiles once and
 donates, composition with jadam's and optax's wrappers, and checkpoints.
 """
 
-import json
-import os
-import subprocess
-import sys
-
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
 
 import jadam
+from conftest import assert_bitwise, run_json_worker  # pylint: disable=g-bad-import-order
 
 HOST = "pinned_host"
 
@@ -72,12 +67,6 @@ def _memory_kinds(tree):
   return {x.sharding.memory_kind for x in jax.tree.leaves(tree)}
 
 
-def _assert_bitwise(a, b):
-  assert jax.tree.structure(a) == jax.tree.structure(b)
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-    x, y = np.asarray(x), np.asarray(y)
-    assert x.dtype == y.dtype and x.shape == y.shape
-    assert x.tobytes() == y.tobytes()
 
 
 def _train(opt, steps, params=None, poison_at=None):
@@ -109,7 +98,7 @@ def test_state_lives_in_host_memory_and_steps_as_without_offload(name):
   assert _memory_kinds(eager) == {HOST}
   jitted = jax.jit(opt.init)(params)
   assert _memory_kinds(jitted) == {HOST}
-  _assert_bitwise(eager, jitted)
+  assert_bitwise(eager, jitted)
   abstract = jadam.abstract_state(opt, params)
   assert {s.sharding.memory_kind for s in jax.tree.leaves(abstract)} == {HOST}
 
@@ -119,8 +108,8 @@ def test_state_lives_in_host_memory_and_steps_as_without_offload(name):
   assert _memory_kinds(state_off) == {HOST}
   assert _memory_kinds(params_off) == {"device"}
   assert traces == 1  # one compilation: the state comes back as it went in
-  _assert_bitwise(params_off, params_ref)
-  _assert_bitwise(state_off, state_ref)
+  assert_bitwise(params_off, params_ref)
+  assert_bitwise(state_off, state_ref)
 
 
 @needs_transfers
@@ -146,8 +135,8 @@ def test_offloaded_state_checkpoints_and_resumes_bitwise(tmp_path):
             "state": jadam.abstract_state(opt, _params())}
   restored = checkpointer.restore(tmp_path / "ckpt", target)
   assert _memory_kinds(restored["state"]) == {HOST}
-  _assert_bitwise(restored["state"], state)
-  _assert_bitwise(restored["params"], params)
+  assert_bitwise(restored["state"], state)
+  assert_bitwise(restored["params"], params)
 
 
 def test_memory_kind_errors_are_clear():
@@ -202,12 +191,7 @@ print(json.dumps(out))
 
 @needs_transfers
 def test_zero1_each_device_offloads_its_own_share():
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  done = subprocess.run([sys.executable, "-c", _WORKER], env=env,
-                        capture_output=True, text=True, timeout=600,
-                        check=False)
-  assert done.returncode == 0, done.stderr[-3000:]
-  out = json.loads(done.stdout.strip().splitlines()[-1])
+  out = run_json_worker(_WORKER)
   off, plain = out["zero1_offload"], out["plain"]
   assert off["kinds"] == [HOST] and plain["kinds"] == ["device"]
   assert off["mu_shard_rows"] == plain["mu_shard_rows"] == 16  # 1/4 each

@@ -14,6 +14,7 @@ import optax
 import pytest
 
 import jadam
+from conftest import assert_bitwise  # pylint: disable=g-bad-import-order
 from jadam import _quant
 
 STORAGES = {
@@ -46,12 +47,6 @@ def _run(tx, steps=5, poison_at=None):
   return state
 
 
-def _assert_bitwise(a, b):
-  assert jax.tree.structure(a) == jax.tree.structure(b)
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-    x, y = np.asarray(x), np.asarray(y)
-    assert x.dtype == y.dtype
-    np.testing.assert_array_equal(x, y)
 
 
 @pytest.mark.parametrize("storage", STORAGES)
@@ -64,12 +59,12 @@ def test_ademamix_keeps_adams_moments_exactly_as_adam_does(storage):
   ademamix = jadam.skip_nonfinite(jadam.scale_by_ademamix(**kw))
   adam_state = _run(adam, poison_at=2).inner_state
   mix_state = _run(ademamix, poison_at=2).inner_state
-  _assert_bitwise(adam_state.mu, mix_state.m1)
-  _assert_bitwise(adam_state.nu, mix_state.nu)
+  assert_bitwise(adam_state.mu, mix_state.m1)
+  assert_bitwise(adam_state.nu, mix_state.nu)
   assert int(adam_state.count) == int(mix_state.count) == 4
   if storage == "int8":
-    _assert_bitwise(adam_state.scales.mu, mix_state.scales["m1"])
-    _assert_bitwise(adam_state.scales.nu, mix_state.scales["nu"])
+    assert_bitwise(adam_state.scales.mu, mix_state.scales["m1"])
+    assert_bitwise(adam_state.scales.nu, mix_state.scales["nu"])
 
 
 VARIANTS = {
@@ -89,13 +84,13 @@ def test_variants_skip_in_place_through_the_update_argument(name, storage):
   grads = _grads(7)
   out, held = jax.jit(lambda g, s: tx.update(
       g, s, jadam_step_if=jnp.asarray(False)))(grads, state)
-  _assert_bitwise(held, state)
+  assert_bitwise(held, state)
   for leaf in jax.tree.leaves(out):
     np.testing.assert_array_equal(np.asarray(leaf), 0)
   _, taken = jax.jit(lambda g, s: tx.update(
       g, s, jadam_step_if=jnp.asarray(True)))(grads, state)
   _, plain = jax.jit(tx.update)(grads, state)
-  _assert_bitwise(taken, plain)
+  assert_bitwise(taken, plain)
   assert int(taken.count) == int(state.count) + 1
 
 
@@ -146,6 +141,6 @@ def test_schedule_free_base_skips_through_skip_nonfinite():
     params = optax.apply_updates(params, updates)
   bad = {**_grads(5), "w": _grads(5)["w"].at[0, 0].set(jnp.inf)}
   updates, after = update(bad, state, params)
-  _assert_bitwise(after.inner_state, state.inner_state)
+  assert_bitwise(after.inner_state, state.inner_state)
   for leaf in jax.tree.leaves(updates):
     np.testing.assert_array_equal(np.asarray(leaf), 0)

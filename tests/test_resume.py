@@ -18,6 +18,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 import jadam
+from conftest import assert_bitwise  # pylint: disable=g-bad-import-order
 
 EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
 N = 3  # steps before and after the checkpoint
@@ -93,12 +94,6 @@ def _stepper(opt, loss):
   return step
 
 
-def _assert_bitwise(a, b):
-  assert jax.tree.structure(a) == jax.tree.structure(b)
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-    x, y = np.asarray(x), np.asarray(y)
-    assert x.dtype == y.dtype and x.shape == y.shape
-    assert x.tobytes() == y.tobytes()
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -133,7 +128,7 @@ def test_n_plus_n_steps_through_orbax_equal_2n_straight(case, tmp_path):
   params, state = restored["params"], restored["opt_state"]
   for t in range(N, 2 * N):
     params, state = step(params, state, t)
-  _assert_bitwise({"params": params, "opt_state": state}, straight)
+  assert_bitwise({"params": params, "opt_state": state}, straight)
 
 
 def _save(path, tree):
@@ -210,7 +205,7 @@ def test_sharded_state_needs_jadam_abstract_state_as_target(tmp_path):
       checkpointer.restore(tmp_path / "ckpt", shapes)
   restored = checkpointer.restore(
       tmp_path / "ckpt", jadam.abstract_state(opt, _params()))
-  _assert_bitwise(restored, state)
+  assert_bitwise(restored, state)
   big = state[0].mu["big"]
   assert restored[0].mu["big"].sharding.is_equivalent_to(big.sharding,
                                                          big.ndim)
@@ -226,7 +221,7 @@ def test_restored_state_keeps_storage_dtypes(tmp_path):
                                   jax.eval_shape(opt.init, _params()))
   assert restored[0].mu["big"].dtype == jnp.bfloat16
   assert restored[0].nu["big"].dtype == jnp.uint8
-  _assert_bitwise(restored, state)
+  assert_bitwise(restored, state)
 
 
 def _save_adam(tmp_path):

@@ -18,6 +18,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import jadam
+from conftest import run_json_worker  # pylint: disable=g-bad-import-order
 from jadam import _fusion
 from jadam import _sharding
 
@@ -301,12 +302,7 @@ def test_int8_codes_keep_a_two_axis_split_after_steps():
   # codes after jitted steps, on Auto and Explicit meshes, and the step
   # compiles once. (Before, on Auto meshes, the codes came back split over
   # "data" only: twice the bytes per device, and a second compilation.)
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  done = subprocess.run([sys.executable, "-c", _TWO_D], env=env,
-                        capture_output=True, text=True, timeout=600,
-                        check=False)
-  assert done.returncode == 0, done.stderr[-3000:]
-  out = json.loads(done.stdout.strip().splitlines()[-1])
+  out = run_json_worker(_TWO_D)
   for cell, got in out.items():
     assert got["traces"] == 1, cell
     assert got["param"] == ["data", "model"], cell
