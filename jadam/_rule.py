@@ -69,6 +69,9 @@ class AdamRule(NamedTuple):
       element by element in the same pass as a real step rather than by
       selecting between whole arrays afterwards. Set by
       ``jadam.skip_nonfinite``.
+    corrections: None, or this update's :class:`Corrections`, computed once
+      and shared by every leaf (set by :func:`leaf_rule`); None computes
+      them from ``t`` inside the step.
   """
 
   b1: ArrayLike = 0.9
@@ -84,6 +87,7 @@ class AdamRule(NamedTuple):
   held: Optional[Array] = None
   bias_correction_mu: bool = True
   bias_correction_nu: bool = True
+  corrections: Optional["Corrections"] = None
 
 
 NUMERICS = ("optax", "keras")
@@ -141,6 +145,38 @@ def bias_correction(decay: ArrayLike, t: Array) -> Array:
   ``jax.jit``; op by op, ``decay^t`` and the subtraction round differently.
   """
   return 1 - decay**t
+
+
+class Corrections(NamedTuple):
+  """The bias corrections of one update, computed once for every leaf.
+
+  optax computes ``1 − β^t`` once per update and divides every leaf by that
+  one scalar. XLA simplifies a division by a scalar shared between several
+  leaves differently from one computed inside each leaf's step (there it
+  turns ``m / (1 − β1^t)`` into a multiply by the reciprocal, and rounds
+  otherwise), so sharing the scalar as optax does is what keeps jadam's
+  jitted update bitwise equal to optax's on trees of several leaves.
+
+  Attributes:
+    mu: ``1 − β1^t``.
+    nu: ``1 − β2^t``.
+    mu_next: ``1 − β1^(t+1)`` (Nesterov's look-ahead), or None.
+  """
+
+  mu: Array
+  nu: Array
+  mu_next: Optional[Array] = None
+
+
+def corrections(b1: ArrayLike, b2: ArrayLike, t: Array,
+                nesterov: bool = False) -> Corrections:
+  """The :class:`Corrections` of step ``t`` (``t + 1`` saturating as ``t``
+  does, for Nesterov)."""
+  mu_next = None
+  if nesterov:
+    t_next = jnp.where(t < jnp.iinfo(jnp.int32).max, t + 1, t)
+    mu_next = bias_correction(b1, t_next)
+  return Corrections(bias_correction(b1, t), bias_correction(b2, t), mu_next)
 
 
 class LeafRule(NamedTuple):
@@ -215,6 +251,9 @@ def leaf_rule(rule: AdamRule, t: Array) -> LeafRule:
   """The Adam family's :class:`LeafRule`: moments ``(m, v)``, or
   ``(m, v, max v̂)`` for AMSGrad, stepped by :func:`adam_step`."""
   n = 3 if rule.amsgrad else 2
+  if rule.numerics != "keras" and rule.corrections is None:
+    rule = rule._replace(
+        corrections=corrections(rule.b1, rule.b2, t, rule.nesterov))
 
   def step(g, moments, scalars):
     plain = scalars["rule"]._replace(cautious=False)
@@ -271,7 +310,7 @@ def scale_bounds(rule: AdamRule, t: Array, g_max: tuple,
     else:
       bound = ema(G * G, old[1], rule.b2)
       if rule.numerics != "keras" and rule.bias_correction_nu:
-        bound = bound / bias_correction(rule.b2, t).astype(bound.dtype)
+        bound = bound / _corrections(rule, t).nu.astype(bound.dtype)
       bound = jnp.maximum(old[2], bound)
     out.append(bound)
   return tuple(out)
@@ -316,6 +355,7 @@ def _step(g: Array, moments: Moments, t: Array,
   if rule.numerics == "keras":
     return _keras_step(g, moments, t, rule)
   b1, b2, eps, held = rule.b1, rule.b2, rule.eps, rule.held
+  c = _corrections(rule, t)
   m = ema(g, moments.mu, b1, held)                                # line 7
   if rule.infinity_norm:
     # Algorithm 2: u_t = max(β2·u_{t-1}, |g_t|), with ε inside as optax does,
@@ -326,30 +366,39 @@ def _step(g: Array, moments: Moments, t: Array,
     v = ema(abs_sq(g), moments.nu, b2, held)                      # line 8
   if rule.nesterov:
     # Dozat (2016): β1·m̂_{t+1} + (1 − β1)·ĝ_t, with t+1 saturating like t.
-    t_next = jnp.where(t < jnp.iinfo(jnp.int32).max, t + 1, t)
-    m_hat = (b1 * (m / bias_correction(b1, t_next).astype(m.dtype))
-             + (1 - b1) * (g / bias_correction(b1, t).astype(g.dtype)))
+    m_hat = (b1 * (m / c.mu_next.astype(m.dtype))
+             + (1 - b1) * (g / c.mu.astype(g.dtype)))
   elif rule.bias_correction_mu:
-    m_hat = m / bias_correction(b1, t).astype(m.dtype)            # line 9
+    m_hat = m / c.mu.astype(m.dtype)                              # line 9
   else:
     m_hat = m
   if rule.infinity_norm:
     return m_hat / v, Moments(m, v)                               # Alg. 2
-  v_hat = (v / bias_correction(b2, t).astype(v.dtype)             # line 10
+  v_hat = (v / c.nu.astype(v.dtype)                               # line 10
            if rule.bias_correction_nu else v)
   nu_max = None
   if rule.amsgrad:
     nu_max = hold(held, jnp.maximum(moments.nu_max, v_hat), moments.nu_max)
     v_hat = nu_max
-  direction = m_hat / denominator(v_hat, rule)                    # line 11
   if rule.rectify_threshold is not None:
-    direction = _rectify(direction, m_hat, t, b2, rule.rectify_threshold)
+    direction = _rectify(m_hat, denominator(v_hat, rule), t, b2,
+                         rule.rectify_threshold)
+  else:
+    direction = m_hat / denominator(v_hat, rule)                  # line 11
   return direction, Moments(m, v, nu_max)
 
 
-def _rectify(direction: Array, m_hat: Array, t: Array, b2: ArrayLike,
+def _corrections(rule: AdamRule, t: Array) -> Corrections:
+  """The rule's shared :class:`Corrections`, or step ``t``'s own."""
+  if rule.corrections is not None:
+    return rule.corrections
+  return corrections(rule.b1, rule.b2, t, rule.nesterov)
+
+
+def _rectify(m_hat: Array, denominator_: Array, t: Array, b2: ArrayLike,
              threshold: ArrayLike) -> Array:
-  """RAdam (Liu et al., 2020, Algorithm 2): scale by r_t once ρ_t is large.
+  """RAdam (Liu et al., 2020, Algorithm 2): ``r_t·m̂_t / denominator`` once
+  ρ_t is large (in that order of rounding, optax's).
 
   While the approximated length of the SMA ρ_t is below ``threshold`` the
   variance of v̂ is intractable and the step is plain momentum, m̂_t.
@@ -359,8 +408,8 @@ def _rectify(direction: Array, m_hat: Array, t: Array, b2: ArrayLike,
   rho = rho_inf - 2 * t * b2_t / (1 - b2_t)
   r = jnp.sqrt((rho - 4) * (rho - 2) * rho_inf
                / ((rho_inf - 4) * (rho_inf - 2) * rho))
-  return jnp.where(rho >= threshold, r.astype(direction.dtype) * direction,
-                   m_hat)
+  return jnp.where(rho >= threshold,
+                   r.astype(m_hat.dtype) * m_hat / denominator_, m_hat)
 
 
 def caution(direction: Array, g: Array) -> Array:

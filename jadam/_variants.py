@@ -320,16 +320,17 @@ def scale_by_ademamix(
     b3_t = b3(state.count_m2) if callable(b3) else b3
     alpha_t = alpha(state.count_m2) if callable(alpha) else alpha
 
-    scalars = dict(t=t, held=held, rule=rule, b3_t=b3_t, alpha_t=alpha_t)
+    scalars = dict(t=t, held=held, rule=rule, b3_t=b3_t, alpha_t=alpha_t,
+                   corrections=_rule.corrections(rule.b1, rule.b2, t))
 
     def step(g, moments, s):
       m1, nu, m2 = moments
-      r, t, held = s["rule"], s["t"], s["held"]
+      r, held, c = s["rule"], s["held"], s["corrections"]
       m1 = _rule.ema(g, m1, r.b1, held)
       m2 = _rule.ema(g, m2, s["b3_t"], held)
       nu = _rule.ema(_rule.abs_sq(g), nu, r.b2, held)
-      m1_hat = m1 / _rule.bias_correction(r.b1, t).astype(m1.dtype)
-      v_hat = nu / _rule.bias_correction(r.b2, t).astype(nu.dtype)
+      m1_hat = m1 / c.mu.astype(m1.dtype)
+      v_hat = nu / c.nu.astype(nu.dtype)
       direction = (m1_hat + s["alpha_t"] * m2) / _rule.denominator(v_hat, r)
       if held is not None:
         direction = jnp.where(held, jnp.zeros_like(direction), direction)
@@ -495,8 +496,10 @@ def _scale_by_adam_without_momentum(
     nu_dtype: Optional[Any]) -> optax.GradientTransformation:
   """Adam with β1 = 0, storing only v: the base step of schedule-free AdamW.
 
-  With β1 = 0, m_t = g_t and m̂_t = g_t, so m need not be kept; the step is
-  still :func:`jadam.adam_step`, fed a zero m_{t-1}.
+  With β1 = 0, m_t = g_t and m̂_t = g_t, so m need not be kept; v is still
+  stepped by :func:`jadam.adam_step`, fed a zero m_{t-1}. The direction is
+  g_t times the reciprocal of the denominator, rounded as optax's base step
+  (``optax.scale_by_rms``) rounds it, rather than one division.
   """
   rule = _rule.AdamRule(0.0, b2, eps)
   _transform.check_rule(rule)
@@ -515,7 +518,12 @@ def _scale_by_adam_without_momentum(
 
     def step(g, moments, s):
       (nu,) = moments
-      direction, (_, new_nu) = adam.step(g, (jnp.zeros_like(g), nu), s)
+      _, (_, new_nu) = adam.step(g, (jnp.zeros_like(g), nu), s)
+      r = s["rule"]
+      v_hat = new_nu / r.corrections.nu.astype(new_nu.dtype)
+      direction = (1 / _rule.denominator(v_hat, r)) * g
+      if r.held is not None:
+        direction = jnp.where(r.held, jnp.zeros_like(direction), direction)
       return direction, (new_nu,)
 
     def bounds(g_max, old, s):

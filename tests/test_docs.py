@@ -80,9 +80,10 @@ def test_study_jadam_and_optax_adam_curves_coincide(study):
                               hidden=256, data=data, show_progress=False)
     ours, theirs = results["jadam Adam"], results["optax Adam"]
     assert ours.epoch_loss.shape == (2, 3)
-    worst, agree = study.curve_gap(ours, theirs)
-    assert agree == 3 and worst < 1e-5, (problem, worst)
-    np.testing.assert_allclose(ours.final_loss, theirs.final_loss, rtol=1e-5)
+    # Bitwise: the compiled Adam steps round as optax's (docs/convergence.md).
+    assert study.curve_gap(ours, theirs) == (0.0, 3)
+    np.testing.assert_array_equal(ours.epoch_loss, theirs.epoch_loss)
+    np.testing.assert_array_equal(ours.final_loss, theirs.final_loss)
     np.testing.assert_array_equal(ours.test_accuracy, theirs.test_accuracy)
     np.testing.assert_array_equal(results["again"].epoch_loss, ours.epoch_loss)
     assert np.all(ours.epoch_loss[:, -1] < 0.5 * ours.epoch_loss[:, 0])
