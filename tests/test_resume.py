@@ -331,6 +331,36 @@ OPTAX_PAIRS.update({
     for name in ("adopt", "ademamix", "schedule_free_adamw")})
 
 
+def _run_pair_problem(tx, params, state, steps):
+  loss = lambda p: jnp.sum((p["w"] @ jnp.ones(4) - 1.0) ** 2) + jnp.sum(
+      (p["b"] - 0.5) ** 2)
+  step = jax.jit(lambda p, s: (lambda u, s: (optax.apply_updates(p, u), s))(
+      *tx.update(jax.grad(loss)(p), s, p)))
+  for _ in range(steps):
+    params, state = step(params, state)
+  return params, state
+
+
+@pytest.mark.parametrize("name", sorted(OPTAX_PAIRS))
+def test_flax_serialized_states_cross_between_optax_and_jadam(name):
+  # flax.serialization (msgpack bytes, as flax.training checkpoints write
+  # them): optax's state restores into jadam's and continues bitwise as
+  # under optax, and jadam's restores into optax's the same way.
+  from flax import serialization
+  make_optax, make_jadam = OPTAX_PAIRS[name]
+  txs = {"optax": make_optax(1e-2), "jadam": make_jadam(1e-2)}
+  params = {"w": jnp.linspace(-1.0, 1.0, 12).reshape(3, 4),
+            "b": jnp.zeros(4)}
+  for source, target in (("optax", "jadam"), ("jadam", "optax")):
+    mid, state = _run_pair_problem(txs[source], params,
+                                   txs[source].init(params), 5)
+    blob = serialization.to_bytes(state)
+    restored = serialization.from_bytes(txs[target].init(params), blob)
+    assert_bitwise(restored, state)
+    assert_bitwise(_run_pair_problem(txs[target], mid, restored, 5),
+                   _run_pair_problem(txs[source], mid, state, 5))
+
+
 @pytest.mark.parametrize("name", sorted(OPTAX_PAIRS))
 def test_an_optax_checkpoint_restores_into_jadam_and_continues(name,
                                                                tmp_path):
@@ -340,16 +370,7 @@ def test_an_optax_checkpoint_restores_into_jadam_and_continues(name,
   theirs, ours = make_optax(1e-2), make_jadam(1e-2)
   params = {"w": jnp.linspace(-1.0, 1.0, 12).reshape(3, 4),
             "b": jnp.zeros(4)}
-  loss = lambda p: jnp.sum((p["w"] @ jnp.ones(4) - 1.0) ** 2) + jnp.sum(
-      (p["b"] - 0.5) ** 2)
-
-  def run(tx, params, state, steps):
-    step = jax.jit(lambda p, s: (lambda u, s: (optax.apply_updates(p, u), s))(
-        *tx.update(jax.grad(loss)(p), s, p)))
-    for _ in range(steps):
-      params, state = step(params, state)
-    return params, state
-
+  run = _run_pair_problem
   params, state = run(theirs, params, theirs.init(params), 5)
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(tmp_path / "ckpt", state)
