@@ -98,6 +98,28 @@ def random_bits(shape: tuple[int, ...], seed: Array, offset: Any = 0) -> Array:
           ) * _GOLDEN
 
 
+def _float16_neighbour(nearest: Array, x: Array, near32: Array) -> Array:
+  """The float16 next to ``nearest`` on the side of ``x`` (float32), by
+  integer steps of the bit pattern (sign and magnitude).
+
+  Not ``jnp.nextafter``: XLA's GPU backend computes float16 arithmetic that
+  has no native float16 instruction in float32 and rounds back, and
+  nextafter of a float16 value taken in float32 rounds back to the value
+  itself, so every element kept its nearest value and stochastic rounding
+  silently became round-to-nearest there.
+  """
+  raw = jax.lax.bitcast_convert_type(nearest, jnp.uint16)
+  sign = raw & np.uint16(0x8000)
+  magnitude = raw & np.uint16(0x7FFF)
+  away = jnp.abs(x) > jnp.abs(near32)  # the neighbour is farther from 0
+  stepped = jnp.where(away, magnitude + np.uint16(1),
+                      magnitude - np.uint16(1))
+  # From ±0 the neighbour is the smallest subnormal on x's side.
+  x_sign = jnp.where(x < 0, np.uint16(0x8000), np.uint16(0))
+  other = jnp.where(magnitude == 0, x_sign | np.uint16(1), sign | stepped)
+  return jax.lax.bitcast_convert_type(other.astype(jnp.uint16), jnp.float16)
+
+
 def round_stochastic(x: Array, dtype: Any, bits: Array) -> Array:
   """Round float32 ``x`` to ``dtype`` (bfloat16 or float16), unbiasedly.
 
@@ -135,10 +157,9 @@ def round_stochastic(x: Array, dtype: Any, bits: Array) -> Array:
     # No bit trick (the exponents differ): pick between the nearest value and
     # its neighbour on the other side of x, with probability by distance.
     nearest = x.astype(dtype)
-    toward = jnp.where(nearest.astype(jnp.float32) < x,
-                       jnp.asarray(jnp.inf, dtype), jnp.asarray(-jnp.inf, dtype))
-    other = jnp.nextafter(nearest, toward)
-    near32, other32 = nearest.astype(jnp.float32), other.astype(jnp.float32)
+    near32 = nearest.astype(jnp.float32)
+    other = _float16_neighbour(nearest, x, near32)
+    other32 = other.astype(jnp.float32)
     gap = jnp.abs(other32 - near32)
     p_other = jnp.where(gap > 0, jnp.abs(x - near32) / gap, 0.0)
     uniform = (bits >> 8).astype(jnp.float32) * np.float32(2.0**-24)

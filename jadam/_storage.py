@@ -179,9 +179,14 @@ def load(stored: Array, dtype: Any, *, root: bool = False,
     scales: the block scales, for codes.
   """
   if _is_codes(stored):
-    value = _quant.dequantize(stored, scales).astype(dtype)
-  else:
-    value = stored.astype(dtype)
+    # Decoded in the shape the step uses (:func:`_block_view`), so that a
+    # parameter split over two mesh axes is decoded where it lies (decoded
+    # flat, its codes and scales disagreed on an Explicit mesh).
+    block = _quant.block_size_of(stored.size, scales.shape[0])
+    view = _block_view(tuple(stored.shape), {block})
+    return _read(stored, scales, view, block, False, root,
+                 dtype).reshape(stored.shape)
+  value = stored.astype(dtype)
   return value * value if _is_root(stored, root) else value
 
 

@@ -400,3 +400,34 @@ def test_int8_second_moments_of_complex_parameters_track_float32():
   complex_ = _int8_vs_float32_after_300_steps(True)
   assert real < 0.03
   assert complex_ < 1.5 * real
+
+
+def test_float16_stochastic_rounding_steps_to_the_true_neighbour():
+  # Every finite float16 and a point a third of the way to its upper and to
+  # its lower neighbour (numpy's nextafter): rounding gives only the value
+  # or that neighbour, and the neighbour about a third of the time. The
+  # neighbour is found by integer steps of the bit pattern; float16
+  # nextafter computed in float32 (as a backend without native float16
+  # instructions does) returns the value itself, which made float16
+  # storage round to nearest.
+  from jadam import _rounding  # pylint: disable=import-outside-toplevel
+  values = np.arange(1 << 16, dtype=np.uint16).view(np.float16)
+  values = values[np.isfinite(values)]
+  n = 64  # draws per point
+  rng = np.random.default_rng(0)
+  for toward in (np.inf, -np.inf):
+    neighbour = np.nextafter(values, np.float16(toward))
+    finite = np.isfinite(neighbour)
+    v32 = values[finite].astype(np.float32)
+    n32 = neighbour[finite].astype(np.float32)
+    x = v32 + (n32 - v32) / np.float32(3)
+    keep = x.astype(np.float16) == values[finite]  # x rounds to the value
+    x, nb = x[keep], neighbour[finite][keep]
+    v = x.astype(np.float16)  # the value, with x's sign at zero
+    bits = rng.integers(0, 1 << 32, (n, x.size), dtype=np.uint32)
+    got = np.asarray(jax.jit(jax.vmap(
+        lambda b: _rounding.round_stochastic(jnp.asarray(x), jnp.float16, b)))(
+            jnp.asarray(bits)))
+    is_neighbour = got.view(np.uint16) == nb.view(np.uint16)
+    assert np.all(is_neighbour | (got.view(np.uint16) == v.view(np.uint16)))
+    assert abs(float(np.mean(is_neighbour)) - 1 / 3) < 0.01
