@@ -12,8 +12,16 @@ Columns:
 * ``state B/param``: bytes of optimizer state per parameter, summed from the
   real state arrays.
 * ``floor ms``: 28 bytes per float32 parameter (read θ, g, m, v; write θ, m,
-  v) over the memory bandwidth of an in-place elementwise pass over 64 MiB,
-  measured interleaved with the steps of the same tree.
+  v) over the memory bandwidth of an in-place elementwise pass over an
+  array much larger than the last-level cache (64 MiB on a CPU, 1 GiB on an
+  accelerator, whose L2 can be 60 MB; ``--probe-mib`` sets it), measured
+  interleaved with the steps of the same tree.
+
+Trees: ``--size default`` (CPU-sized: up to 16.8M parameters) or ``--size
+large`` (accelerator-sized: a 1.1B-parameter Llama-shaped tree, GPT-2 small,
+1000 leaves of 65,536 and one leaf of 2^28); ``--trees`` picks any of them.
+The machine, device and versions head the table and the plot and are in the
+JSON; every row that cannot run here is skipped with the reason.
 
 Compiler flags: the run turns on XLA:CPU's multi-output fusion for the
 whole process (:func:`jadam.enable_cpu_fusion`, what jadam recommends for
@@ -66,6 +74,45 @@ def _gpt_like(quick: bool) -> dict[str, tuple[int, ...]]:
   return _bench_lm.gpt_like_shapes()
 
 
+def _llama_1b(quick: bool) -> dict[str, tuple[int, ...]]:
+  """TinyLlama-1.1B's shapes: 22 blocks of width 2048 (grouped-query
+  attention with 4 key-value heads of 64, SwiGLU MLP of 5632), vocabulary
+  32,000, untied output head: 201 leaves, 1.10B parameters."""
+  vocab, width, depth, hidden, kv = ((512, 64, 2, 176, 16) if quick
+                                     else (32000, 2048, 22, 5632, 256))
+  shapes = {"embed": (vocab, width), "head": (width, vocab),
+            "final_norm": (width,)}
+  for i in range(depth):
+    shapes.update({
+        f"b{i:02d}_attn_norm": (width,), f"b{i:02d}_q": (width, width),
+        f"b{i:02d}_k": (width, kv), f"b{i:02d}_v": (width, kv),
+        f"b{i:02d}_o": (width, width), f"b{i:02d}_mlp_norm": (width,),
+        f"b{i:02d}_gate": (width, hidden), f"b{i:02d}_up": (width, hidden),
+        f"b{i:02d}_down": (hidden, width)})
+  return shapes
+
+
+def _gpt2_small(quick: bool) -> dict[str, tuple[int, ...]]:
+  """GPT-2 small's shapes: 12 blocks of width 768, vocabulary 50,257,
+  context 1024, biases and LayerNorms included: 148 leaves, 124M
+  parameters."""
+  vocab, context, width, depth = ((512, 64, 32, 2) if quick
+                                  else (50257, 1024, 768, 12))
+  shapes = {"wte": (vocab, width), "wpe": (context, width),
+            "ln_f_scale": (width,), "ln_f_bias": (width,)}
+  for i in range(depth):
+    shapes.update({
+        f"h{i:02d}_ln_1_scale": (width,), f"h{i:02d}_ln_1_bias": (width,),
+        f"h{i:02d}_attn_w": (width, 3 * width),
+        f"h{i:02d}_attn_b": (3 * width,),
+        f"h{i:02d}_proj_w": (width, width), f"h{i:02d}_proj_b": (width,),
+        f"h{i:02d}_ln_2_scale": (width,), f"h{i:02d}_ln_2_bias": (width,),
+        f"h{i:02d}_fc_w": (width, 4 * width), f"h{i:02d}_fc_b": (4 * width,),
+        f"h{i:02d}_out_w": (4 * width, width),
+        f"h{i:02d}_out_b": (width,)})
+  return shapes
+
+
 TREES: dict[str, Callable[[bool], Shapes]] = {
     "single_16m": lambda quick: {"w": ((1 << 14) if quick else (1 << 24),)},
     "blocks_256x64k": lambda quick: {
@@ -75,6 +122,19 @@ TREES: dict[str, Callable[[bool], Shapes]] = {
         f"w{i:04d}": (64,) if quick else (8192,)
         for i in range(100 if quick else 2000)},
     "gpt_like": _gpt_like,
+    # Accelerator-sized (--size large).
+    "llama_1b": _llama_1b,
+    "gpt2_small": _gpt2_small,
+    "many_1000x64k": lambda quick: {
+        f"w{i:04d}": (256,) if quick else (1 << 16,)
+        for i in range(100 if quick else 1000)},
+    "single_256m": lambda quick: {"w": ((1 << 16) if quick else (1 << 28),)},
+}
+
+# --size: which trees run by default.
+SIZES = {
+    "default": ["single_16m", "blocks_256x64k", "many_2000x8k", "gpt_like"],
+    "large": ["llama_1b", "gpt2_small", "many_1000x64k", "single_256m"],
 }
 
 # The end-to-end row: a full training step of the LM with gpt_like shapes.
@@ -239,6 +299,10 @@ def _torch_factory(shapes: Shapes) -> Runner:
   return TorchRunner(shapes, kind)
 
 
+def _torch_foreach_factory(shapes: Shapes) -> Runner:
+  return TorchRunner(shapes, "foreach")
+
+
 def _adam_storing(fmt: str) -> Callable[[], optax.GradientTransformation]:
   """``jadam.adam`` with both moments stored as ``fmt``."""
   return lambda: _alias.adam(LEARNING_RATE, mu_dtype=fmt, nu_dtype=fmt)
@@ -250,6 +314,7 @@ IMPLS: dict[str, Callable[[Shapes], Runner]] = {
     "jadam_tree": jax_impl(lambda: _alias.adam(LEARNING_RATE), flat=False),
     "optax": jax_impl(lambda: optax.adam(LEARNING_RATE), flat=False),
     "torch_fused": _torch_factory,
+    "torch_foreach": _torch_foreach_factory,
     # bitsandbytes' block-wise 8-bit Adam (CUDA only), beside jadam_int8.
     "bnb_adam8bit": _bnb_factory,
     # Lean moment storage on the recommended configuration (docs/memory.md).
@@ -281,14 +346,22 @@ def _offload_works() -> bool:
 
 OPTIONAL: dict[str, Callable[[], bool]] = {
     "torch_fused": lambda: _torch_adam_kind() is not None,
+    "torch_foreach": lambda: _torch_adam_kind() is not None,
     "bnb_adam8bit": _bnb_available,
     "jadam_offload": _offload_works,
     "jadam_int8_offload": _offload_works,
 }
 
 
+def default_probe_bytes() -> int:
+  """Size of the bandwidth probe: far beyond the last-level cache (64 MiB
+  on a CPU; 1 GiB on an accelerator: an H200's L2 alone is 60 MB)."""
+  return (64 << 20) if jax.default_backend() == "cpu" else (1 << 30)
+
+
 class _CopyBandwidth(Runner):
-  """An in-place elementwise pass over 64 MiB: bytes moved per second."""
+  """An in-place elementwise pass over ``num_bytes``: bytes moved per
+  second."""
 
   def __init__(self, num_bytes: int = 64 << 20):
     self._x = jnp.ones(num_bytes // 4, jnp.float32)
@@ -379,7 +452,8 @@ def _interleave(runners: Mapping[str, Runner], steps: int,
 
 def run(trees: Sequence[str], impls: Sequence[str], steps: int = 15,
         warmup: int = 3, quick: bool = False,
-        log: Callable[[str], None] = print) -> dict[str, Any]:
+        log: Callable[[str], None] = print,
+        probe_bytes: Optional[int] = None) -> dict[str, Any]:
   """Run the benchmark; returns the ``--json`` document.
 
   Args:
@@ -389,21 +463,27 @@ def run(trees: Sequence[str], impls: Sequence[str], steps: int = 15,
     warmup: untimed steps per implementation first.
     quick: small trees, for a smoke test; timings mean little.
     log: progress messages.
+    probe_bytes: size of the bandwidth probe (default
+      :func:`default_probe_bytes`).
 
   Returns:
     ``{"results": [{"tree", "impl", "step_ms", "compile_s",
     "state_bytes_per_param"}], "floor_ms": {tree: ms}}`` plus ``"machine"``.
   """
-  results, floor_ms = [], {}
+  results, floor_ms, skipped = [], {}, {}
+  if probe_bytes is None:
+    probe_bytes = (1 << 20) if quick else default_probe_bytes()
   available = [name for name in impls
                if name not in OPTIONAL or OPTIONAL[name]()]
   for name in impls:
     if name not in available:
-      log(f"skipping {name}: not available here")
+      skipped[name] = _why_unavailable(name)
+      log(f"skipping {name}: {skipped[name]}")
   if TRAIN_TREE in trees and not _importable("flax"):
     # The training-step row builds a Flax model; say so before any work.
-    log(f"skipping {TRAIN_TREE}: it needs Flax, which is not installed "
-        "(pip install 'jadam[examples]')")
+    skipped[TRAIN_TREE] = ("it needs Flax, which is not installed "
+                           "(pip install 'jadam[examples]')")
+    log(f"skipping {TRAIN_TREE}: {skipped[TRAIN_TREE]}")
     trees = [t for t in trees if t != TRAIN_TREE]
   if "torch_fused" in available and _torch_adam_kind() != "fused":
     log("torch has no fused Adam on this CPU: torch_fused uses foreach=True")
@@ -418,7 +498,7 @@ def run(trees: Sequence[str], impls: Sequence[str], steps: int = 15,
       for name in available:
         log(f"{tree}: setting up {name}")
         runners[name] = IMPLS[name](shapes)
-      copy = _CopyBandwidth((1 << 20) if quick else (64 << 20))
+      copy = _CopyBandwidth(probe_bytes)
       medians = _interleave({**runners, "_copy": copy}, steps, warmup)
       bandwidth = copy.bytes_moved / medians.pop("_copy")
       num_params = sum(int(np.prod(s)) for s in shapes.values())
@@ -435,7 +515,26 @@ def run(trees: Sequence[str], impls: Sequence[str], steps: int = 15,
       log(f"{tree}: {name} {1e3 * medians[name]:.2f} ms")
     del runners
     gc.collect()
-  return {"results": results, "floor_ms": floor_ms, "machine": _machine()}
+  machine = _machine()
+  machine["probe_bytes"] = probe_bytes
+  return {"results": results, "floor_ms": floor_ms, "machine": machine,
+          "skipped": skipped}
+
+
+def _why_unavailable(name: str) -> str:
+  """Why an optional row cannot run on this machine."""
+  if name.startswith("torch"):
+    return "PyTorch is not installed (pip install 'jadam[bench]')"
+  if name == "bnb_adam8bit":
+    if not _importable("bitsandbytes"):
+      return "bitsandbytes is not installed"
+    if not _importable("torch"):
+      return "bitsandbytes needs PyTorch, which is not installed"
+    return "bitsandbytes' 8-bit Adam runs on CUDA only, and JAX is not on a GPU"
+  if name in ("jadam_offload", "jadam_int8_offload"):
+    return ("this JAX cannot move arrays between memory kinds inside a "
+            "compiled step on this backend")
+  return "not available here"
 
 
 def _importable(module: str) -> bool:
@@ -444,8 +543,13 @@ def _importable(module: str) -> bool:
 
 
 def _machine() -> dict[str, Any]:
+  device = jax.devices()[0]
   info = {"platform": platform.platform(), "python": platform.python_version(),
-          "jax": jax.__version__, "optax": optax.__version__,
+          "processor": platform.processor() or platform.machine(),
+          "jax": jax.__version__, "jaxlib": _version("jaxlib"),
+          "optax": optax.__version__,
+          "backend": jax.default_backend(),
+          "device_kind": device.device_kind,
           "devices": [str(d) for d in jax.devices()],
           "cpu_count": os.cpu_count(),
           "xla_cpu_multi_output_fusion": _fusion.cpu_fusion_active(),
@@ -454,13 +558,46 @@ def _machine() -> dict[str, Any]:
     import torch  # pylint: disable=import-outside-toplevel
     info["torch"] = torch.__version__
     info["torch_threads"] = torch.get_num_threads()
+    info["torch_device"] = _torch_device()
+    if info["torch_device"] == "cuda":
+      info["torch_cuda"] = torch.version.cuda
+      info["torch_gpu"] = torch.cuda.get_device_name()
   except ImportError:
     pass
+  if _importable("bitsandbytes"):
+    info["bitsandbytes"] = _version("bitsandbytes")
   try:
     info["loadavg"] = os.getloadavg()
   except OSError:
     pass
   return info
+
+
+def _version(package: str) -> Optional[str]:
+  import importlib.metadata  # pylint: disable=import-outside-toplevel
+  try:
+    return importlib.metadata.version(package)
+  except importlib.metadata.PackageNotFoundError:
+    return None
+
+
+def describe_machine(machine: Mapping[str, Any]) -> str:
+  """One line: device, backend and versions, for the table and the plot."""
+  parts = [f"{machine.get('device_kind', '?')} ({machine.get('backend', '?')}"
+           f", {len(machine.get('devices', []))} device(s))",
+           f"{machine.get('cpu_count')} CPU cores",
+           f"Python {machine.get('python')}",
+           f"jax {machine.get('jax')}", f"optax {machine.get('optax')}"]
+  if "torch" in machine:
+    torch = f"torch {machine['torch']} on {machine.get('torch_device')}"
+    if machine.get("torch_gpu"):
+      torch += f" ({machine['torch_gpu']}, CUDA {machine.get('torch_cuda')})"
+    parts.append(torch)
+  if machine.get("bitsandbytes"):
+    parts.append(f"bitsandbytes {machine['bitsandbytes']}")
+  if "probe_bytes" in machine:
+    parts.append(f"bandwidth probe {machine['probe_bytes'] >> 20} MiB")
+  return ", ".join(parts)
 
 
 def format_table(doc: Mapping[str, Any]) -> str:
@@ -506,7 +643,8 @@ def plot(doc: Mapping[str, Any], path: str) -> None:
   ax.set_xticks(range(len(trees)), trees)
   ax.set_ylabel("median step time (ms)")
   ax.set_yscale("log")
-  ax.set_title("Adam step, params and state donated (2-core CPU)")
+  ax.set_title("Adam step, params and state donated\n"
+               + describe_machine(doc.get("machine", {})), fontsize=8)
   ax.legend(fontsize=8)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
@@ -518,9 +656,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   parser = argparse.ArgumentParser(
       prog="jadam-bench", description=__doc__.split("\n\n")[0],
       formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--trees", default=",".join([*TREES, TRAIN_TREE]),
+  parser.add_argument("--size", choices=sorted(SIZES), default="default",
+                      help="which trees run when --trees is not given: "
+                      "default (CPU-sized, with the LM training step) or "
+                      "large (accelerator-sized: "
+                      + ", ".join(SIZES["large"]) + ")")
+  parser.add_argument("--trees", default=None,
                       help="comma-separated, from: "
                       + ", ".join([*TREES, TRAIN_TREE]))
+  parser.add_argument("--probe-mib", type=int, default=None,
+                      help="size of the bandwidth probe in MiB (default: "
+                      "64 on a CPU, 1024 on an accelerator)")
   parser.add_argument("--impls", default=",".join(IMPLS),
                       help="comma-separated, from: " + ", ".join(IMPLS))
   parser.add_argument("--steps", type=int, default=15,
@@ -538,6 +684,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   args = parser.parse_args(argv)
   if not args.default_xla_flags:
     _fusion.enable_cpu_fusion()
+  if args.trees is None:
+    args.trees = ",".join(SIZES[args.size]
+                          + ([TRAIN_TREE] if args.size == "default" else []))
   trees = [t for t in args.trees.split(",") if t]
   impls = [i for i in args.impls.split(",") if i]
   for tree in trees:
@@ -549,8 +698,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   if args.steps < 1 or args.warmup < 0:
     parser.error("--steps must be >= 1 and --warmup >= 0")
   log = lambda message: print(message, file=sys.stderr, flush=True)
+  if args.probe_mib is not None and args.probe_mib < 1:
+    parser.error("--probe-mib must be >= 1")
   doc = run(trees, impls, steps=args.steps, warmup=args.warmup,
-            quick=args.quick, log=log)
+            quick=args.quick, log=log,
+            probe_bytes=None if args.probe_mib is None
+            else args.probe_mib << 20)
+  print("Machine: " + describe_machine(doc["machine"]))
+  for name, why in doc["skipped"].items():
+    print(f"Skipped {name}: {why}")
   print(format_table(doc))
   if args.json:
     with open(args.json, "w", encoding="utf-8") as f:

@@ -228,3 +228,37 @@ def test_benchmark_without_flax_skips_the_training_row_and_says_why(
   assert any("skipping gpt_like_train" in m and "Flax" in m
              for m in messages)
   assert {r["tree"] for r in doc["results"]} == {"single_16m"}
+
+
+def test_benchmark_large_trees_are_the_accelerator_presets():
+  # --size large: the trees of the GPU comparison, at their real sizes
+  # (shapes only: nothing is allocated here).
+  from jadam import bench
+  counts = {name: (len(shapes), sum(int(np.prod(s)) for s in shapes.values()))
+            for name in bench.SIZES["large"]
+            for shapes in [bench.TREES[name](False)]}
+  assert counts["llama_1b"][0] == 201
+  assert 1.09e9 < counts["llama_1b"][1] < 1.11e9
+  assert counts["gpt2_small"] == (148, 124_439_808)
+  assert counts["many_1000x64k"] == (1000, 1000 * 65536)
+  assert counts["single_256m"] == (1, 1 << 28)
+
+
+def test_benchmark_reports_the_machine_and_why_rows_are_skipped(monkeypatch):
+  from jadam import bench
+  real = bench._importable
+  monkeypatch.setattr(bench, "_importable",
+                      lambda name: name != "bitsandbytes" and real(name))
+  monkeypatch.setitem(bench.OPTIONAL, "bnb_adam8bit", lambda: False)
+  doc = bench.run(["single_256m"], ["jadam", "bnb_adam8bit"], steps=1,
+                  warmup=0, quick=True, log=lambda _: None)
+  assert doc["skipped"] == {"bnb_adam8bit": "bitsandbytes is not installed"}
+  machine = doc["machine"]
+  assert machine["backend"] == jax.default_backend()
+  assert machine["device_kind"] == jax.devices()[0].device_kind
+  assert machine["jax"] == jax.__version__ and machine["probe_bytes"] > 0
+  line = bench.describe_machine(machine)
+  assert machine["device_kind"] in line and f"jax {jax.__version__}" in line
+  # Far beyond the last-level cache: 64 MiB on a CPU, 1 GiB elsewhere.
+  assert bench.default_probe_bytes() == (
+      64 << 20 if jax.default_backend() == "cpu" else 1 << 30)
