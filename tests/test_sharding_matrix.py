@@ -25,9 +25,12 @@ Per cell, as specified in ``docs/distributed.md``:
   same optimizer on one device, parameters and state, to 1e-6 relative of
   the largest value (float32 sums split over devices, as in global-norm
   clipping and telemetry, round differently: measured at most 9.0e-8 for
-  parameters and 2.3e-7 for state); with int8 moments parameters to 1e-3:
-  an ulp of difference in such a sum can move a moment across a code
-  boundary, one code step (measured 1.9e-4, in 2 of the 504 cells).
+  parameters and 2.3e-7 for state); with bfloat16 or int8 moments to one
+  step of the stored format (parameters 1e-3, state 1/64): an ulp of
+  difference in such a sum can turn a stochastic rounding or move a value
+  across an int8 code boundary (measured: parameters 1.9e-4 in 2 int8
+  cells on JAX 0.10.2; state 4.8e-3, one bfloat16 step, in 1 cell on JAX
+  0.8).
 
 Two documented limits of JAX's Auto axes are asserted as such (see
 ``KNOWN``), not hidden. The workers run two at a time, one per mesh kind.
@@ -50,7 +53,8 @@ WORKER = pathlib.Path(__file__).with_name("_sharding_matrix_worker.py")
 MESHES = [(axis_type, layout) for axis_type in ("Auto", "Explicit")
           for layout in ("data", "model", "mixed")]
 TOLERANCE = 1e-6
-INT8_PARAM_TOLERANCE = 1e-3
+NARROW_PARAM_TOLERANCE = 1e-3
+NARROW_STATE_TOLERANCE = 1 / 64
 
 
 def _run(mesh):
@@ -69,6 +73,9 @@ def _run(mesh):
 def matrix():
   with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
     results = dict(zip(MESHES, pool.map(_run, MESHES)))
+  if os.environ.get("JADAM_MATRIX_JSON"):  # keep the raw numbers if asked
+    pathlib.Path(os.environ["JADAM_MATRIX_JSON"]).write_text(json.dumps(
+        {"/".join(mesh): result for mesh, result in results.items()}))
   return results
 
 
@@ -124,8 +131,11 @@ def test_cell(matrix, mesh, cell):
   for mode, count in got["recompiled_after_first_step"].items():
     assert count == 0 or known(mesh, cell, mode), (mode, count)
   assert got["moved"] > 1e-4  # the steps did something
-  int8 = cell.split("/")[1] in ("int8", "mixed")
-  assert got["param_error"] <= (INT8_PARAM_TOLERANCE if int8 else TOLERANCE)
-  assert got["state_error"] <= TOLERANCE
-  assert got["init_spread"] <= (INT8_PARAM_TOLERANCE if int8 else TOLERANCE)
+  narrow = cell.split("/")[1] != "float32"
+  assert got["param_error"] <= (NARROW_PARAM_TOLERANCE if narrow
+                                else TOLERANCE)
+  assert got["state_error"] <= (NARROW_STATE_TOLERANCE if narrow
+                                else TOLERANCE)
+  assert got["init_spread"] <= (NARROW_PARAM_TOLERANCE if narrow
+                                else TOLERANCE)
   assert got["state_bytes_per_device"] == got["expected_bytes_per_device"]
