@@ -274,9 +274,17 @@ def run_cell(opt, storage, wrapper, mesh, params, sharded):
   problems = {}
   finals = {}
   recompiled = {}
+  mode_errors = {}
   for mode, state in inits.items():
     found = placement(state, sharded, mesh, zero1_axis)
-    p, s = step(sharded, state)
+    try:
+      p, s = step(sharded, state)
+    except Exception as e:  # pylint: disable=broad-except
+      # Recorded per init mode, so that the other modes are still checked.
+      mode_errors[mode] = f"{type(e).__name__}: {str(e)[:300]}"
+      if found:
+        problems[mode] = found
+      continue
     after_first = step._cache_size()  # pylint: disable=protected-access
     for _ in range(STEPS - 1):
       p, s = step(p, s)
@@ -292,6 +300,7 @@ def run_cell(opt, storage, wrapper, mesh, params, sharded):
       problems[mode] = found
     finals[mode] = (p, s)
   result["placement_problems"] = problems
+  result["mode_errors"] = mode_errors
   result["recompiled_after_first_step"] = recompiled
   result["compilations"] = step._cache_size()  # pylint: disable=protected-access
   # Values: the same optimizer on one device, from the same parameters.
