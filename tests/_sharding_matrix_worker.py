@@ -158,6 +158,15 @@ def normalized(spec, ndim) -> tuple:
   return tuple(tuple(e) if isinstance(e, list) else e for e in entries)
 
 
+def expected_spec(param, mesh, zero1_axis):
+  """Where a state array of ``param``'s shape belongs: the parameter's spec,
+  with the ZeRO-1 axis added (``add_axis``) under ZeRO-1."""
+  if zero1_axis is None:
+    return param.sharding.spec
+  return _sharding.add_axis(param.sharding.spec, param.shape, mesh,
+                            zero1_axis)
+
+
 def placement(state, params, mesh, zero1_axis) -> list[str]:
   """Where the state breaks the documented placement (empty: none).
 
@@ -189,10 +198,7 @@ def placement(state, params, mesh, zero1_axis) -> list[str]:
         problems.append(f"{where}: split {sharding.spec}")
       continue
     param = params[name]
-    expected = param.sharding.spec
-    if zero1_axis is not None:
-      expected = _sharding.add_axis(expected, param.shape, mesh,
-                                         zero1_axis)
+    expected = expected_spec(param, mesh, zero1_axis)
     if tuple(leaf.shape) == tuple(param.shape):
       if normalized(sharding.spec, leaf.ndim) != normalized(expected,
                                                             leaf.ndim):
@@ -216,9 +222,7 @@ def expected_bytes_per_device(state, params, mesh, zero1_axis) -> int:
     spec = P()
     if name is not None:
       param = params[name]
-      spec = param.sharding.spec
-      if zero1_axis is not None:
-        spec = _sharding.add_axis(spec, param.shape, mesh, zero1_axis)
+      spec = expected_spec(param, mesh, zero1_axis)
       if tuple(leaf.shape) != tuple(param.shape):
         spec = leaf.sharding.spec
     pieces = int(np.prod([mesh.shape[a] for a in spec_axes(spec)]))
