@@ -66,6 +66,7 @@ from jadam._rule import Moments
 from jadam._rule import adam_step
 from jadam._sharding import abstract_state
 from jadam._sharding import bytes_per_device
+from jadam._sharding import place_scalars
 from jadam._sharding import state_shardings
 from jadam._sharding import zero1
 from jadam._sharding import zero1_shardings

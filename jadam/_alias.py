@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jadam import _sharding
 from jadam import _transform
 from jadam import _validation
 
@@ -31,11 +32,12 @@ def optimizer(scaling: optax.GradientTransformation,
   if weight_decay is not None:
     _validation.check_nonnegative("weight_decay", weight_decay)
     if numerics == "keras":
-      return optax.chain(scaling, _keras_decay_then_step(
-          learning_rate, weight_decay, mask))
+      return _sharding.placing_scalars(optax.chain(
+          scaling, _keras_decay_then_step(learning_rate, weight_decay, mask)))
     parts.append(optax.add_decayed_weights(weight_decay, mask))
   parts.append(optax.scale_by_learning_rate(learning_rate))
-  return optax.chain(*parts)
+  # A schedule's step count is made by optax's init.
+  return _sharding.placing_scalars(optax.chain(*parts))
 
 
 def _keras_decay_then_step(

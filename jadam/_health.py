@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import optax
 
 from jadam import _rule
+from jadam import _sharding
 from jadam import _storage
 from jadam import _transform
 
@@ -124,7 +125,9 @@ def skip_nonfinite(
   inner = optax.with_extra_args_support(inner)
 
   def init_fn(params):
-    return SkipNonfiniteState(inner.init(params), jnp.zeros([], jnp.int32))
+    return _sharding.place_scalars(
+        SkipNonfiniteState(inner.init(params), jnp.zeros([], jnp.int32)),
+        params)
 
   def update_fn(updates, state, params=None, **extra_args):
     finite = all_finite(updates)
@@ -315,8 +318,9 @@ def with_telemetry(
   inner = optax.with_extra_args_support(inner)
 
   def init_fn(params):
-    return TelemetryState(inner.init(params), _empty_stats(),
-                          jnp.zeros([], jnp.int32))
+    return _sharding.place_scalars(
+        TelemetryState(inner.init(params), _empty_stats(),
+                       jnp.zeros([], jnp.int32)), params)
 
   def update_fn(updates, state, params=None, **extra_args):
     new_updates, new_inner = inner.update(updates, state.inner_state, params,

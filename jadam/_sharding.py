@@ -66,13 +66,100 @@ def zeros_placed_like(like: Any, shape: Sequence[int], dtype: Any) -> Array:
     return _traced_zeros(like, shape, dtype)
   sharding = getattr(like, "sharding", None)
   if sharding is None or isinstance(sharding, SingleDeviceSharding):
-    # One device: keep jnp's default (uncommitted) placement, as optax does.
+    if sharding is not None and getattr(like, "committed", False):
+      # Committed to one device: the jitted step returns the state there,
+      # so it starts there (uncommitted, the step's second call would see
+      # another signature and compile again, as with optax's init).
+      return jnp.zeros(shape, dtype, device=sharding)
+    # Uncommitted parameters: keep jnp's default placement, as optax does.
     return jnp.zeros(shape, dtype)
   if shape != tuple(like.shape):
     if not isinstance(sharding, NamedSharding):
       return jnp.zeros(shape, dtype)
     sharding = _leading_split(sharding, like.ndim, shape)
   return jnp.zeros(shape, dtype, device=sharding)
+
+
+def scalar_placement(params: PyTree) -> Any:
+  """Where an eager ``init`` puts state that no parameter's shape governs
+  (step counts, skip counters, telemetry), or None to leave it uncommitted.
+
+  A jitted step returns every array it outputs committed to the devices it
+  ran on. An uncommitted scalar in the state it was first called with is
+  then a different input signature from the one it gets back, and the
+  second step compiles again (optax's eager init does this whenever the
+  parameters are committed: on a mesh, or ``device_put`` on one device). So
+  when the parameters are committed, such state goes where the step will
+  return it: replicated on the parameters' mesh, or on their one device.
+  Uncommitted parameters (plain ``jnp`` arrays) keep uncommitted state.
+  """
+  for leaf in jax.tree.leaves(params):
+    if (isinstance(leaf, jax.core.Tracer) or not isinstance(leaf, jax.Array)
+        or not leaf.committed):
+      continue
+    sharding = leaf.sharding
+    if isinstance(sharding, NamedSharding):
+      return NamedSharding(sharding.mesh, PartitionSpec())
+    if isinstance(sharding, SingleDeviceSharding):
+      return sharding
+  return None
+
+
+def place_scalars(state: PyTree, params: PyTree) -> PyTree:
+  """Put an eagerly initialised state's loose scalars where a jitted step
+  returns them, so that the step compiles once.
+
+  A jitted step returns its outputs committed to the devices it ran on. A
+  state whose scalars (step counts, skip counters, hyperparameters) were made
+  uncommitted is a different signature from the one the first step returns,
+  so the second step compiles again, even on one device, whenever the
+  parameters are committed (on a mesh, or ``device_put`` on one device).
+  Every jadam ``init`` already ends with this call; use it for state that
+  optax's wrappers make, such as ``optax.MultiSteps`` and
+  ``optax.inject_hyperparams``, or ``optax.adam`` itself.
+
+  Uncommitted scalars go replicated on the parameters' mesh, or on their
+  one device; nothing changes under tracing (the compiler places them) or
+  when the parameters are uncommitted (plain ``jnp`` arrays, where the
+  step's outputs are uncommitted too).
+
+  Args:
+    state: an optimizer state, from ``tx.init(params)`` called eagerly.
+    params: the parameters it was initialised from.
+
+  Returns:
+    ``state`` with its uncommitted scalars placed.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, jadam
+    >>> params = jax.device_put({"w": jnp.zeros(4)}, jax.devices()[0])
+    >>> tx = optax.MultiSteps(jadam.adam(1e-3), every_k_schedule=2)
+    >>> state = jadam.sharding.place_scalars(tx.init(params), params)
+    >>> state.mini_step.committed
+    True
+  """
+  sharding = scalar_placement(params)
+  if sharding is None:
+    return state
+
+  def place(leaf):
+    if (isinstance(leaf, jax.Array) and not isinstance(leaf, jax.core.Tracer)
+        and leaf.ndim == 0 and not leaf.committed):
+      return jax.device_put(leaf, sharding)
+    return leaf
+  return jax.tree.map(place, state)
+
+
+def placing_scalars(tx: optax.GradientTransformation
+                    ) -> optax.GradientTransformation:
+  """``tx`` (of the same type) whose ``init`` ends with :func:`place_scalars`:
+  for optimizers whose scalars optax's code makes (a schedule's step count,
+  schedule-free averaging weights)."""
+  inner_init = tx.init
+
+  def init_fn(params):
+    return place_scalars(inner_init(params), params)
+  return tx._replace(init=init_fn)
 
 
 def _leading_split(sharding: NamedSharding, ndim: int,

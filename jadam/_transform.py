@@ -18,6 +18,7 @@ import optax
 
 from jadam import _quant
 from jadam import _rule
+from jadam import _sharding
 from jadam import _storage
 from jadam import _validation
 
@@ -341,8 +342,9 @@ def _scale_by_rule(rule: _rule.AdamRule, mu_dtype: Any,
     if scales is not None:
       scales = _rule.Moments(*scales, *([None] * (3 - len(scales))))
     if rule.amsgrad:
-      return amsgrad_state(count, *stored, scales)
-    return adam_state(count, *stored, scales)
+      return _sharding.place_scalars(amsgrad_state(count, *stored, scales),
+                                     params)
+    return _sharding.place_scalars(adam_state(count, *stored, scales), params)
 
   def update_fn(updates, state, params=None, **extra_args):
     # Extra arguments meant for other transformations of a chain are ignored.

@@ -28,6 +28,7 @@ from optax import contrib as optax_contrib
 
 from jadam import _alias
 from jadam import _rule
+from jadam import _sharding
 from jadam import _storage
 from jadam import _transform
 from jadam import _validation
@@ -114,9 +115,9 @@ def scale_by_adopt(
 
   def init_fn(params):
     (mu, nu), scales = _transform.init_moments(params, formats, real)
-    return _transform.adam_state(
+    return _sharding.place_scalars(_transform.adam_state(
         jnp.zeros([], jnp.int32), mu, nu,
-        None if scales is None else _rule.Moments(*scales, None))
+        None if scales is None else _rule.Moments(*scales, None)), params)
 
   def update_fn(updates, state, params=None, **extra_args):
     del params
@@ -309,9 +310,9 @@ def scale_by_ademamix(
 
   def init_fn(params):
     (m1, nu, m2), scales = _transform.init_moments(params, formats, real)
-    return _ademamix_state(
+    return _sharding.place_scalars(_ademamix_state(
         jnp.zeros([], jnp.int32), jnp.zeros([], jnp.int32), m1, m2, nu,
-        None if scales is None else dict(zip(names, scales)))
+        None if scales is None else dict(zip(names, scales))), params)
 
   def update_fn(updates, state, params=None, **extra_args):
     del params
@@ -508,8 +509,9 @@ def _scale_by_adam_without_momentum(
 
   def init_fn(params):
     (nu,), scales = _transform.init_moments(params, formats, real)
-    return _second_moment_state(
-        jnp.zeros([], jnp.int32), nu, None if scales is None else scales[0])
+    return _sharding.place_scalars(_second_moment_state(
+        jnp.zeros([], jnp.int32), nu, None if scales is None else scales[0]),
+        params)
 
   def update_fn(updates, state, params=None, **extra_args):
     del params
@@ -613,9 +615,10 @@ def schedule_free_adamw(
       _scale_by_adam_without_momentum(b2, eps, nu_dtype),
       optax.add_decayed_weights(weight_decay, mask),
       optax.scale_by_learning_rate(learning_rate))
-  return optax_contrib.schedule_free(
+  # Its averaging weights and step count are made by optax's init.
+  return _sharding.placing_scalars(optax_contrib.schedule_free(
       base, learning_rate=learning_rate, b1=b1,
-      weight_lr_power=weight_lr_power, state_dtype=state_dtype)
+      weight_lr_power=weight_lr_power, state_dtype=state_dtype))
 
 
 def _with_linear_warmup(learning_rate: ScalarOrSchedule,

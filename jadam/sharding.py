@@ -4,15 +4,18 @@ State follows parameter sharding under ``jax.jit`` with no call needed;
 :func:`abstract_state` and :func:`state_shardings` give the state's
 placement without allocating it; :func:`zero1` splits the state over the
 data-parallel axis (ZeRO stage 1); :func:`offload` keeps it in host memory
-between steps. See ``docs/distributed.md`` and ``docs/memory.md``.
+between steps; :func:`place_scalars` places the loose scalars of an optax
+wrapper's eager init so that the step compiles once. See
+``docs/distributed.md`` and ``docs/memory.md``.
 """
 
 from jadam._offload import offload
 from jadam._sharding import abstract_state
 from jadam._sharding import bytes_per_device
+from jadam._sharding import place_scalars
 from jadam._sharding import state_shardings
 from jadam._sharding import zero1
 from jadam._sharding import zero1_shardings
 
-__all__ = ["abstract_state", "bytes_per_device", "offload", "state_shardings",
-           "zero1", "zero1_shardings"]
+__all__ = ["abstract_state", "bytes_per_device", "offload", "place_scalars",
+           "state_shardings", "zero1", "zero1_shardings"]

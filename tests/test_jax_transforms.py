@@ -78,3 +78,59 @@ def test_nesterov_counter_saturates_too():
       count=jnp.asarray(jnp.iinfo(jnp.int32).max, jnp.int32))
   updates, state = opt.update(jnp.ones(2), state)
   assert np.all(np.isfinite(updates))
+
+
+def _compilations(tx, params, state, steps=4):
+  """How many times a jitted training step compiles over ``steps`` calls."""
+  @jax.jit
+  def step(params, state):
+    grads = jax.tree.map(lambda p: jnp.cos(p) + 0.1, params)
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  for _ in range(steps):
+    params, state = step(params, state)
+  return step._cache_size()  # pylint: disable=protected-access
+
+
+COMMITTED = {"w": jnp.ones((64, 8)), "b": jnp.zeros(8)}
+
+
+def test_eager_init_on_committed_params_compiles_the_step_once():
+  # device_put (or a checkpoint restore) commits parameters to a device; the
+  # jitted step returns the state committed there too. optax's eager init
+  # leaves its step count uncommitted, so its second step compiles again;
+  # jadam's init puts every piece of state where the step returns it.
+  params = jax.device_put(COMMITTED, jax.devices()[0])
+  optimizers = {
+      "adam": jadam.adam(1e-3),
+      "adamw_schedule": jadam.adamw(optax.cosine_decay_schedule(1e-3, 100)),
+      "amsgrad_int8": jadam.amsgrad(1e-3, mu_dtype="int8", nu_dtype="int8"),
+      "adopt": jadam.adopt(1e-3),
+      "ademamix": jadam.ademamix(1e-3),
+      "schedule_free": jadam.schedule_free_adamw(1e-3),
+      "skip_telemetry": jadam.with_telemetry(jadam.skip_nonfinite(
+          jadam.adam(1e-3, mu_dtype=jnp.bfloat16))),
+  }
+  for name, tx in optimizers.items():
+    assert _compilations(tx, params, tx.init(params)) == 1, name
+  assert _compilations(optax.adam(1e-3), params,
+                       optax.adam(1e-3).init(params)) == 2  # optax's own
+
+
+def test_place_scalars_makes_optax_wrappers_compile_once():
+  params = jax.device_put(COMMITTED, jax.devices()[0])
+  tx = optax.MultiSteps(jadam.adam(1e-3), every_k_schedule=2)
+  assert _compilations(tx, params, tx.init(params)) == 2  # optax's scalars
+  state = jadam.sharding.place_scalars(tx.init(params), params)
+  assert _compilations(tx, params, state) == 1
+  injected = optax.inject_hyperparams(jadam.adam)(learning_rate=1e-3)
+  state = jadam.sharding.place_scalars(injected.init(params), params)
+  assert _compilations(injected, params, state) == 1
+
+
+def test_uncommitted_params_keep_uncommitted_state():
+  tx = jadam.adam(1e-3)
+  state = tx.init(COMMITTED)
+  assert not state[0].count.committed and not state[0].mu["w"].committed
+  assert _compilations(tx, COMMITTED, state) == 1
