@@ -147,7 +147,7 @@ def init_scales(param: Array, storage: Storage, *, real: bool) -> Array:
   (orbax cannot save empty arrays)."""
   param = _as_array(param)
   if quantized(param, storage, real=real):
-    n_blocks = storage.n_blocks(math.prod(param.shape))
+    n_blocks = storage.n_blocks_for(tuple(param.shape))
     return zeros(param, (n_blocks,), jnp.float32)
   return zeros(param, (), jnp.float32)
 
