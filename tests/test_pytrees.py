@@ -125,7 +125,7 @@ def test_grouped_namespaces_hold_the_same_objects_as_the_top_level():
                            "TelemetryState"},
             jadam.sharding: {"zero1", "zero1_shardings", "abstract_state",
                              "state_shardings", "bytes_per_device",
-                             "offload"},
+                             "offload", "place_scalars"},
             jadam.rule: {"AdamRule", "Moments", "adam_step"},
             jadam.cpu: {"enable_cpu_fusion"}}
   for module, names in groups.items():
