@@ -296,9 +296,6 @@ class BlockwiseInt8:
   def applies_to(self, size: int) -> bool:
     return size >= max(self.min_size, 1)
 
-  def n_blocks(self, size: int) -> int:
-    return -(-size // self.block_size)
-
   def block_for(self, shape: tuple[int, ...]) -> int:
     """The block size of a parameter of ``shape`` (see ``row_blocks``)."""
     row = shape[-1] if len(shape) >= 2 else 0

@@ -80,19 +80,9 @@ def zeros_placed_like(like: Any, shape: Sequence[int], dtype: Any) -> Array:
   return jnp.zeros(shape, dtype, device=sharding)
 
 
-def scalar_placement(params: PyTree) -> Any:
-  """Where an eager ``init`` puts state that no parameter's shape governs
-  (step counts, skip counters, telemetry), or None to leave it uncommitted.
-
-  A jitted step returns every array it outputs committed to the devices it
-  ran on. An uncommitted scalar in the state it was first called with is
-  then a different input signature from the one it gets back, and the
-  second step compiles again (optax's eager init does this whenever the
-  parameters are committed: on a mesh, or ``device_put`` on one device). So
-  when the parameters are committed, such state goes where the step will
-  return it: replicated on the parameters' mesh, or on their one device.
-  Uncommitted parameters (plain ``jnp`` arrays) keep uncommitted state.
-  """
+def _scalar_placement(params: PyTree) -> Any:
+  """Replicated on the mesh or the one device of the first committed
+  parameter; None if no parameter is committed (see :func:`place_scalars`)."""
   for leaf in jax.tree.leaves(params):
     if (isinstance(leaf, jax.core.Tracer) or not isinstance(leaf, jax.Array)
         or not leaf.committed):
@@ -138,7 +128,7 @@ def place_scalars(state: PyTree, params: PyTree) -> PyTree:
     >>> state.mini_step.committed
     True
   """
-  sharding = scalar_placement(params)
+  sharding = _scalar_placement(params)
   if sharding is None:
     return state
 

@@ -199,7 +199,7 @@ def placement(state, params, mesh, zero1_axis) -> list[str]:
                         f"device(s), committed={leaf.committed}")
       continue
     if not isinstance(sharding, NamedSharding):
-      if len(sharding.device_set) != len(mesh.devices.flat):
+      if len(sharding.device_set) != mesh.devices.size:
         problems.append(f"{where}: on {len(sharding.device_set)} devices")
       continue
     name = param_of(path)
