@@ -398,3 +398,31 @@ def test_skip_protects_jadam_state_rebuilt_by_a_wrapper():
   new_params, new_state = step(params, state, _poison(_grads(3), np.inf))
   assert _bitwise_equal(new_params, params)
   assert _bitwise_equal(new_state.inner_state, state.inner_state)
+
+
+@pytest.mark.parametrize("storage", ["float32", "bfloat16", "float16", "int8"])
+def test_second_moment_range_equals_the_decoded_moments(storage):
+  # Read from the storage format (per-block code extremes for int8), the
+  # range must be exactly that of the decoded moments: row blocks (64 × 32),
+  # whole blocks of a flat leaf (8192), a short last block (5000), and a
+  # gradient whose square overflows (v = +inf, its own int8 code).
+  rng = np.random.default_rng(3)
+  params = {"rows": jnp.zeros((64, 32)), "flat": jnp.zeros(8192),
+            "odd": jnp.zeros(5000)}
+  opt = jadam.with_telemetry(jadam.adam(0.1, mu_dtype=storage,
+                                        nu_dtype=storage))
+  state = opt.init(params)
+  step = jax.jit(opt.update)
+  for k in range(3):
+    grads = {name: jnp.asarray(rng.standard_normal(p.shape)
+                               * 10.0 ** rng.uniform(-4, 1, p.shape),
+                               jnp.float32) for name, p in params.items()}
+    if k == 2:
+      grads["flat"] = grads["flat"].at[7].set(1e20)
+    _, state = step(grads, state, params)
+  nu = jadam.decode_moments(state.inner_state[0]).nu
+  decoded = np.concatenate([np.ravel(x) for x in jax.tree.leaves(nu)])
+  s = jadam.stats(state)
+  assert float(s["nu_min"]) == decoded.min()
+  assert float(s["nu_max"]) == decoded.max()
+  assert 0 < decoded.min() and np.isinf(decoded.max())
