@@ -631,11 +631,14 @@ def plot(doc: Mapping[str, Any], path: str) -> None:
   impls = list(dict.fromkeys(r["impl"] for r in doc["results"]))
   by_key = {(r["tree"], r["impl"]): r["step_ms"] for r in doc["results"]}
   width = 0.8 / len(impls)
-  fig, ax = plt.subplots(figsize=(2.2 * len(trees) + 2, 4))
+  # 20 distinct colours: the default cycle has 10, and a full run has more
+  # implementations than that.
+  colors = plt.get_cmap("tab20").colors
+  fig, ax = plt.subplots(figsize=(2.2 * len(trees) + 4, 4))
   for i, impl in enumerate(impls):
     xs = [t + (i - (len(impls) - 1) / 2) * width for t in range(len(trees))]
     ys = [by_key.get((tree, impl), 0.0) for tree in trees]
-    ax.bar(xs, ys, width, label=impl)
+    ax.bar(xs, ys, width, label=impl, color=colors[i % len(colors)])
   for t, tree in enumerate(trees):
     if tree in doc["floor_ms"]:
       ax.hlines(doc["floor_ms"][tree], t - 0.4, t + 0.4, colors="k",
@@ -645,7 +648,7 @@ def plot(doc: Mapping[str, Any], path: str) -> None:
   ax.set_yscale("log")
   ax.set_title("Adam step, params and state donated\n"
                + describe_machine(doc.get("machine", {})), fontsize=8)
-  ax.legend(fontsize=8)
+  ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
