@@ -402,10 +402,10 @@ def test_skip_protects_jadam_state_rebuilt_by_a_wrapper():
 
 @pytest.mark.parametrize("storage", ["float32", "bfloat16", "float16", "int8"])
 def test_second_moment_range_equals_the_decoded_moments(storage):
-  # Read from the storage format (per-block code extremes for int8), the
-  # range must be exactly that of the decoded moments: row blocks (64 × 32),
-  # whole blocks of a flat leaf (8192), a short last block (5000), and a
-  # gradient whose square overflows (v = +inf, its own int8 code).
+  # Telemetry's range of v must be exactly that of the decoded moments, in
+  # every storage format: row blocks (64 × 32), whole blocks of a flat leaf
+  # (8192), a short last block (5000), and a gradient whose square
+  # overflows (v = +inf, its own int8 code).
   rng = np.random.default_rng(3)
   params = {"rows": jnp.zeros((64, 32)), "flat": jnp.zeros(8192),
             "odd": jnp.zeros(5000)}
