@@ -21,7 +21,8 @@ Trees: ``--size default`` (CPU-sized: up to 16.8M parameters) or ``--size
 large`` (accelerator-sized: a 1.1B-parameter Llama-shaped tree, GPT-2 small,
 1000 leaves of 65,536 and one leaf of 2^28); ``--trees`` picks any of them.
 The machine, device and versions head the table and the plot and are in the
-JSON; every row that cannot run here is skipped with the reason.
+JSON; every row that cannot run here is skipped with the reason. Rows that
+do not fit in memory together run in consecutive groups (:func:`run`).
 
 Compiler flags: the run turns on XLA:CPU's multi-output fusion for the
 whole process (:func:`jadam.enable_cpu_fusion`, what jadam recommends for
@@ -169,7 +170,18 @@ def _random_tree(shapes: Shapes, seed: int, scale: float) -> dict[str, Any]:
 
 
 def _tree_data(shapes: Shapes) -> tuple[dict[str, Any], dict[str, Any]]:
-  """Parameters and gradients, the same numbers for every implementation."""
+  """Parameters and gradients, the same numbers for every implementation.
+
+  Drawn once per tree and shared by its rows (drawing the 2.2 billion
+  numbers of ``llama_1b`` takes longer than timing a row), so a row must
+  copy them before it writes to them.
+  """
+  return _cached_tree_data(tuple(shapes.items()))
+
+
+@functools.lru_cache(maxsize=1)
+def _cached_tree_data(items: tuple[tuple[str, tuple[int, ...]], ...]):
+  shapes = dict(items)
   return _random_tree(shapes, 0, 1.0), _random_tree(shapes, 1, 1e-3)
 
 
@@ -208,8 +220,7 @@ class JaxRunner(Runner):
     jax.block_until_ready((self._params, self._state))
 
 
-def jax_impl(make_opt: Callable[[], optax.GradientTransformation], *,
-             flat: bool) -> Callable[[Shapes], Runner]:
+class jax_impl:  # pylint: disable=invalid-name
   """A factory of :class:`JaxRunner` for the optimizer ``make_opt()``.
 
   Args:
@@ -217,7 +228,23 @@ def jax_impl(make_opt: Callable[[], optax.GradientTransformation], *,
     flat: run on :class:`jadam.FlatView` buffers (the fast path) rather
       than on the tree.
   """
-  return lambda shapes: JaxRunner(make_opt(), shapes, flat)
+
+  def __init__(self, make_opt: Callable[[], optax.GradientTransformation], *,
+               flat: bool):
+    self.make_opt, self.flat = make_opt, flat
+
+  def __call__(self, shapes: Shapes) -> Runner:
+    return JaxRunner(self.make_opt(), shapes, self.flat)
+
+  def resident_bytes(self, shapes: Shapes) -> int:
+    """Parameters, gradients and optimizer state, from shapes alone."""
+    params = ({"flat": jax.ShapeDtypeStruct((_num_params(shapes),),
+                                            jnp.float32)} if self.flat else
+              {name: jax.ShapeDtypeStruct(shape, jnp.float32)
+               for name, shape in shapes.items()})
+    state = jax.eval_shape(self.make_opt().init, params)
+    return 2 * _num_params(shapes) * 4 + sum(
+        leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(state))
 
 
 def _torch_device() -> str:
@@ -259,9 +286,10 @@ class TorchRunner(Runner):
     self._device = _torch_device()
     self._params = []
     for name in params:
+      # A copy: the NumPy arrays are shared with the other rows.
       tensor = torch.nn.Parameter(
-          torch.from_numpy(params[name]).to(self._device))
-      tensor.grad = torch.from_numpy(grads[name]).to(self._device)
+          torch.tensor(params[name], device=self._device))
+      tensor.grad = torch.tensor(grads[name], device=self._device)
       self._params.append(tensor)
     if make_opt is None:
       self._opt = torch.optim.Adam(self._params, lr=LEARNING_RATE,
@@ -292,6 +320,10 @@ def _bnb_factory(shapes: Shapes) -> Runner:
   import bitsandbytes  # pylint: disable=import-outside-toplevel
   return TorchRunner(shapes, make_opt=lambda params: bitsandbytes.optim.Adam8bit(
       params, lr=LEARNING_RATE))
+
+
+# Parameters, gradients and two moments of one byte each (plus block scales).
+_bnb_factory.resident_bytes = lambda shapes: 10 * _num_params(shapes)
 
 
 def _torch_factory(shapes: Shapes) -> Runner:
@@ -450,11 +482,87 @@ def _interleave(runners: Mapping[str, Runner], steps: int,
   return {name: statistics.median(t) for name, t in times.items()}
 
 
+def _num_params(shapes: Shapes) -> int:
+  return sum(int(np.prod(shape)) for shape in shapes.values())
+
+
+def memory_limit() -> int:
+  """Bytes the benchmark may fill: what JAX may still allocate on its
+  device (an accelerator's ``bytes_limit``), or the host's available memory
+  on a CPU (``MemAvailable``)."""
+  stats = jax.devices()[0].memory_stats() or {}
+  if "bytes_limit" in stats:
+    return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+  try:
+    with open("/proc/meminfo", encoding="ascii") as f:
+      for line in f:
+        if line.startswith("MemAvailable:"):
+          return int(line.split()[1]) << 10
+  except OSError:
+    pass
+  return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def row_bytes(impl: str, shapes: Shapes) -> int:
+  """Memory one row may hold while it is timed: twice its parameters,
+  gradients and optimizer state (from shapes, without allocating), which
+  leaves room for the step's temporaries and the buffers of compilation.
+  Factories without a ``resident_bytes`` method count float32 Adam's 16
+  bytes per parameter."""
+  factory = IMPLS[impl]
+  resident = getattr(factory, "resident_bytes", None)
+  return 2 * (resident(shapes) if resident is not None
+              else 16 * _num_params(shapes))
+
+
+def plan_groups(sizes: Mapping[str, int], limit: int
+                ) -> tuple[list[list[str]], dict[str, int]]:
+  """Rows that are timed together (interleaved), in order.
+
+  Args:
+    sizes: row name -> :func:`row_bytes`, in the order the rows run.
+    limit: the memory there is (:func:`memory_limit`, less the probe).
+
+  Returns:
+    The groups, each filled in order up to ``limit``, and the rows that do
+    not fit even alone (name -> bytes).
+  """
+  groups, too_big, used = [], {}, 0
+  for name, size in sizes.items():
+    if size > limit:
+      too_big[name] = size
+    elif not groups or used + size > limit:
+      groups.append([name])
+      used = size
+    else:
+      groups[-1].append(name)
+      used += size
+  return groups, too_big
+
+
+def _release() -> None:
+  """Frees the rows just timed, PyTorch's cached CUDA blocks included, so
+  that the next group has the memory."""
+  gc.collect()
+  if "torch" in sys.modules:
+    import torch  # pylint: disable=import-outside-toplevel
+    if torch.cuda.is_available():
+      torch.cuda.empty_cache()
+
+
 def run(trees: Sequence[str], impls: Sequence[str], steps: int = 15,
         warmup: int = 3, quick: bool = False,
         log: Callable[[str], None] = print,
-        probe_bytes: Optional[int] = None) -> dict[str, Any]:
+        probe_bytes: Optional[int] = None,
+        memory_bytes: Optional[int] = None) -> dict[str, Any]:
   """Run the benchmark; returns the ``--json`` document.
+
+  The rows of a tree are interleaved step by step. Where they do not all
+  fit in memory at once (the ``--size large`` trees: about 35 GB per row of
+  ``llama_1b`` by :func:`row_bytes`), they run in consecutive groups that
+  do, each interleaved with its own bandwidth probe; the tree's floor is
+  the median of those probes. A row that does not fit even alone is
+  skipped with its size.
 
   Args:
     trees: names from :data:`TREES`, and/or ``"gpt_like_train"``.
@@ -465,12 +573,16 @@ def run(trees: Sequence[str], impls: Sequence[str], steps: int = 15,
     log: progress messages.
     probe_bytes: size of the bandwidth probe (default
       :func:`default_probe_bytes`).
+    memory_bytes: memory the rows may fill (default :func:`memory_limit`,
+      read when a tree starts).
 
   Returns:
     ``{"results": [{"tree", "impl", "step_ms", "compile_s",
-    "state_bytes_per_param"}], "floor_ms": {tree: ms}}`` plus ``"machine"``.
+    "state_bytes_per_param"}], "floor_ms": {tree: ms}, "groups": {tree:
+    [[impl, ...], ...]}}`` plus ``"machine"`` and ``"skipped"`` (name or
+    ``"impl on tree"`` -> reason).
   """
-  results, floor_ms, skipped = [], {}, {}
+  results, floor_ms, skipped, groups_of = [], {}, {}, {}
   if probe_bytes is None:
     probe_bytes = (1 << 20) if quick else default_probe_bytes()
   available = [name for name in impls
@@ -487,23 +599,8 @@ def run(trees: Sequence[str], impls: Sequence[str], steps: int = 15,
     trees = [t for t in trees if t != TRAIN_TREE]
   if "torch_fused" in available and _torch_adam_kind() != "fused":
     log("torch has no fused Adam on this CPU: torch_fused uses foreach=True")
-  for tree in trees:
-    if tree == TRAIN_TREE:
-      runners = {name: factory(quick) for name, factory in TRAIN_IMPLS.items()
-                 if name in impls}
-      medians = _interleave(runners, steps, warmup)
-    else:
-      shapes = TREES[tree](quick)
-      runners = {}
-      for name in available:
-        log(f"{tree}: setting up {name}")
-        runners[name] = IMPLS[name](shapes)
-      copy = _CopyBandwidth(probe_bytes)
-      medians = _interleave({**runners, "_copy": copy}, steps, warmup)
-      bandwidth = copy.bytes_moved / medians.pop("_copy")
-      num_params = sum(int(np.prod(s)) for s in shapes.values())
-      floor_ms[tree] = 1e3 * FLOOR_BYTES_PER_PARAM * num_params / bandwidth
-      log(f"{tree}: {bandwidth / 1e9:.1f} GB/s in-place copy bandwidth")
+
+  def record(tree, runners, medians):
     for name, runner in runners.items():
       results.append({
           "tree": tree,
@@ -513,12 +610,46 @@ def run(trees: Sequence[str], impls: Sequence[str], steps: int = 15,
           "state_bytes_per_param": runner.state_bytes / runner.num_params,
       })
       log(f"{tree}: {name} {1e3 * medians[name]:.2f} ms")
-    del runners
-    gc.collect()
+
+  for tree in trees:
+    if tree == TRAIN_TREE:
+      runners = {name: factory(quick) for name, factory in TRAIN_IMPLS.items()
+                 if name in impls}
+      record(tree, runners, _interleave(runners, steps, warmup))
+      del runners
+      _release()
+      continue
+    shapes = TREES[tree](quick)
+    limit = (memory_limit() if memory_bytes is None else memory_bytes)
+    groups, too_big = plan_groups(
+        {name: row_bytes(name, shapes) for name in available},
+        limit - probe_bytes)
+    for name, size in too_big.items():
+      skipped[f"{name} on {tree}"] = (
+          f"needs about {size / 1e9:.1f} GB, and {limit / 1e9:.1f} GB are "
+          "free here")
+      log(f"skipping {name} on {tree}: {skipped[f'{name} on {tree}']}")
+    bandwidths = []
+    for group in groups:
+      runners = {}
+      for name in group:
+        log(f"{tree}: setting up {name}")
+        runners[name] = IMPLS[name](shapes)
+      copy = _CopyBandwidth(probe_bytes)
+      medians = _interleave({**runners, "_copy": copy}, steps, warmup)
+      bandwidths.append(copy.bytes_moved / medians.pop("_copy"))
+      log(f"{tree}: {bandwidths[-1] / 1e9:.1f} GB/s in-place copy bandwidth")
+      record(tree, runners, medians)
+      del runners, copy
+      _release()
+    if groups:
+      groups_of[tree] = groups
+      floor_ms[tree] = (1e3 * FLOOR_BYTES_PER_PARAM * _num_params(shapes)
+                        / statistics.median(bandwidths))
   machine = _machine()
   machine["probe_bytes"] = probe_bytes
-  return {"results": results, "floor_ms": floor_ms, "machine": machine,
-          "skipped": skipped}
+  return {"results": results, "floor_ms": floor_ms, "groups": groups_of,
+          "machine": machine, "skipped": skipped}
 
 
 def _why_unavailable(name: str) -> str:
@@ -678,6 +809,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                       help="untimed steps first (default 3)")
   parser.add_argument("--quick", action="store_true",
                       help="tiny trees: a smoke test, not a measurement")
+  parser.add_argument("--memory-gib", type=float, default=None,
+                      help="memory the rows of one tree may fill at once "
+                      "(default: what is free on the device, or on the "
+                      "host for a CPU); rows that do not fit together run "
+                      "in groups")
   parser.add_argument("--json", metavar="PATH", help="write results here")
   parser.add_argument("--plot", metavar="PATH", help="write a bar chart PNG")
   parser.add_argument("--default-xla-flags", action="store_true",
@@ -685,6 +821,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                       "default the run turns it on for every implementation, "
                       "as jadam.enable_cpu_fusion() recommends)")
   args = parser.parse_args(argv)
+  # On a GPU JAX would otherwise take 75% of the memory when it starts,
+  # leaving the PyTorch rows too little for the large trees; it has to be
+  # set before JAX's first computation.
+  os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
   if not args.default_xla_flags:
     _fusion.enable_cpu_fusion()
   if args.trees is None:
@@ -703,13 +843,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   log = lambda message: print(message, file=sys.stderr, flush=True)
   if args.probe_mib is not None and args.probe_mib < 1:
     parser.error("--probe-mib must be >= 1")
+  if args.memory_gib is not None and args.memory_gib <= 0:
+    parser.error("--memory-gib must be > 0")
   doc = run(trees, impls, steps=args.steps, warmup=args.warmup,
             quick=args.quick, log=log,
             probe_bytes=None if args.probe_mib is None
-            else args.probe_mib << 20)
+            else args.probe_mib << 20,
+            memory_bytes=None if args.memory_gib is None
+            else int(args.memory_gib * (1 << 30)))
   print("Machine: " + describe_machine(doc["machine"]))
   for name, why in doc["skipped"].items():
     print(f"Skipped {name}: {why}")
+  for tree, groups in doc["groups"].items():
+    if len(groups) > 1:
+      print(f"{tree}: rows timed in {len(groups)} groups (by memory): "
+            + "; ".join(", ".join(group) for group in groups))
   print(format_table(doc))
   if args.json:
     with open(args.json, "w", encoding="utf-8") as f:

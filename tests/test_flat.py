@@ -273,6 +273,64 @@ def test_benchmark_large_trees_are_the_accelerator_presets():
   assert counts["single_256m"] == (1, 1 << 28)
 
 
+def test_benchmark_groups_fill_the_memory_in_order():
+  from jadam import bench
+  groups, too_big = bench.plan_groups(
+      {"a": 4, "b": 4, "c": 3, "big": 11, "d": 10, "e": 1}, limit=10)
+  # a+b fit (8), c would make 11: a new group; d needs a group of its own;
+  # e follows it in a new one; big cannot run even alone.
+  assert groups == [["a", "b"], ["c"], ["d"], ["e"]]
+  assert too_big == {"big": 11}
+
+
+def test_benchmark_row_sizes_count_parameters_gradients_and_state_twice():
+  from jadam import bench
+  shapes = bench.TREES["llama_1b"](False)
+  n = sum(int(np.prod(s)) for s in shapes.values())
+  # Twice params (4) + grads (4) + the state, which is counted from the
+  # optimizer's own init without allocating it: float32 m and v (8), or
+  # int8 codes (2) with block scales; plus a step counter.
+  assert bench.row_bytes("jadam", shapes) == 2 * (16 * n + 4)
+  assert bench.row_bytes("jadam_tree", shapes) == 2 * (16 * n + 4)
+  assert 2 * 10 * n < bench.row_bytes("jadam_int8", shapes) < 2 * 10.1 * n
+  assert bench.row_bytes("bnb_adam8bit", shapes) == 2 * 10 * n
+  # A factory without a size of its own counts float32 Adam.
+  assert bench.row_bytes("torch_foreach", shapes) == 2 * 16 * n
+
+
+def test_benchmark_times_rows_in_groups_when_they_do_not_fit_together():
+  # The large trees do not fit all their rows at once on one device: rows
+  # then run in consecutive groups, each with its own probe, and a row that
+  # cannot fit even alone is skipped with its size.
+  from jadam import bench
+  shapes = bench.TREES["gpt2_small"](True)
+  one_row = bench.row_bytes("jadam", shapes)
+  probe = 1 << 20
+  # The rows share one draw of parameters and gradients; none may write
+  # into it (the steps donate their copies).
+  params, grads = bench._tree_data(shapes)
+  drawn = {k: v.copy() for k, v in {**params, **{"g" + k: v for k, v in
+                                                 grads.items()}}.items()}
+  doc = bench.run(["gpt2_small"], ["jadam", "jadam_tree", "optax",
+                                   "jadam_int8"],
+                  steps=1, warmup=0, quick=True, log=lambda _: None,
+                  probe_bytes=probe, memory_bytes=probe + 2 * one_row)
+  assert doc["groups"] == {"gpt2_small": [["jadam", "jadam_tree"],
+                                          ["optax", "jadam_int8"]]}
+  assert [r["impl"] for r in doc["results"]] == [
+      "jadam", "jadam_tree", "optax", "jadam_int8"]
+  assert doc["floor_ms"]["gpt2_small"] > 0
+  assert doc["skipped"] == {}
+  for k, v in {**params, **{"g" + k: v for k, v in grads.items()}}.items():
+    np.testing.assert_array_equal(v, drawn[k])
+
+  doc = bench.run(["gpt2_small"], ["jadam", "jadam_int8"], steps=1,
+                  warmup=0, quick=True, log=lambda _: None,
+                  probe_bytes=probe, memory_bytes=probe + one_row - 1)
+  assert [r["impl"] for r in doc["results"]] == ["jadam_int8"]
+  assert doc["skipped"]["jadam on gpt2_small"].startswith("needs about")
+
+
 def test_benchmark_reports_the_machine_and_why_rows_are_skipped(monkeypatch):
   from jadam import bench
   real = bench._importable
