@@ -486,6 +486,16 @@ def _num_params(shapes: Shapes) -> int:
   return sum(int(np.prod(shape)) for shape in shapes.values())
 
 
+# Host memory the benchmark itself holds per parameter while a tree runs:
+# the drawn parameters and gradients (8 bytes), and a flat row's packed copy
+# of them with its intermediate (16). On a CPU it is the rows' memory too.
+HOST_BYTES_PER_PARAM = 24
+
+
+def _device_memory_is_the_hosts() -> bool:
+  return "bytes_limit" not in (jax.devices()[0].memory_stats() or {})
+
+
 def memory_limit() -> int:
   """Bytes the benchmark may fill: what JAX may still allocate on its
   device (an accelerator's ``bytes_limit``), or the host's available memory
@@ -574,7 +584,8 @@ def run(trees: Sequence[str], impls: Sequence[str], steps: int = 15,
     probe_bytes: size of the bandwidth probe (default
       :func:`default_probe_bytes`).
     memory_bytes: memory the rows may fill (default :func:`memory_limit`,
-      read when a tree starts).
+      read when a tree starts, less the benchmark's own host copies of the
+      tree's data where the device's memory is the host's).
 
   Returns:
     ``{"results": [{"tree", "impl", "step_ms", "compile_s",
@@ -621,13 +632,16 @@ def run(trees: Sequence[str], impls: Sequence[str], steps: int = 15,
       continue
     shapes = TREES[tree](quick)
     limit = (memory_limit() if memory_bytes is None else memory_bytes)
+    host = (HOST_BYTES_PER_PARAM * _num_params(shapes)
+            if memory_bytes is None and _device_memory_is_the_hosts() else 0)
     groups, too_big = plan_groups(
         {name: row_bytes(name, shapes) for name in available},
-        limit - probe_bytes)
+        limit - host - probe_bytes)
     for name, size in too_big.items():
       skipped[f"{name} on {tree}"] = (
           f"needs about {size / 1e9:.1f} GB, and {limit / 1e9:.1f} GB are "
-          "free here")
+          "free here" + (f", {host / 1e9:.1f} GB of them for the "
+                         "benchmark's own copies of the data" if host else ""))
       log(f"skipping {name} on {tree}: {skipped[f'{name} on {tree}']}")
     bandwidths = []
     for group in groups:
@@ -642,6 +656,7 @@ def run(trees: Sequence[str], impls: Sequence[str], steps: int = 15,
       record(tree, runners, medians)
       del runners, copy
       _release()
+    _cached_tree_data.cache_clear()
     if groups:
       groups_of[tree] = groups
       floor_ms[tree] = (1e3 * FLOOR_BYTES_PER_PARAM * _num_params(shapes)
