@@ -331,6 +331,28 @@ def test_benchmark_times_rows_in_groups_when_they_do_not_fit_together():
   assert doc["skipped"]["jadam on gpt2_small"].startswith("needs about")
 
 
+def test_benchmark_counts_its_own_host_copies_where_the_device_is_the_host(
+    monkeypatch):
+  # On a CPU the drawn data (and a flat row's packed copy) share the memory
+  # with the rows: a row that would fit on its own does not fit beside them.
+  from jadam import bench
+  shapes = bench.TREES["single_16m"](True)
+  host = bench.HOST_BYTES_PER_PARAM * 16384
+  probe = 1 << 20
+  one_row = bench.row_bytes("jadam", shapes)
+  monkeypatch.setattr(bench, "_device_memory_is_the_hosts", lambda: True)
+  monkeypatch.setattr(bench, "memory_limit", lambda: probe + one_row)
+  doc = bench.run(["single_16m"], ["jadam"], steps=1, warmup=0, quick=True,
+                  log=lambda _: None, probe_bytes=probe)
+  assert doc["results"] == []
+  assert "copies of the data" in doc["skipped"]["jadam on single_16m"]
+  monkeypatch.setattr(bench, "memory_limit",
+                      lambda: probe + one_row + host)
+  doc = bench.run(["single_16m"], ["jadam"], steps=1, warmup=0, quick=True,
+                  log=lambda _: None, probe_bytes=probe)
+  assert [r["impl"] for r in doc["results"]] == ["jadam"]
+
+
 def test_benchmark_reports_the_machine_and_why_rows_are_skipped(monkeypatch):
   from jadam import bench
   real = bench._importable
