@@ -590,8 +590,10 @@ def run(trees: Sequence[str], impls: Sequence[str], steps: int = 15,
   Returns:
     ``{"results": [{"tree", "impl", "step_ms", "compile_s",
     "state_bytes_per_param"}], "floor_ms": {tree: ms}, "groups": {tree:
-    [[impl, ...], ...]}}`` plus ``"machine"`` and ``"skipped"`` (name or
-    ``"impl on tree"`` -> reason).
+    [[impl, ...], ...]}}`` plus ``"machine"``, ``"skipped"`` (name or
+    ``"impl on tree"`` -> reason) and ``"interrupted"``: whether a
+    ``KeyboardInterrupt`` (Ctrl-C, or a time limit's SIGINT) ended the run
+    early, in which case the rows measured until then are returned.
   """
   results, floor_ms, skipped, groups_of = [], {}, {}, {}
   if probe_bytes is None:
@@ -622,49 +624,58 @@ def run(trees: Sequence[str], impls: Sequence[str], steps: int = 15,
       })
       log(f"{tree}: {name} {1e3 * medians[name]:.2f} ms")
 
-  for tree in trees:
-    if tree == TRAIN_TREE:
-      runners = {name: factory(quick) for name, factory in TRAIN_IMPLS.items()
-                 if name in impls}
-      record(tree, runners, _interleave(runners, steps, warmup))
-      del runners
-      _release()
-      continue
-    shapes = TREES[tree](quick)
-    limit = (memory_limit() if memory_bytes is None else memory_bytes)
-    host = (HOST_BYTES_PER_PARAM * _num_params(shapes)
-            if memory_bytes is None and _device_memory_is_the_hosts() else 0)
-    groups, too_big = plan_groups(
-        {name: row_bytes(name, shapes) for name in available},
-        limit - host - probe_bytes)
-    for name, size in too_big.items():
-      skipped[f"{name} on {tree}"] = (
-          f"needs about {size / 1e9:.1f} GB, and {limit / 1e9:.1f} GB are "
-          "free here" + (f", {host / 1e9:.1f} GB of them for the "
-                         "benchmark's own copies of the data" if host else ""))
-      log(f"skipping {name} on {tree}: {skipped[f'{name} on {tree}']}")
-    bandwidths = []
-    for group in groups:
-      runners = {}
-      for name in group:
-        log(f"{tree}: setting up {name}")
-        runners[name] = IMPLS[name](shapes)
-      copy = _CopyBandwidth(probe_bytes)
-      medians = _interleave({**runners, "_copy": copy}, steps, warmup)
-      bandwidths.append(copy.bytes_moved / medians.pop("_copy"))
-      log(f"{tree}: {bandwidths[-1] / 1e9:.1f} GB/s in-place copy bandwidth")
-      record(tree, runners, medians)
-      del runners, copy
-      _release()
-    _cached_tree_data.cache_clear()
-    if groups:
-      groups_of[tree] = groups
-      floor_ms[tree] = (1e3 * FLOOR_BYTES_PER_PARAM * _num_params(shapes)
-                        / statistics.median(bandwidths))
+  interrupted = False
+  try:
+    for tree in trees:
+      if tree == TRAIN_TREE:
+        runners = {name: factory(quick)
+                   for name, factory in TRAIN_IMPLS.items() if name in impls}
+        record(tree, runners, _interleave(runners, steps, warmup))
+        del runners
+        _release()
+        continue
+      shapes = TREES[tree](quick)
+      limit = (memory_limit() if memory_bytes is None else memory_bytes)
+      host = (HOST_BYTES_PER_PARAM * _num_params(shapes)
+              if memory_bytes is None and _device_memory_is_the_hosts()
+              else 0)
+      groups, too_big = plan_groups(
+          {name: row_bytes(name, shapes) for name in available},
+          limit - host - probe_bytes)
+      for name, size in too_big.items():
+        skipped[f"{name} on {tree}"] = (
+            f"needs about {size / 1e9:.1f} GB, and {limit / 1e9:.1f} GB are "
+            "free here" + (f", {host / 1e9:.1f} GB of them for the "
+                           "benchmark's own copies of the data"
+                           if host else ""))
+        log(f"skipping {name} on {tree}: {skipped[f'{name} on {tree}']}")
+      bandwidths = []
+      for group in groups:
+        runners = {}
+        for name in group:
+          log(f"{tree}: setting up {name}")
+          runners[name] = IMPLS[name](shapes)
+        copy = _CopyBandwidth(probe_bytes)
+        medians = _interleave({**runners, "_copy": copy}, steps, warmup)
+        bandwidths.append(copy.bytes_moved / medians.pop("_copy"))
+        log(f"{tree}: {bandwidths[-1] / 1e9:.1f} GB/s in-place copy "
+            "bandwidth")
+        record(tree, runners, medians)
+        groups_of.setdefault(tree, []).append(group)
+        floor_ms[tree] = (1e3 * FLOOR_BYTES_PER_PARAM * _num_params(shapes)
+                          / statistics.median(bandwidths))
+        del runners, copy
+        _release()
+      _cached_tree_data.cache_clear()
+  except KeyboardInterrupt:
+    # A long run stopped by hand (or by a time limit's SIGINT) still
+    # reports the rows it measured.
+    interrupted = True
+    log("interrupted: reporting the rows measured so far")
   machine = _machine()
   machine["probe_bytes"] = probe_bytes
   return {"results": results, "floor_ms": floor_ms, "groups": groups_of,
-          "machine": machine, "skipped": skipped}
+          "machine": machine, "skipped": skipped, "interrupted": interrupted}
 
 
 def _why_unavailable(name: str) -> str:
@@ -873,13 +884,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if len(groups) > 1:
       print(f"{tree}: rows timed in {len(groups)} groups (by memory): "
             + "; ".join(", ".join(group) for group in groups))
+  if doc["interrupted"]:
+    print("Interrupted: only the rows measured before it are below")
   print(format_table(doc))
   if args.json:
     with open(args.json, "w", encoding="utf-8") as f:
       json.dump(doc, f, indent=1)
-  if args.plot:
+  if args.plot and doc["results"]:
     plot(doc, args.plot)
-  return 0
+  return 130 if doc["interrupted"] else 0
 
 
 if __name__ == "__main__":

@@ -353,6 +353,27 @@ def test_benchmark_counts_its_own_host_copies_where_the_device_is_the_host(
   assert [r["impl"] for r in doc["results"]] == ["jadam"]
 
 
+def test_an_interrupted_benchmark_reports_the_rows_it_measured(monkeypatch):
+  # Ctrl-C, or a time limit's SIGINT, during the second tree: the first
+  # tree's rows and floor are still returned, marked as interrupted.
+  from jadam import bench
+  real, calls = bench._interleave, []
+
+  def interleave(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == 2:
+      raise KeyboardInterrupt
+    return real(*args, **kwargs)
+
+  monkeypatch.setattr(bench, "_interleave", interleave)
+  doc = bench.run(["single_16m", "gpt2_small"], ["jadam", "optax"], steps=1,
+                  warmup=0, quick=True, log=lambda _: None)
+  assert doc["interrupted"]
+  assert [(r["tree"], r["impl"]) for r in doc["results"]] == [
+      ("single_16m", "jadam"), ("single_16m", "optax")]
+  assert set(doc["floor_ms"]) == {"single_16m"}
+
+
 def test_benchmark_reports_the_machine_and_why_rows_are_skipped(monkeypatch):
   from jadam import bench
   real = bench._importable
