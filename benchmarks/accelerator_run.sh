@@ -93,8 +93,11 @@ for name in ['jax', 'jaxlib', 'optax', 'chex', 'flax', 'torch',
     print(name, 'not installed')
 print(jax.default_backend(), jax.devices())
 EOF"
+# Rows that do not fit together run in groups, in this order: telemetry
+# next to the plain flat step, so that on llama_1b (two or three rows a
+# group on one H200) its ratio to the plain step is measured interleaved.
 run_stage bench 300 "$python" -m jadam.bench --size large \
-  --impls jadam,jadam_tree,optax,torch_fused,torch_foreach,bnb_adam8bit,jadam_bf16,jadam_int8,jadam_skip_nonfinite,jadam_telemetry,jadam_offload \
+  --impls jadam,jadam_telemetry,jadam_tree,optax,torch_fused,torch_foreach,bnb_adam8bit,jadam_bf16,jadam_int8,jadam_skip_nonfinite,jadam_offload \
   --json "$out/large.json" --plot "$out/large.png" "${quick[@]}"
 run_stage cost 60 "$python" benchmarks/compiled_cost.py gpt2_small
 run_stage layouts 100 "$python" benchmarks/tree_layouts.py \
