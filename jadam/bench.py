@@ -531,7 +531,8 @@ def plan_groups(sizes: Mapping[str, int], limit: int
 
   Args:
     sizes: row name -> :func:`row_bytes`, in the order the rows run.
-    limit: the memory there is (:func:`memory_limit`, less the probe).
+    limit: the memory the rows may fill (:func:`memory_limit`, less the
+      probe and, on a CPU, the benchmark's own copies of the data).
 
   Returns:
     The groups, each filled in order up to ``limit``, and the rows that do
