@@ -30,9 +30,8 @@ out=${OUT:-accelerator-results}
 python=${PYTHON:-python3}
 mkdir -p "$out"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-# JAX would take 75% of the GPU when it starts; PyTorch's rows and the
-# suite's subprocesses need room beside it.
-export XLA_PYTHON_CLIENT_PREALLOCATE=false
+# (The benchmark and the suite start JAX without preallocating the GPU
+# themselves, so that PyTorch's rows and the suite's subprocesses have room.)
 
 wheels=${WHEELS:-.whl}
 if compgen -G "$wheels/*.whl" >/dev/null; then
@@ -102,9 +101,9 @@ run_stage bench 300 "$python" -m jadam.bench --size large \
 run_stage cost 60 "$python" benchmarks/compiled_cost.py gpt2_small
 run_stage layouts 100 "$python" benchmarks/tree_layouts.py \
   gpt2_small many_1000x64k "${quick[@]}"
-# -n (pytest-xdist, where installed) 8 workers; -v: one line per test as it
-# ends, so that an interrupted run still says
-# which ran; -p no:cacheprovider: the checkout may be read-only.
+# -n: 8 workers (pytest-xdist, where installed); -v: one line per test as
+# it ends, so that an interrupted run still says which ran;
+# -p no:cacheprovider: the checkout may be read-only.
 run_stage suite 600 "$python" -m pytest -v -p no:cacheprovider \
   "${parallel[@]}" --junitxml="$out/junit.xml" "${suite[@]}"
 echo "=== summary ($(( $(date +%s) - start )) s)"

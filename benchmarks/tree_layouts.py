@@ -30,7 +30,6 @@ parameters end from those of the first layout after the same steps.
 
 import argparse
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -42,33 +41,19 @@ from jadam import bench
 import compiled_cost  # pylint: disable=wrong-import-order
 
 
-class Layout(bench.Runner):
+class Layout(bench.JaxRunner):
   """One candidate, compiled on one tree, with its data on the device."""
 
   def __init__(self, shapes, how: str, pack_below: int):
-    params, grads = bench._tree_data(shapes)  # pylint: disable=protected-access
-    opt = jadam.adam(bench.LEARNING_RATE)
-    if how == "flat":
-      view = jadam.FlatView(params)
-      params, grads = view.ravel(params), view.ravel(grads)
-      step = bench._optimizer_step(opt)  # pylint: disable=protected-access
+    if how in ("leaves", "flat"):
+      make_step = None  # the benchmark's own step
     else:
-      threshold = {"leaves": 0, "packed": None}.get(how, pack_below)
-      step = _packed_step(opt, shapes, threshold)
-    self._params = jax.device_put(params)
-    self._grads = jax.device_put(grads)
-    self._state = opt.init(self._params)
-    start = time.perf_counter()
-    self._step = jax.jit(step, donate_argnums=(0, 1)).lower(
-        self._params, self._state, self._grads).compile()
-    self.compile_s = time.perf_counter() - start
+      threshold = None if how == "packed" else pack_below
+      make_step = lambda opt: _packed_step(opt, shapes, threshold)
+    super().__init__(jadam.adam(bench.LEARNING_RATE), shapes,
+                     flat=how == "flat", make_step=make_step)
     self.kernels = compiled_cost._kernels(  # pylint: disable=protected-access
         self._step.as_text())
-
-  def step(self) -> None:
-    self._params, self._state = self._step(self._params, self._state,
-                                           self._grads)
-    jax.block_until_ready((self._params, self._state))
 
   def params(self, like):
     """The parameters as a tree of ``like``'s structure, on the host."""
@@ -79,8 +64,7 @@ class Layout(bench.Runner):
 
 def _packed_step(opt, shapes, threshold):
   """The donated step with the leaves of fewer than ``threshold`` elements
-  (all of them for None, none for 0) packed into one buffer around the
-  update."""
+  (all of them for None) packed into one buffer around the update."""
   small = [name for name, shape in shapes.items()
            if threshold is None or int(np.prod(shape)) < threshold]
   sizes = [int(np.prod(shapes[name])) for name in small]

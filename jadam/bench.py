@@ -193,10 +193,12 @@ def _optimizer_step(opt: optax.GradientTransformation):
 
 
 class JaxRunner(Runner):
-  """A jitted ``update`` + ``apply_updates`` with params and state donated."""
+  """A jitted ``update`` + ``apply_updates`` (or ``make_step(opt)``) with
+  params and state donated."""
 
   def __init__(self, opt: optax.GradientTransformation, shapes: Shapes,
-               flat: bool):
+               flat: bool,
+               make_step: Optional[Callable[[Any], Callable]] = None):
     params, grads = _tree_data(shapes)
     if flat:
       view = _flat.FlatView(params)
@@ -208,7 +210,8 @@ class JaxRunner(Runner):
     self._grads = jax.device_put(grads)
     self._state = opt.init(self._params)
     start = time.perf_counter()
-    self._step = jax.jit(_optimizer_step(opt), donate_argnums=(0, 1)).lower(
+    self._step = jax.jit((make_step or _optimizer_step)(opt),
+                         donate_argnums=(0, 1)).lower(
         self._params, self._state, self._grads).compile()
     self.compile_s = time.perf_counter() - start
     self.state_bytes = sum(x.nbytes for x in jax.tree.leaves(self._state))
@@ -493,6 +496,7 @@ HOST_BYTES_PER_PARAM = 24
 
 
 def _device_memory_is_the_hosts() -> bool:
+  """A CPU: JAX reports no memory limit of its own for the device."""
   return "bytes_limit" not in (jax.devices()[0].memory_stats() or {})
 
 
@@ -500,8 +504,8 @@ def memory_limit() -> int:
   """Bytes the benchmark may fill: what JAX may still allocate on its
   device (an accelerator's ``bytes_limit``), or the host's available memory
   on a CPU (``MemAvailable``)."""
-  stats = jax.devices()[0].memory_stats() or {}
-  if "bytes_limit" in stats:
+  if not _device_memory_is_the_hosts():
+    stats = jax.devices()[0].memory_stats()
     return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
   try:
     with open("/proc/meminfo", encoding="ascii") as f:
