@@ -14,6 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jadam import _compat
+
 
 def gpt_like_shapes(vocab: int = 8192, width: int = 256, depth: int = 12,
                     hidden: int = 1024) -> dict[str, tuple[int, ...]]:
@@ -94,8 +96,8 @@ def lm_problem(vocab: int = 8192, width: int = 256, depth: int = 12,
   tokens = jax.random.randint(jax.random.PRNGKey(seed), (batch, seq + 1), 0,
                               vocab)
   params = model.init(jax.random.PRNGKey(seed + 1), tokens[:, :-1])["params"]
-  shapes = {jax.tree_util.keystr(path, simple=True, separator="/"): leaf.shape
-            for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+  shapes = {_compat.keystr(path, simple=True, separator="/"): leaf.shape
+            for path, leaf in _compat.flatten_with_path(params)[0]}
   expected = gpt_like_shapes(vocab, width, depth, hidden)
   if shapes != expected:
     raise AssertionError("the LM's parameters differ from gpt_like_shapes")

@@ -34,6 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jadam import _compat
+
 Array = jax.Array
 PyTree = Any
 LabelTree = Union[PyTree, Callable[[PyTree], PyTree]]
@@ -133,13 +135,13 @@ class FlatView:
     sizes: dict[str, int] = {}
     slots = []
     for path_leaf, label in zip(
-        jax.tree_util.tree_flatten_with_path(template)[0], labels):
+        _compat.flatten_with_path(template)[0], labels):
       path, leaf = path_leaf
       dtype = np.dtype(leaf.dtype)
       if not jnp.issubdtype(dtype, jnp.inexact):
         raise TypeError(
             f"FlatView holds trainable parameters only, but the leaf at "
-            f"{jax.tree_util.keystr(path)} has dtype {dtype}; split "
+            f"{_compat.keystr(path)} has dtype {dtype}; split "
             "non-float state (counters, RNG keys) out of the tree first, for "
             "example with nnx.split(model, nnx.Param, ...).")
       key = _buffer_key(dtype, label)

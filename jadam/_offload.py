@@ -17,13 +17,15 @@ import jax
 import numpy as np
 import optax
 
+from jadam import _compat
+
 # The memory kinds a state can be offloaded to. "pinned_host" is the one
 # JAX moves to and from inside a compiled function (jax.memory.Space.Host).
 MEMORY_KINDS = ("pinned_host",)
 
 
 def _memory_kinds(device: Any) -> list[str]:
-  return [memory.kind for memory in device.addressable_memories()]
+  return _compat.memory_kinds(device)
 
 
 def _check_backend(memory_kind: str, devices: Any) -> None:
@@ -40,7 +42,7 @@ def _check_backend(memory_kind: str, devices: Any) -> None:
 
 @jax.jit
 def _to_host(x: jax.Array) -> jax.Array:
-  return jax.device_put(x, jax.memory.Space.Host)
+  return jax.device_put(x, _compat.host_memory_space())
 
 
 def _check_compiled_transfers() -> None:
@@ -65,7 +67,7 @@ def _move(tree: Any, memory_kind: str, to_host: bool) -> Any:
   def leaf(x):
     if not isinstance(x, jax.Array):
       return x
-    if isinstance(x, jax.core.Tracer):
+    if _compat.is_tracer(x):
       # Inside jit: an annotation the compiler turns into a transfer.
       space = jax.memory.Space.Host if to_host else jax.memory.Space.Device
       return jax.device_put(x, space)
@@ -73,7 +75,7 @@ def _move(tree: Any, memory_kind: str, to_host: bool) -> Any:
     kind = memory_kind if to_host else "device"
     if x.sharding.memory_kind == kind:
       return x
-    return jax.device_put(x, x.sharding.with_memory_kind(kind))
+    return jax.device_put(x, _compat.with_memory_kind(x.sharding, kind))
 
   return jax.tree.map(leaf, tree)
 

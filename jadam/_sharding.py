@@ -33,7 +33,8 @@ from typing import Any, Hashable, Sequence
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
+from jadam import _compat
+from jadam._compat import Mesh, NamedSharding, PartitionSpec
 
 Array = jax.Array
 PyTree = Any
@@ -62,10 +63,10 @@ def zeros_placed_like(like: Any, shape: Sequence[int], dtype: Any) -> Array:
     A ``jax.Array`` of zeros.
   """
   shape = tuple(int(d) for d in shape)
-  if isinstance(like, jax.core.Tracer):
+  if _compat.is_tracer(like):
     return _traced_zeros(like, shape, dtype)
   sharding = getattr(like, "sharding", None)
-  if sharding is None or isinstance(sharding, SingleDeviceSharding):
+  if sharding is None or _compat.is_single_device_sharding(sharding):
     if sharding is not None and getattr(like, "committed", False):
       # Committed to one device: the jitted step returns the state there,
       # so it starts there (uncommitted, the step's second call would see
@@ -84,13 +85,13 @@ def _scalar_placement(params: PyTree) -> Any:
   """Replicated on the mesh or the one device of the first committed
   parameter; None if no parameter is committed (see :func:`place_scalars`)."""
   for leaf in jax.tree.leaves(params):
-    if (isinstance(leaf, jax.core.Tracer) or not isinstance(leaf, jax.Array)
+    if (_compat.is_tracer(leaf) or not isinstance(leaf, jax.Array)
         or not leaf.committed):
       continue
     sharding = leaf.sharding
     if isinstance(sharding, NamedSharding):
       return NamedSharding(sharding.mesh, PartitionSpec())
-    if isinstance(sharding, SingleDeviceSharding):
+    if _compat.is_single_device_sharding(sharding):
       return sharding
   return None
 
@@ -133,7 +134,7 @@ def place_scalars(state: PyTree, params: PyTree) -> PyTree:
     return state
 
   def place(leaf):
-    if (isinstance(leaf, jax.Array) and not isinstance(leaf, jax.core.Tracer)
+    if (isinstance(leaf, jax.Array) and not _compat.is_tracer(leaf)
         and leaf.ndim == 0 and not leaf.committed):
       return jax.device_put(leaf, sharding)
     return leaf
@@ -183,11 +184,11 @@ def _traced_zeros(like: Array, shape: tuple[int, ...], dtype: Any) -> Array:
     return zeros_tied_to(like, dtype)
   if not shape or math.prod(shape) == 0 or like.size == 0:
     return jnp.zeros(shape, dtype)
-  typed = jax.typeof(like).sharding
+  typed = _compat.typeof(like).sharding
   if _has_explicit_axes(typed):
     # reshard, not ``full(..., sharding=)``: JAX 0.12 drops that argument
     # under jit on an abstract mesh.
-    zeros = jax.sharding.reshard(jnp.zeros(shape, dtype),
+    zeros = _compat.reshard(jnp.zeros(shape, dtype),
                                  _leading_split(typed, like.ndim, shape))
     # The barrier makes the computation use ``like``, so that jit takes its
     # devices from the parameter even when no other output reads it.
@@ -235,7 +236,7 @@ def zeros_tied_to(like: Array, dtype: Any) -> Array:
 def _has_explicit_axes(sharding: Any) -> bool:
   mesh = getattr(sharding, "mesh", None)
   return mesh is not None and not mesh.empty and any(
-      t == jax.sharding.AxisType.Explicit for t in mesh.axis_types)
+      _compat.is_explicit(t) for t in mesh.axis_types)
 
 
 def abstract_state(tx: optax.GradientTransformation,
@@ -426,28 +427,28 @@ def zero1(tx: optax.GradientTransformation, mesh: Mesh,
   _check_axis(mesh, axis)
   tx = optax.with_extra_args_support(tx)
 
-  axis_is_explicit = (mesh.axis_types[mesh.axis_names.index(axis)]
-                      == jax.sharding.AxisType.Explicit)
+  axis_is_explicit = _compat.is_explicit(
+      mesh.axis_types[mesh.axis_names.index(axis)])
 
   def place(leaf):
-    if not isinstance(leaf, (jax.Array, jax.core.Tracer)):
+    if not (isinstance(leaf, jax.Array) or _compat.is_tracer(leaf)):
       return leaf
     if leaf.ndim == 0:
       # Scalars (step counts) are replicated on the mesh, as jit returns them.
-      if isinstance(leaf, jax.core.Tracer):
+      if _compat.is_tracer(leaf):
         return leaf
       return jax.device_put(leaf, NamedSharding(mesh, PartitionSpec()))
-    if not isinstance(leaf, jax.core.Tracer):
+    if not _compat.is_tracer(leaf):
       # Eager: the leaf's sharding is known exactly (or it is off the mesh).
       on_mesh = (isinstance(leaf.sharding, NamedSharding)
                  and leaf.sharding.mesh == mesh)
       base = leaf.sharding.spec if on_mesh else PartitionSpec()
       return jax.device_put(leaf, NamedSharding(
           mesh, add_axis(base, leaf.shape, mesh, axis)))
-    typed = jax.typeof(leaf).sharding
+    typed = _compat.typeof(leaf).sharding
     if _has_explicit_axes(typed) or axis_is_explicit:
       base = typed.spec if _has_explicit_axes(typed) else PartitionSpec()
-      return jax.sharding.reshard(leaf, NamedSharding(
+      return _compat.reshard(leaf, NamedSharding(
           mesh, add_axis(base, leaf.shape, mesh, axis)))
     # Auto axes under tracing: the other dimensions are the compiler's choice.
     base = PartitionSpec(*[PartitionSpec.UNCONSTRAINED] * leaf.ndim)
@@ -472,7 +473,7 @@ def zero1(tx: optax.GradientTransformation, mesh: Mesh,
     # propagates the incoming state's sharding to it (tests/test_sharding.py
     # checks this on data and mixed meshes).
     def keep(new, old):
-      if (isinstance(old, jax.Array) and not isinstance(old, jax.core.Tracer)
+      if (isinstance(old, jax.Array) and not _compat.is_tracer(old)
           and isinstance(new, jax.Array) and new.shape == old.shape):
         return jax.device_put(new, old.sharding)
       return _keep_sharding(new, old)
@@ -487,13 +488,13 @@ def _keep_sharding(new: Any, old: Any) -> Any:
   Only arrays of the same shape on ``Explicit`` mesh axes are resharded;
   anything else comes back unchanged.
   """
-  if not (isinstance(new, (jax.Array, jax.core.Tracer))
-          and isinstance(old, (jax.Array, jax.core.Tracer))
+  if not ((isinstance(new, jax.Array) or _compat.is_tracer(new))
+          and (isinstance(old, jax.Array) or _compat.is_tracer(old))
           and new.shape == old.shape and new.ndim > 0):
     return new
-  typed = jax.typeof(old).sharding
+  typed = _compat.typeof(old).sharding
   if _has_explicit_axes(typed):
-    return jax.sharding.reshard(new, typed)
+    return _compat.reshard(new, typed)
   return new
 
 

@@ -33,6 +33,8 @@ from typing import Any, Optional, Union
 import jax
 import jax.numpy as jnp
 
+from jadam import _compat
+
 from jadam import _fusion
 from jadam import _quant
 from jadam import _rounding
@@ -306,7 +308,7 @@ def step_leaf(g: Array, stored: tuple, t: Array, leaf: _rule.LeafRule,
       # need its sharding spelled out at every reshape; inside ``auto_axes``
       # the compiler places the blocks, as on Auto meshes, and the results
       # come back with the inputs' shardings.
-      step = jax.sharding.auto_axes(step, out_sharding=explicit)
+      step = _compat.auto_axes(step, out_sharding=explicit)
     return step(g, stored, t, seed, scales, arrays)
   dtype = compute_dtype(g.dtype)
   dtypes = [real_dtype(dtype) if real else dtype for real in leaf.real]
@@ -348,11 +350,11 @@ def _explicit_shardings(tree: Any) -> Optional[Any]:
   """The shardings of ``tree``'s arrays if any is split over Explicit mesh
   axes (the default of ``jax.make_mesh``), else None."""
   leaves, treedef = jax.tree.flatten(tree)
-  shardings = [jax.typeof(x).sharding for x in leaves]
+  shardings = [_compat.typeof(x).sharding for x in leaves]
   for sharding in shardings:
     mesh = getattr(sharding, "mesh", None)
     if mesh is not None and not mesh.empty and any(
-        t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):
+        _compat.is_explicit(t) for t in mesh.axis_types):
       return treedef.unflatten(shardings)
   return None
 

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jadam import _compat
 from jadam import _quant
 from jadam import _rule
 from jadam import _sharding
@@ -252,7 +253,7 @@ def walk(leaf: _rule.LeafRule, updates: Any, t: Array,
   scale_columns = ([treedef.flatten_up_to(tree) for tree in scale_trees]
                    if scale_trees is not None else None)
   directions, new_stored, new_scales = [], [], []
-  tracing = any(isinstance(g, jax.core.Tracer) for g in grads)
+  tracing = any(_compat.is_tracer(g) for g in grads)
   step = _shared_leaf_step(leaf, formats, tracing)
   inputs = [(g, tuple(column[index] for column in columns),
              None if scale_columns is None

@@ -14,10 +14,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jadam import _compat
+
 
 def concrete(value: Any) -> Optional[np.ndarray]:
   """The value as a NumPy array, or None if it is traced and unknowable."""
-  if isinstance(value, jax.core.Tracer):
+  if _compat.is_tracer(value):
     return None
   try:
     return np.asarray(value)
@@ -96,7 +98,7 @@ def canonical_storage(name: str, dtype: Any,
 
 
 def _path_str(path: Sequence[Any]) -> str:
-  return jax.tree_util.keystr(tuple(path)) or "<root>"
+  return _compat.keystr(tuple(path)) or "<root>"
 
 
 def check_same_tree(updates: Any, reference: Any, *, what: str,
@@ -111,8 +113,8 @@ def check_same_tree(updates: Any, reference: Any, *, what: str,
     is_leaf: marks compound nodes of ``reference`` that stand for one leaf
       (such as quantized moments).
   """
-  g_paths = jax.tree_util.tree_flatten_with_path(updates)[0]
-  r_paths = jax.tree_util.tree_flatten_with_path(reference, is_leaf=is_leaf)[0]
+  g_paths = _compat.flatten_with_path(updates)[0]
+  r_paths = _compat.flatten_with_path(reference, is_leaf=is_leaf)[0]
   for (gp, g), (rp, r) in zip(g_paths, r_paths):
     if gp != rp:
       raise ValueError(
@@ -144,7 +146,7 @@ def check_same_tree(updates: Any, reference: Any, *, what: str,
 
 def check_float_leaves(updates: Any) -> None:
   """Raise a TypeError naming the first integer or boolean gradient leaf."""
-  for path, g in jax.tree_util.tree_flatten_with_path(updates)[0]:
+  for path, g in _compat.flatten_with_path(updates)[0]:
     dtype = jnp.result_type(g)
     if not jnp.issubdtype(dtype, jnp.inexact):
       raise TypeError(
