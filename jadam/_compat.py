@@ -92,10 +92,11 @@ def with_memory_kind(sharding: Any, kind: str) -> Any:
   return sharding.with_memory_kind(kind)
 
 
-def host_memory_space() -> Any:
+def memory_space(host: bool) -> Any:
   """The memory space ``jax.device_put`` takes to move an array to host
-  memory inside ``jit`` (``jax.memory.Space.Host``)."""
-  return _find("memory.Space").Host
+  (``host``) or device memory inside ``jit`` (``jax.memory.Space``)."""
+  space = _find("memory.Space")
+  return space.Host if host else space.Device
 
 
 def memory_kinds(device: Any) -> list[str]:

@@ -42,7 +42,7 @@ def _check_backend(memory_kind: str, devices: Any) -> None:
 
 @jax.jit
 def _to_host(x: jax.Array) -> jax.Array:
-  return jax.device_put(x, _compat.host_memory_space())
+  return jax.device_put(x, _compat.memory_space(host=True))
 
 
 def _check_compiled_transfers() -> None:
@@ -69,8 +69,7 @@ def _move(tree: Any, memory_kind: str, to_host: bool) -> Any:
       return x
     if _compat.is_tracer(x):
       # Inside jit: an annotation the compiler turns into a transfer.
-      space = jax.memory.Space.Host if to_host else jax.memory.Space.Device
-      return jax.device_put(x, space)
+      return jax.device_put(x, _compat.memory_space(host=to_host))
     _check_backend(memory_kind, x.sharding.device_set)
     kind = memory_kind if to_host else "device"
     if x.sharding.memory_kind == kind:

@@ -28,7 +28,7 @@ only decides *placement*:
 from __future__ import annotations
 
 import math
-from typing import Any, Hashable, Sequence
+from typing import Any, Hashable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -44,13 +44,43 @@ PyTree = Any
 # State follows its parameter.
 
 
-def zeros_placed_like(like: Any, shape: Sequence[int], dtype: Any) -> Array:
+def scales_follow_rows(param_shape: Sequence[int], block: int,
+                       pieces: Optional[int] = None) -> bool:
+  """The placement rule of int8 block scales: whether the scale vector of a
+  parameter is split like the parameter's leading axis.
+
+  A parameter's blocks are runs of ``block`` consecutive elements of its
+  flattened array, so its scale vector can be split like its leading axis
+  exactly when every piece of that split holds whole blocks; otherwise it
+  is replicated (scales are 4 bytes per block: 1/64 of the codes with
+  blocks of 256). Without a mesh (logical axis names, ``state_specs``) the
+  number of pieces is unknown, and the scales follow the leading axis when
+  no block spans two of its rows, which makes every even split hold whole
+  blocks.
+
+  Args:
+    param_shape: the parameter's shape.
+    block: elements per block (``BlockwiseInt8.block_for(param_shape)``).
+    pieces: how many pieces the leading axis is split into, if known.
+  """
+  shape = tuple(int(d) for d in param_shape)
+  if not shape or shape[0] == 0:
+    return False
+  if pieces is None:
+    return math.prod(shape[1:]) % block == 0
+  size = math.prod(shape)
+  return shape[0] % pieces == 0 and (size // pieces) % block == 0
+
+
+def zeros_placed_like(like: Any, shape: Sequence[int], dtype: Any, *,
+                      block: Optional[int] = None) -> Array:
   """Zeros of ``shape`` and ``dtype`` placed on the devices of ``like``.
 
   If ``shape`` is ``like``'s shape the zeros get exactly ``like``'s sharding.
-  Otherwise (compressed storage such as blocks of a quantized moment) the
-  leading dimension of the state is taken to index consecutive pieces of the
-  flattened parameter, and it is split over devices as those pieces are.
+  Otherwise they are the block scales of a quantized moment, one per
+  ``block`` consecutive elements of the flattened parameter, split like the
+  parameter's leading axis where :func:`scales_follow_rows` says so and
+  replicated otherwise.
 
   Args:
     like: the parameter: a ``jax.Array``, a tracer inside ``jax.jit`` or
@@ -58,13 +88,14 @@ def zeros_placed_like(like: Any, shape: Sequence[int], dtype: Any) -> Array:
       set), or anything with ``shape`` and ``dtype``.
     shape: shape of the zeros.
     dtype: dtype of the zeros.
+    block: for block scales, the elements per block.
 
   Returns:
     A ``jax.Array`` of zeros.
   """
   shape = tuple(int(d) for d in shape)
   if _compat.is_tracer(like):
-    return _traced_zeros(like, shape, dtype)
+    return _traced_zeros(like, shape, dtype, block)
   sharding = getattr(like, "sharding", None)
   if sharding is None or _compat.is_single_device_sharding(sharding):
     if sharding is not None and getattr(like, "committed", False):
@@ -77,7 +108,7 @@ def zeros_placed_like(like: Any, shape: Sequence[int], dtype: Any) -> Array:
   if shape != tuple(like.shape):
     if not isinstance(sharding, NamedSharding):
       return jnp.zeros(shape, dtype)
-    sharding = _leading_split(sharding, like.ndim, shape)
+    sharding = _leading_split(sharding, tuple(like.shape), block)
   return jnp.zeros(shape, dtype, device=sharding)
 
 
@@ -153,23 +184,19 @@ def placing_scalars(tx: optax.GradientTransformation
   return tx._replace(init=init_fn)
 
 
-def _leading_split(sharding: NamedSharding, ndim: int,
-                   shape: tuple[int, ...]) -> NamedSharding:
-  """Blocks of the flattened parameter, split as its leading dimension is.
-
-  Consecutive pieces of a flattened array lie on the devices of its leading
-  dimension's split (a split of a later dimension interleaves and cannot be
-  followed), provided the number of pieces divides evenly.
-  """
-  if not shape:
-    return NamedSharding(sharding.mesh, PartitionSpec())
-  lead = sharding.spec[0] if ndim and len(sharding.spec) else None
-  if shape[0] % _axis_size(sharding.mesh, lead):
+def _leading_split(sharding: NamedSharding, param_shape: tuple[int, ...],
+                   block: Optional[int]) -> NamedSharding:
+  """Block scales of a parameter sharded by ``sharding``: split like its
+  leading axis where :func:`scales_follow_rows`, else replicated."""
+  lead = sharding.spec[0] if param_shape and len(sharding.spec) else None
+  if block is None or not scales_follow_rows(
+      param_shape, block, _axis_size(sharding.mesh, lead)):
     lead = None
   return NamedSharding(sharding.mesh, PartitionSpec(lead))
 
 
-def _traced_zeros(like: Array, shape: tuple[int, ...], dtype: Any) -> Array:
+def _traced_zeros(like: Array, shape: tuple[int, ...], dtype: Any,
+                  block: Optional[int]) -> Array:
   """Zeros under tracing, placed like (a view of) ``like``.
 
   On a mesh with ``Explicit`` axes the sharding is part of ``like``'s type
@@ -189,7 +216,7 @@ def _traced_zeros(like: Array, shape: tuple[int, ...], dtype: Any) -> Array:
     # reshard, not ``full(..., sharding=)``: JAX 0.12 drops that argument
     # under jit on an abstract mesh.
     zeros = _compat.reshard(jnp.zeros(shape, dtype),
-                                 _leading_split(typed, like.ndim, shape))
+                            _leading_split(typed, tuple(like.shape), block))
     # The barrier makes the computation use ``like``, so that jit takes its
     # devices from the parameter even when no other output reads it.
     return jax.lax.optimization_barrier((zeros, like))[0]
@@ -285,6 +312,61 @@ def state_shardings(tx: optax.GradientTransformation,
     >>> shardings = jadam.state_shardings(jadam.adam(1e-3), {"w": jnp.ones(4)})
   """
   return jax.tree.map(lambda s: s.sharding, abstract_state(tx, params))
+
+
+def state_specs(tx: optax.GradientTransformation, params: PyTree,
+                param_specs: PyTree) -> PyTree:
+  """The ``PartitionSpec`` of every leaf of ``tx.init(params)``, from the
+  parameters' specs, without compiling or allocating anything.
+
+  Each state array of a parameter's shape (a moment, int8 codes) gets the
+  parameter's spec; int8 block scales get the parameter's leading axis name
+  where no block spans two of its rows, else ``P(None)`` (replicated; see
+  :func:`scales_follow_rows`); everything else (step counts, optax's own
+  scalars) gets ``P()``. The names are carried through ``tx.init`` as they
+  are, so they may be mesh axis names or Linen logical names (convert the
+  result with ``flax.linen.logical_to_mesh_sharding``).
+
+  The moment specs are what ``optax.tree_map_params`` gives; unlike it,
+  this also places the int8 block scales of every jadam optimizer, alone
+  or inside any optax chain or wrapper.
+
+  Args:
+    tx: the optimizer.
+    params: the parameters (arrays or ``jax.ShapeDtypeStruct``s).
+    param_specs: a tree like ``params`` of ``PartitionSpec`` (or tuples of
+      axis names, or None for replicated).
+
+  Returns:
+    A tree like ``tx.init(params)`` of ``PartitionSpec``.
+
+  Example:
+    >>> import jax, jadam
+    >>> from jax.sharding import PartitionSpec as P
+    >>> params = {"w": jax.ShapeDtypeStruct((1024, 256), "float32")}
+    >>> specs = jadam.sharding.state_specs(
+    ...     jadam.adam(1e-3, nu_dtype="int8"), params, {"w": P("data", None)})
+    >>> specs[0].nu["w"], specs[0].scales.nu["w"]
+    (PartitionSpec('data', None), PartitionSpec('data',))
+  """
+  # Imported here: ``_boxes`` is the transformations' view of Flax boxes,
+  # and ``AxisNames`` is jadam's own box, followed through init the same way.
+  from jadam import _boxes  # pylint: disable=g-import-not-at-top
+
+  def named(param, spec):
+    names = tuple(spec) if spec is not None else ()
+    return _boxes.AxisNames(param, names + (None,) * (
+        len(param.shape) - len(names)))
+  boxed = jax.tree.map(named, params, param_specs,
+                       is_leaf=lambda x: x is None)
+  abstract = jax.eval_shape(tx.init, boxed)
+
+  def spec(x):
+    if isinstance(x, _boxes.AxisNames):
+      return PartitionSpec(*x.names)
+    return PartitionSpec()
+  return jax.tree.map(spec, abstract,
+                      is_leaf=lambda x: isinstance(x, _boxes.AxisNames))
 
 
 # ---------------------------------------------------------------------------

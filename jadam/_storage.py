@@ -33,6 +33,7 @@ from typing import Any, Optional, Union
 import jax
 import jax.numpy as jnp
 
+from jadam import _boxes
 from jadam import _compat
 
 from jadam import _fusion
@@ -56,8 +57,10 @@ def real_dtype(dtype: Any) -> jnp.dtype:
   return jnp.finfo(dtype).dtype
 
 
-def zeros(like: Array, shape: tuple[int, ...], dtype: Any) -> Array:
-  """Zeros of ``shape`` and ``dtype`` for optimizer state derived from ``like``.
+def zeros(like: Array, shape: tuple[int, ...], dtype: Any, *,
+          block: Optional[int] = None) -> Array:
+  """Zeros of ``shape`` and ``dtype`` for optimizer state derived from ``like``
+  (``block``: elements per scale, for block scales).
 
   Every zero-initialised piece of state is made here, so that where state is
   placed (for example on the parameter's sharding) is decided in one place.
@@ -65,7 +68,7 @@ def zeros(like: Array, shape: tuple[int, ...], dtype: Any) -> Array:
   # Placement on a device mesh is the sharding module's concern; imported
   # here because this function's body is the only hook it owns in this file.
   from jadam import _sharding  # pylint: disable=g-import-not-at-top
-  return _sharding.zeros_placed_like(like, shape, dtype)
+  return _sharding.zeros_placed_like(like, shape, dtype, block=block)
 
 
 def canonical_storage(name: str, dtype: Any) -> Storage:
@@ -144,14 +147,16 @@ def init_moment(param: Array, storage: Storage, *, real: bool) -> Array:
   return zeros(param, param.shape, dtype)
 
 
-def init_scales(param: Array, storage: Storage, *, real: bool) -> Array:
-  """The float32 block scales of an int8 moment, or a scalar placeholder
-  (orbax cannot save empty arrays)."""
+def init_scales(param: Array, storage: Storage, *, real: bool
+                ) -> Optional[Array]:
+  """The float32 block scales of an int8 moment, or None for a moment that
+  is not int8 (an empty entry: no placeholder array in the state)."""
   param = _as_array(param)
-  if quantized(param, storage, real=real):
-    n_blocks = storage.n_blocks_for(tuple(param.shape))
-    return zeros(param, (n_blocks,), jnp.float32)
-  return zeros(param, (), jnp.float32)
+  if not quantized(param, storage, real=real):
+    return None
+  shape = tuple(param.shape)
+  return zeros(param, (storage.n_blocks_for(shape),), jnp.float32,
+               block=storage.block_for(shape))
 
 
 def _is_codes(stored: Array) -> bool:
@@ -245,9 +250,13 @@ def decode_moments(state: Any, dtype: Any = jnp.float32) -> _rule.Moments:
       if jnp.iscomplexobj(stored):
         out = jnp.result_type(dtype, jnp.complex64)
       return load(stored, out, root=root, scales=scale)
+    # Entry by entry: Flax boxes of the scales carry axis names of their
+    # own, so the two trees need not have one structure.
+    plain = _boxes.strip(tree)
     if scale_tree is None:
-      return jax.tree.map(lambda x: leaf(x, None), tree)
-    return jax.tree.map(leaf, tree, scale_tree)
+      return _boxes.restore(tree, jax.tree.map(lambda x: leaf(x, None), plain))
+    return _boxes.restore(tree, jax.tree.map(leaf, plain,
+                                             _boxes.strip(scale_tree)))
 
   return _rule.Moments(
       mu=decode(state.mu, None if scales is None else scales.mu, False),
@@ -280,8 +289,9 @@ def step_leaf(g: Array, stored: tuple, t: Array, leaf: _rule.LeafRule,
       the leaf's position, as before, made every leaf's loops distinct code,
       and compile time with bfloat16 or int8 moments grew about 10x faster
       with the number of leaves than with float32 moments.
-    scales: the block scales of int8 moments (scalar placeholders for the
-      others), or None if no moment is int8.
+    scales: the block scales of int8 moments (None for the others, or a
+      scalar placeholder in states made before jadam 0.2), or None if no
+      moment is int8.
     formats: the storage formats the moments were created with.
 
   Returns:
@@ -430,7 +440,7 @@ def _step_quantized(g: Array, stored: tuple, t: Array, seed: Array,
     value = run_rule(*inputs[:3])[1][k]
     block, scale, new_scale = static[k][0], inputs[3][k], bounds[k]
     if block is None:
-      new_scale = old  # a float moment keeps its placeholder
+      new_scale = old  # a float moment keeps its empty entry
     elif new_scale is None:
       top = jnp.sqrt(value) if _is_root(x, static[k][2]) else value
       new_scale = scale = _rule.hold(leaf.held, _exact_scales(top, block),

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jadam import _boxes
 from jadam import _compat
 from jadam import _quant
 from jadam import _rule
@@ -203,8 +204,12 @@ def check_rule(rule: _rule.AdamRule) -> None:
 def init_moments(params: Any, storages: tuple, real: tuple[bool, ...]
                  ) -> tuple[list[Any], Optional[list[Any]]]:
   """Zero moments of ``params`` in their storage formats, one tree per
-  moment, and their int8 block scales (scalar placeholders for leaves that
-  are not int8), or None if no moment's storage is int8.
+  moment, and their int8 block scales (None for leaves whose moment is not
+  int8), or None if no moment's storage is int8.
+
+  Flax boxes are metadata (:mod:`jadam._boxes`): a moment or int8 codes get
+  their parameter's box, block scales a box whose axis names fit a vector
+  of blocks (:func:`jadam._sharding.scales_follow_rows`).
 
   Args:
     params: the parameters (arrays or ``jax.ShapeDtypeStruct``s).
@@ -218,8 +223,28 @@ def init_moments(params: Any, storages: tuple, real: tuple[bool, ...]
   if not any(isinstance(storage, _quant.BlockwiseInt8)
              for storage in storages):
     return stored, None
-  return stored, [jax.tree.map(
-      lambda p, s=storage, r=r: _storage.init_scales(p, s, real=r), params)
+  entries, treedef = jax.tree.flatten(
+      params, is_leaf=lambda x: x is None or _boxes.is_box(x))
+  if not entries and treedef.num_nodes == 1 and not isinstance(
+      params, (dict, list, tuple, type(None))):
+    # A leafless stand-in for the parameters, such as the one
+    # ``optax.tree_map_params`` passes to find the parameter-shaped parts
+    # of a state: the scales are not parameter-shaped, so they get a leaf of
+    # their own (an empty array) rather than a copy of the stand-in.
+    return stored, [jnp.zeros((0,), jnp.float32) for _ in storages]
+
+  def scales_of(entry, storage, real):
+    if entry is None:
+      return None
+    param = _boxes.open_box(entry)
+    scales = _storage.init_scales(param, storage, real=real)
+    if scales is None:
+      return None
+    shape = tuple(param.shape if hasattr(param, 'shape') else jnp.shape(param))
+    return _boxes.box_scales(entry, scales, _sharding.scales_follow_rows(
+        shape, storage.block_for(shape)))
+  return stored, [treedef.unflatten([scales_of(e, storage, r)
+                                     for e in entries])
                   for storage, r in zip(storages, real)]
 
 
@@ -250,8 +275,13 @@ def walk(leaf: _rule.LeafRule, updates: Any, t: Array,
     return updates, list(stored_trees), (
         None if scale_trees is None else list(scale_trees))
   columns = [treedef.flatten_up_to(tree) for tree in stored_trees]
-  scale_columns = ([treedef.flatten_up_to(tree) for tree in scale_trees]
-                   if scale_trees is not None else None)
+  scale_columns = None
+  if scale_trees is not None:
+    # Matched with boxes stripped: the scales' Flax boxes carry axis names
+    # of their own (a None entry is a moment that is not int8).
+    plain = jax.tree.structure(_boxes.strip(updates))
+    scale_columns = [plain.flatten_up_to(_boxes.strip(tree))
+                     for tree in scale_trees]
   directions, new_stored, new_scales = [], [], []
   tracing = any(_compat.is_tracer(g) for g in grads)
   step = _shared_leaf_step(leaf, formats, tracing)
@@ -274,7 +304,9 @@ def walk(leaf: _rule.LeafRule, updates: Any, t: Array,
   unflatten = lambda rows: [treedef.unflatten(list(column))
                             for column in zip(*rows)]
   return (treedef.unflatten(directions), unflatten(new_stored),
-          None if scale_trees is None else unflatten(new_scales))
+          None if scale_trees is None else
+          [_boxes.restore(old, plain.unflatten(list(column)))
+           for old, column in zip(scale_trees, zip(*new_scales))])
 
 
 def _shared_leaf_step(leaf: _rule.LeafRule, formats: tuple, tracing: bool):
