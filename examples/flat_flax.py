@@ -70,7 +70,7 @@ def nnx_flat(steps: int, width: int, depth: int):
   @functools.partial(jax.jit, donate_argnums=(0, 1))
   def train_step(flat, state, x, y):
     def loss_fn(flat):
-      model = nnx.merge(graphdef, view.unravel(flat), rest)
+      model = nnx.merge(graphdef, view.unravel(flat), rest, copy=True)
       return jnp.mean((model(x) - y) ** 2)
     loss, grads = jax.value_and_grad(loss_fn)(flat)   # grads are flat too
     updates, state = opt.update(grads, state, flat)

@@ -39,6 +39,10 @@ codec (``_storage.step_leaf``):
 * ``_health``: non-finite step skipping and gradient-health telemetry.
 * ``_sharding``: where state lives on a device mesh (follows parameters, ZeRO-1).
 * ``_offload``: state kept in host memory between steps (``offload``).
+* ``_boxes``: Flax's metadata boxes (Linen ``AxisMetadata``, NNX
+  ``Variable``) seen through, and the boxes int8 block scales get.
+* ``_compat``: every JAX API that has moved or may move, newest
+  spelling first.
 """
 
 from jadam._alias import adam

@@ -290,7 +290,7 @@ def step_leaf(g: Array, stored: tuple, t: Array, leaf: _rule.LeafRule,
       and compile time with bfloat16 or int8 moments grew about 10x faster
       with the number of leaves than with float32 moments.
     scales: the block scales of int8 moments (None for the others, or a
-      scalar placeholder in states made before jadam 0.2), or None if no
+      scalar placeholder in states made by earlier releases), or None if no
       moment is int8.
     formats: the storage formats the moments were created with.
 

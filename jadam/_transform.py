@@ -42,7 +42,7 @@ class QuantizedAdamState(NamedTuple):
   Attributes:
     count, mu, nu: as in :class:`ScaleByAdamState` (int8 moments hold codes).
     scales: ``Moments(mu, nu, nu_max)`` of trees of float32 block scales
-      (scalar placeholders where a leaf is not quantized).
+      (None where a leaf is not quantized).
       :func:`jadam.decode_moments` reads the moments back.
   """
 
