@@ -34,16 +34,21 @@ def _assert_bitwise(a, b):
     np.testing.assert_array_equal(x, y)
 
 
-def _assert_within_one_ulp(a, b):
-  """Two programs that compute the same step: newer JAX gives the same bits;
-  JAX 0.8 can round one operation differently between the wrapped and the
-  plain program (seen: 1 ulp), so one unit in the last place is allowed."""
+def _assert_within_rounding(a, b, rtol=1e-6):
+  """Two programs that compute the same step, compiled apart: XLA may fuse
+  and so round an operation differently between the wrapped and the plain
+  program (seen: 1 ulp on JAX 0.8, none on 0.10; on JAX 0.12.1's XLA:CPU
+  3 ulp after one step, growing to 18 over six), so the promise of
+  docs/reliability.md is asserted: within 1e-6 of each array's scale."""
   assert jax.tree.structure(a) == jax.tree.structure(b)
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     x, y = np.asarray(x), np.asarray(y)
     assert x.dtype == y.dtype
     if np.issubdtype(x.dtype, np.floating):
-      np.testing.assert_array_max_ulp(x, y, maxulp=1)
+      y = y.astype(np.float64)
+      np.testing.assert_allclose(
+          x.astype(np.float64), y, rtol=rtol,
+          atol=rtol * float(np.max(np.abs(y), initial=0)))
     else:
       np.testing.assert_array_equal(x, y)
 
@@ -88,8 +93,8 @@ def test_jitted_update_traced_under_skip_then_called_alone(outer_jit,
   _assert_bitwise(state.inner_state, tx.init(params))
   assert int(state.skipped) == 1
   updates, state = wrapped_update(finite, state, None)
-  _assert_within_one_ulp(updates, ref_updates)
-  _assert_within_one_ulp(state.inner_state, ref_state)
+  _assert_within_rounding(updates, ref_updates)
+  _assert_within_rounding(state.inner_state, ref_state)
   assert int(state.skipped) == 1 and int(state.inner_state.count) == 1
 
   # The same jitted function, called alone with the signature the wrapper
@@ -101,14 +106,14 @@ def test_jitted_update_traced_under_skip_then_called_alone(outer_jit,
                     (jax.jit(tx.update), (ref_updates, ref_state)),
                     (tx.update, eager_ref)):
     plain_updates, plain_state = call(finite, tx.init(params), None)
-    _assert_within_one_ulp(plain_updates, ref[0])
-    _assert_within_one_ulp(plain_state, ref[1])
+    _assert_within_rounding(plain_updates, ref[0])
+    _assert_within_rounding(plain_state, ref[1])
     assert int(plain_state.count) == 1
   # ... and under another jit, nested as it was under the wrapper.
   plain_updates, plain_state = jax.jit(
       lambda g, s: jitted(g, s, None))(finite, tx.init(params))
-  _assert_within_one_ulp(plain_updates, ref_updates)
-  _assert_within_one_ulp(plain_state, ref_state)
+  _assert_within_rounding(plain_updates, ref_updates)
+  _assert_within_rounding(plain_state, ref_state)
 
 
 # ---------------------------------------------------------------------------
@@ -224,9 +229,9 @@ def test_skip_through_optax_wrappers_is_exact(name):
     params, state = step(params, state, _grads(t))
     plain_params, plain_state = plain_step(plain_params, plain_state,
                                            _grads(t))
-    # A finite step is the unwrapped optimizer's, bit for bit.
-    _assert_within_one_ulp(params, plain_params)
-    _assert_within_one_ulp(state.inner_state, plain_state)
+    # A finite step is the unwrapped optimizer's, up to rounding.
+    _assert_within_rounding(params, plain_params)
+    _assert_within_rounding(state.inner_state, plain_state)
     assert int(state.skipped) == skipped
     # A NaN (or Inf) step changes nothing but the wrapper's count.
     bad = np.nan if t % 2 else np.inf
@@ -263,7 +268,9 @@ def test_step_if_argument_skips_in_place_and_other_extra_args_are_ignored():
     _assert_bitwise(update(_grads(1), state, None, value=3.0), expected)
     flagged = update(_grads(1), state, None, **{STEP_IF: jnp.asarray(True)})
     if getattr(state, "scales", None) is None:
-      _assert_bitwise(flagged, expected)
+      # The flag adds a select to the compiled step: bitwise on JAX 0.8 and
+      # 0.10, 1 ulp apart in places on JAX 0.12.1's XLA:CPU.
+      _assert_within_rounding(flagged, expected)
     else:
       for x, y in zip(jax.tree.leaves(flagged), jax.tree.leaves(expected)):
         np.testing.assert_allclose(np.asarray(x, np.float64),
