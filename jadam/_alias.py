@@ -30,7 +30,8 @@ def optimizer(scaling: optax.GradientTransformation,
   _validation.check_learning_rate(learning_rate)
   parts = [scaling]
   if weight_decay is not None:
-    _validation.check_nonnegative("weight_decay", weight_decay)
+    _validation.check_nonnegative("weight_decay", weight_decay,
+                                  schedule=True)
     if numerics == "keras":
       return _sharding.placing_scalars(optax.chain(
           scaling, _keras_decay_then_step(learning_rate, weight_decay, mask)))

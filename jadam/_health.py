@@ -28,6 +28,7 @@ from jadam import _rule
 from jadam import _sharding
 from jadam import _storage
 from jadam import _transform
+from jadam import _variants
 
 Array = jax.Array
 
@@ -234,7 +235,7 @@ def second_moments(state: Any) -> list[Any]:
   block scales, float16 √v) to float32 values of v.
   """
   nodes = jax.tree.leaves(state, is_leaf=_is_adam_state)
-  jadam_states = _transform.ADAM_STATES
+  jadam_states = _transform.ADAM_STATES + _variants.VARIANT_STATES
   return [_storage.decode_moments(node).nu
           if isinstance(node, jadam_states) else node.nu
           for node in nodes if _is_adam_state(node)]

@@ -215,8 +215,25 @@ def store(value: Array, like: Array, bits: Optional[Array], *,
   return value.astype(like.dtype)
 
 
+def _scales_of(state: Any, field: str) -> Any:
+  """The block scales of ``state``'s moment ``field``, or None.
+
+  The Adam family keeps them as ``Moments(mu, nu, nu_max)``, AdEMAMix as a
+  dict by field name, Adam without momentum (schedule-free AdamW's base) as
+  the tree of ``nu``'s alone.
+  """
+  scales = getattr(state, "scales", None)
+  if scales is None:
+    return None
+  if isinstance(scales, _rule.Moments):
+    return getattr(scales, field, None)
+  if isinstance(scales, dict) and set(scales) <= {"m1", "m2", "nu"}:
+    return scales.get(field)
+  return scales if field == "nu" else None
+
+
 def decode_moments(state: Any, dtype: Any = jnp.float32) -> _rule.Moments:
-  """The moments of a jadam Adam-family state, as arrays whatever their
+  """The moments of a jadam optimizer's state, as arrays whatever their
   storage.
 
   int8 codes are decoded with their block scales, float16 second moments
@@ -224,14 +241,18 @@ def decode_moments(state: Any, dtype: Any = jnp.float32) -> _rule.Moments:
   stay complex). Use it to log or inspect moments.
 
   Args:
-    state: a :class:`~jadam.ScaleByAdamState` or
-      :class:`~jadam.ScaleByAmsgradState` (find it inside a chain's state
-      first, for example ``state[0]`` of ``jadam.adam``'s).
+    state: the state of any of jadam's ``scale_by_*`` transformations
+      (``ScaleByAdamState``, ``ScaleByAmsgradState``, AdEMAMix's, and the
+      second-moment state of schedule-free AdamW and ADOPT's base), found
+      inside a chain's state first (for example ``state[0]`` of
+      ``jadam.adam``'s).
     dtype: float dtype of the result.
 
   Returns:
-    ``Moments(mu, nu, nu_max)`` of trees with the parameters' structure
-    (``nu_max`` is None except for AMSGrad).
+    ``Moments(mu, nu, nu_max)`` of trees with the parameters' structure:
+    ``mu`` is the first moment (AdEMAMix's fast EMA ``m1``; None for a state
+    without one), ``nu`` the second moment v, ``nu_max`` AMSGrad's running
+    maximum (None otherwise).
 
   Example:
     >>> import jax.numpy as jnp, jadam
@@ -239,12 +260,12 @@ def decode_moments(state: Any, dtype: Any = jnp.float32) -> _rule.Moments:
     >>> state.nu["w"].dtype, jadam.decode_moments(state).nu["w"].dtype
     (dtype('uint8'), dtype('float32'))
   """
-  scales = getattr(state, "scales", None)
-  nu_max = getattr(state, "nu_max", None)
-
-  def decode(tree, scale_tree, root):
+  def decode(field, root):
+    tree = getattr(state, field, None)
     if tree is None:
       return None
+    scale_tree = _scales_of(state, field)
+
     def leaf(stored, scale):
       out = dtype
       if jnp.iscomplexobj(stored):
@@ -258,10 +279,9 @@ def decode_moments(state: Any, dtype: Any = jnp.float32) -> _rule.Moments:
     return _boxes.restore(tree, jax.tree.map(leaf, plain,
                                              _boxes.strip(scale_tree)))
 
-  return _rule.Moments(
-      mu=decode(state.mu, None if scales is None else scales.mu, False),
-      nu=decode(state.nu, None if scales is None else scales.nu, True),
-      nu_max=decode(nu_max, None if scales is None else scales.nu_max, True))
+  first = "m1" if hasattr(state, "m1") else "mu"
+  return _rule.Moments(mu=decode(first, False), nu=decode("nu", True),
+                       nu_max=decode("nu_max", True))
 
 
 def step_leaf(g: Array, stored: tuple, t: Array, leaf: _rule.LeafRule,

@@ -275,6 +275,7 @@ def walk(leaf: _rule.LeafRule, updates: Any, t: Array,
     return updates, list(stored_trees), (
         None if scale_trees is None else list(scale_trees))
   columns = [treedef.flatten_up_to(tree) for tree in stored_trees]
+  _validation.check_moment_kinds(updates, grads, columns, leaf.real)
   scale_columns = None
   if scale_trees is not None:
     # Matched with boxes stripped: the scales' Flax boxes carry axis names

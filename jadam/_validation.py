@@ -48,10 +48,23 @@ def check_decay(name: str, value: Any) -> None:
     raise ValueError(f"{name} must be in [0, 1), got {value!r}.")
 
 
-def check_nonnegative(name: str, value: Any) -> None:
-  """Terms such as eps, eps_root and weight decay must be >= 0 and finite."""
+def check_nonnegative(name: str, value: Any, *, schedule: bool = False
+                      ) -> None:
+  """Terms such as eps, eps_root and weight decay must be >= 0 and finite.
+
+  ``schedule``: the argument may be a schedule (a callable of the step
+  count), as a learning rate or a weight decay may. Where only a constant
+  makes sense (eps, eps_root, thresholds), a callable is an error here
+  rather than a ``TypeError`` deep inside the first update.
+  """
   if callable(value):
-    return  # a schedule; its values are the schedule's business
+    if schedule:
+      return  # a schedule; its values are the schedule's business
+    raise ValueError(
+        f"{name} must be a number, got the callable {value!r}: only the "
+        "learning rate, the weight decay and AdEMAMix's alpha and b3 take a "
+        "schedule. To change it during training, use "
+        "optax.inject_hyperparams and set it in the state.")
   x = _scalar(name, value)
   if x is not None and not (0.0 <= x < float("inf")):
     raise ValueError(f"{name} must be a finite number >= 0, got {value!r}.")
@@ -59,7 +72,7 @@ def check_nonnegative(name: str, value: Any) -> None:
 
 def check_learning_rate(value: Any) -> None:
   """A constant learning rate must be finite and >= 0; schedules pass."""
-  check_nonnegative("learning_rate", value)
+  check_nonnegative("learning_rate", value, schedule=True)
 
 
 # Storage formats a moment may take. The compute dtype is always float32 or
@@ -153,3 +166,59 @@ def check_float_leaves(updates: Any) -> None:
           f"The gradient at {_path_str(path)} has dtype {dtype}; Adam needs "
           "floating-point or complex gradients. Cast integer parameters to "
           "float, or exclude them with optax.masked / optax.partition.")
+
+
+def check_moment_kinds(updates: Any, grads: Sequence[Any],
+                       columns: Sequence[Sequence[Any]],
+                       real: Sequence[bool]) -> None:
+  """Raise a TypeError naming the first leaf whose gradient cannot be
+  stepped with the moments its parameter was given at ``init``.
+
+  * Integer (or boolean) parameters get moments of their own dtype, as in
+    optax: a float gradient for one would be truncated to 0 every step, so
+    every step would be a first step. Such a leaf is recognised by all its
+    moments sharing one integer dtype (int8 moment codes are int8 for m and
+    uint8 for v, never one dtype).
+  * A complex gradient for a real parameter would lose its imaginary part
+    in the real first moment.
+
+  Args:
+    updates: the gradients (for key paths in the message).
+    grads: their leaves.
+    columns: per moment, its stored leaves in the same order.
+    real: per moment, whether it is a moment of |g|² (real for complex
+      parameters too).
+  """
+  for index, g in enumerate(grads):
+    stored = [column[index] for column in columns]
+    dtypes = {jnp.dtype(x.dtype) for x in stored}
+    problem = None
+    if len(stored) > 1 and len(dtypes) == 1 and not jnp.issubdtype(
+        next(iter(dtypes)), jnp.inexact):
+      problem = (
+          f"its parameter is {next(iter(dtypes))}, so its moments are too "
+          "and a floating-point gradient would be truncated to 0 every step."
+          " Cast the parameter to a float dtype, or exclude it with "
+          "optax.masked / optax.partition (optax.set_to_zero).")
+    elif jnp.iscomplexobj(g) and any(
+        not r and not jnp.issubdtype(x.dtype, jnp.complexfloating)
+        for x, r in zip(stored, real)):
+      problem = (
+          "the gradient is complex but its parameter is real, so the first "
+          "moment is real and would drop the imaginary part. Take the real "
+          "part of the gradient, or make the parameter complex.")
+    if problem is not None:
+      path = _compat.flatten_with_path(updates)[0][index][0]
+      raise TypeError(f"The gradient at {_path_str(path)} "
+                      f"({jnp.result_type(g)}) cannot be stepped: {problem}")
+
+
+def check_parameter_kinds(updates: Any, params: Any) -> None:
+  """As :func:`check_moment_kinds`, from the parameters themselves: for
+  optimizers whose only moment is real (v), which cannot tell a complex
+  parameter from a real one."""
+  grads = jax.tree.leaves(updates)
+  leaves = jax.tree.leaves(params)
+  if len(leaves) != len(grads):
+    return  # check_same_tree reports mismatched trees
+  check_moment_kinds(updates, grads, [leaves, leaves], (False, False))

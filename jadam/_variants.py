@@ -298,7 +298,7 @@ def scale_by_ademamix(
   rule = _rule.AdamRule(b1, b2, eps, eps_root)
   _transform.check_rule(rule)
   _check_decay("b3", b3)
-  _validation.check_nonnegative("alpha", alpha)
+  _validation.check_nonnegative("alpha", alpha, schedule=True)
   mu_storage = _storage.canonical_storage("mu_dtype", mu_dtype)
   # The engine's order: m1 and v first, where Adam keeps m and v, so that
   # they are stored exactly as jadam.adam stores them (the same random
@@ -492,6 +492,12 @@ def _second_moment_state(count, nu, scales):
   return QuantizedSecondMomentState(count, nu, scales)
 
 
+# Every state class of the variants here, for code that looks for moments
+# inside a composed optax state (telemetry).
+VARIANT_STATES = (ScaleByAdemamixState, QuantizedAdemamixState,
+                  ScaleBySecondMomentState, QuantizedSecondMomentState)
+
+
 def _scale_by_adam_without_momentum(
     b2: ArrayLike, eps: ArrayLike,
     nu_dtype: Optional[Any]) -> optax.GradientTransformation:
@@ -514,7 +520,8 @@ def _scale_by_adam_without_momentum(
         params)
 
   def update_fn(updates, state, params=None, **extra_args):
-    del params
+    if params is not None:
+      _validation.check_parameter_kinds(updates, params)
     step_if, held, t = _transform.step_signal(extra_args, state.count)
     adam = _rule.leaf_rule(rule._replace(held=held), t)
 
@@ -607,7 +614,8 @@ def schedule_free_adamw(
   if concrete_b1 is not None and float(concrete_b1) <= 0.0:
     raise ValueError(f"b1 must be in (0, 1) for schedule-free AdamW (x is "
                      f"recovered from y by dividing by b1), got {b1!r}.")
-  _validation.check_nonnegative("weight_decay", weight_decay)
+  _validation.check_nonnegative("weight_decay", weight_decay,
+                                schedule=True)
   _validation.check_nonnegative("weight_lr_power", weight_lr_power)
   if warmup_steps is not None:
     learning_rate = _with_linear_warmup(learning_rate, warmup_steps)
