@@ -266,6 +266,12 @@ class BlockwiseInt8:
     min_size: parameters with fewer elements keep this moment in float32.
     stochastic: round to a random neighbouring code, unbiased (the default),
       or to the nearest one (as the paper).
+    approximate_derivative: let ``jax.grad``/``jax.jvp`` differentiate
+      through these moments (meta-gradients through training). The codes
+      are integers, so the derivative flows only through the block scales
+      and the float parts of the step: an approximation whose measured error
+      is in docs/reliability.md. False (the default) makes differentiating
+      through them a ``TypeError`` rather than a silently wrong number.
     row_blocks: blocks never span two rows shorter than ``block_size``
       (the default; costs 4 bytes of scale per block: 1/8 byte per element
       for rows of 32). False cuts such rows into blocks of ``block_size``
@@ -283,6 +289,7 @@ class BlockwiseInt8:
   min_size: int = 4096
   stochastic: bool = True
   row_blocks: bool = True
+  approximate_derivative: bool = False
 
   def __post_init__(self):
     if not (isinstance(self.block_size, int) and self.block_size > 0

@@ -17,6 +17,8 @@ step count alone (every leaf draws from the same stream, by element index).
 
 from __future__ import annotations
 
+import functools
+
 from typing import Any, NamedTuple
 
 import jax
@@ -120,6 +122,7 @@ def _float16_neighbour(nearest: Array, x: Array, near32: Array) -> Array:
   return jax.lax.bitcast_convert_type(other.astype(jnp.uint16), jnp.float16)
 
 
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
 def round_stochastic(x: Array, dtype: Any, bits: Array) -> Array:
   """Round float32 ``x`` to ``dtype`` (bfloat16 or float16), unbiasedly.
 
@@ -127,6 +130,11 @@ def round_stochastic(x: Array, dtype: Any, bits: Array) -> Array:
   probability equal to the fraction of the gap it has covered, so that
   ``E[result] = x``. NaN and ±inf are kept; values beyond the format's range
   overflow to ±inf, as with ordinary rounding.
+
+  Its derivative is the identity (straight-through), as for an ordinary
+  cast: the rounding is computed with bit casts and integer adds, whose
+  derivative is zero, which made every moment stored this way a constant to
+  ``jax.grad`` and meta-gradients through training silently wrong.
 
   Args:
     x: float32 values.
@@ -167,6 +175,14 @@ def round_stochastic(x: Array, dtype: Any, bits: Array) -> Array:
     return jnp.where(jnp.isfinite(x) & jnp.isfinite(near32), rounded, nearest)
   raise ValueError(f"stochastic rounding to {dtype} is not defined; use "
                    "bfloat16 or float16.")
+
+
+@round_stochastic.defjvp
+def _round_stochastic_jvp(dtype, primals, tangents):
+  x, bits = primals
+  x_dot, _ = tangents
+  rounded = round_stochastic(x, dtype, bits)
+  return rounded, jnp.asarray(x_dot, jnp.float32).astype(rounded.dtype)
 
 
 class StochasticRoundingState(NamedTuple):

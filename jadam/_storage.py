@@ -284,6 +284,32 @@ def decode_moments(state: Any, dtype: Any = jnp.float32) -> _rule.Moments:
                        nu_max=decode("nu_max", True))
 
 
+@jax.custom_jvp
+def _not_differentiable(tree: Any) -> Any:
+  """``tree`` itself; differentiating through it raises a ``TypeError``.
+
+  Guards the int8 codec's inputs: its codes are integers, so ``jax.grad``
+  through them would be zero and a derivative through an int8 moment would
+  be silently wrong (only the block scales carry one).
+  """
+  return tree
+
+
+@_not_differentiable.defjvp
+def _not_differentiable_jvp(primals, tangents):
+  del primals, tangents
+  raise TypeError(
+      "jadam: this optimizer stores a moment as int8 codes, which are "
+      "integers, so differentiating through its update (jax.grad or jax.jvp "
+      "of a loss after optimizer steps, as in meta-learning) would give a "
+      "wrong derivative. Store the moments as float32, bfloat16 or float16 "
+      "(their rounding is differentiated as the identity), or accept the "
+      "approximate derivative through the block scales with "
+      "mu_dtype/nu_dtype=jadam.storage.BlockwiseInt8("
+      "approximate_derivative=True) (its measured error is in "
+      "docs/reliability.md).")
+
+
 def step_leaf(g: Array, stored: tuple, t: Array, leaf: _rule.LeafRule,
               offset: int = 0, scales: Optional[tuple] = None,
               formats: Optional[tuple] = None
@@ -327,6 +353,11 @@ def step_leaf(g: Array, stored: tuple, t: Array, leaf: _rule.LeafRule,
     # ``auto_axes`` (below) is not valid inside it. Python numbers stay
     # static, so that they round as in the plain path.
     arrays, rebuild = _rule.split_scalars(leaf)
+    if formats is None or not all(
+        f.approximate_derivative for f in formats
+        if isinstance(f, _quant.BlockwiseInt8)):
+      g, stored, scales, arrays = _not_differentiable(
+          (g, stored, scales, arrays))
 
     def step(g, stored, t, seed, scales, arrays):
       return _step_quantized(g, stored, t, seed, offset, scales,
