@@ -86,6 +86,13 @@ def is_explicit(axis_type: Any) -> bool:
   return axis_type == AxisType.Explicit
 
 
+def in_manual_axes() -> bool:
+  """Whether the code is being traced inside ``jax.shard_map`` (some axis of
+  the current abstract mesh is ``Manual``)."""
+  mesh = _find("sharding.get_abstract_mesh")()
+  return any(t == AxisType.Manual for t in getattr(mesh, "axis_types", ()))
+
+
 def with_memory_kind(sharding: Any, kind: str) -> Any:
   """``sharding`` in the memory ``kind`` (``"device"``, ``"pinned_host"``,
   ...)."""

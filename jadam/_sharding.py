@@ -537,10 +537,22 @@ def zero1(tx: optax.GradientTransformation, mesh: Mesh,
     return jax.lax.with_sharding_constraint(leaf, NamedSharding(
         mesh, add_axis(base, leaf.shape, mesh, axis)))
 
+  def check_not_in_shard_map():
+    if _compat.in_manual_axes():
+      raise ValueError(
+          "jadam.zero1 cannot run inside jax.shard_map: it splits the state "
+          "with sharding annotations of the whole mesh, which a shard_map "
+          "body (whose axes are manual) does not have. Initialise and step "
+          "it outside shard_map, under jax.jit; inside shard_map, split the "
+          "state yourself with in_specs/out_specs and use the optimizer "
+          "without zero1.")
+
   def init_fn(params):
+    check_not_in_shard_map()
     return jax.tree.map(place, tx.init(params))
 
   def update_fn(updates, state, params=None, **extra_args):
+    check_not_in_shard_map()
     new_updates, new_state = tx.update(updates, state, params, **extra_args)
     # On Explicit axes the updates computed from split state come out split;
     # they are resharded like the parameters (or the gradients), which is

@@ -234,3 +234,36 @@ def test_int8_approximate_derivative_is_an_explicit_opt_in(
   assert np.isfinite(np.asarray(d_p["w"])).all()
   # Same sign as float32's, smaller magnitude (codes carry no derivative).
   assert 0 < d_b1 < float32_meta_gradients[0]
+
+
+def test_zero1_inside_shard_map_is_a_clear_error():
+  """Before: ``ValueError: Axes mentioned in manual_axis_type field of
+  ShapedArray should be of type Manual ... axis: data of type
+  AxisType.Explicit``, from deep inside JAX."""
+  from conftest import run_json_worker  # pylint: disable=g-import-not-at-top
+  result = run_json_worker("""
+import os, json
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+os.environ["JAX_PLATFORMS"] = "cpu"
+import jax, jax.numpy as jnp, jadam
+from jax.sharding import PartitionSpec as P
+out = {}
+for kind in ("Auto", "Explicit"):
+  mesh = jax.make_mesh((4,), ("data",),
+                       axis_types=(getattr(jax.sharding.AxisType, kind),))
+  tx = jadam.zero1(jadam.adam(1e-3), mesh)
+  body = lambda p: jax.tree.leaves(tx.init(p))[1]
+  try:
+    with jax.set_mesh(mesh):
+      jax.jit(jax.shard_map(body, mesh=mesh, in_specs=P("data"),
+                            out_specs=P("data")))(
+          {"w": jax.device_put(jnp.ones(64), jax.sharding.NamedSharding(
+              mesh, P("data")))})
+    out[kind] = "no error"
+  except Exception as e:
+    out[kind] = f"{type(e).__name__}: {e}"
+print(json.dumps(out))
+""")
+  for kind, message in result.items():
+    assert message.startswith("ValueError: jadam.zero1 cannot run inside "
+                              "jax.shard_map"), (kind, message)
