@@ -106,6 +106,17 @@ def memory_space(host: bool) -> Any:
   return space.Host if host else space.Device
 
 
+def in_host_memory(x: Any) -> bool:
+  """Whether ``x`` (an array, or a tracer inside ``jit``) lives in host
+  memory."""
+  if is_tracer(x):
+    space = getattr(typeof(x), "memory_space", None)
+    return space is not None and space == memory_space(host=True)
+  sharding = getattr(x, "sharding", None)
+  return getattr(sharding, "memory_kind", None) in ("pinned_host",
+                                                    "unpinned_host")
+
+
 def memory_kinds(device: Any) -> list[str]:
   """The memory kinds ``device`` addresses (empty if the backend has no
   memories API)."""

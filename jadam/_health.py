@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jadam import _offload
 from jadam import _rule
 from jadam import _sharding
 from jadam import _storage
@@ -140,7 +141,9 @@ def skip_nonfinite(
         **{**extra_args, _transform.STEP_IF: step_if})
     new_updates = jax.tree.map(
         lambda u: jnp.where(finite, u, jnp.zeros_like(u)), new_updates)
-    select = lambda new, old: jnp.where(finite, new, old)
+    # Selected where the old value lives (host memory under jadam.offload).
+    select = lambda new, old: _offload.in_memory_of(jnp.where(
+        finite, _offload.on_device(new), _offload.on_device(old)), old)
     # A state returned by an update that honoured the signal, given exactly
     # the old state found at the same place, is already the old one on a
     # skipped step; everything else (also a recorded state found elsewhere)
@@ -258,7 +261,7 @@ def _measure(grads: Any, updates: Any, params: Optional[Any],
   # large relative to it; 0/0 is reported as 0 so that "no step" reads as such.
   update_ratio = jnp.where(update_norm == 0, jnp.zeros([], jnp.float32),
                            update_norm / param_norm)
-  nus = second_moments(inner_state)
+  nus = second_moments(_offload.on_device(inner_state))
   return HealthStats(
       grad_norm=grad_norm,
       grad_max_abs=_reduce(grads, lambda x: jnp.max(jnp.abs(x)), 0.0),

@@ -136,3 +136,32 @@ def offload(tx: optax.GradientTransformation,
     return updates, _move(state, memory_kind, to_host=True)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def in_memory_of(new: Any, old: Any) -> Any:
+  """``new`` moved to host memory where ``old`` lives there.
+
+  A wrapper that selects between a new and an old state (``skip_nonfinite``)
+  computes on the device, so its result would leave host memory: a state
+  kept by :func:`offload` inside it would come back in device memory after
+  one step, unlike what ``init`` and ``abstract_state`` say, and a restored
+  checkpoint's next step would mix the two.
+  """
+  if not (isinstance(old, jax.Array) and _compat.in_host_memory(old)):
+    return new
+  if _compat.is_tracer(new):
+    return jax.device_put(new, _compat.memory_space(host=True))
+  return jax.device_put(new, old.sharding)
+
+
+def on_device(tree: Any) -> Any:
+  """``tree`` with every array that lives in host memory brought to device
+  memory, for a wrapper that computes on a state :func:`offload` keeps on
+  the host (``with_telemetry`` decoding the moments)."""
+  def leaf(x):
+    if not (isinstance(x, jax.Array) and _compat.in_host_memory(x)):
+      return x
+    if _compat.is_tracer(x):
+      return jax.device_put(x, _compat.memory_space(host=False))
+    return jax.device_put(x, _compat.with_memory_kind(x.sharding, "device"))
+  return jax.tree.map(leaf, tree)

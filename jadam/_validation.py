@@ -45,7 +45,13 @@ def check_decay(name: str, value: Any) -> None:
   """A decay rate must lie in [0, 1): 1 never forgets, and > 1 diverges."""
   x = _scalar(name, value)
   if x is not None and not 0.0 <= x < 1.0:
-    raise ValueError(f"{name} must be in [0, 1), got {value!r}.")
+    hint = ""
+    if x == 1.0 and jnp.finfo(np.asarray(value).dtype).bits < 32:
+      hint = (f" A {np.asarray(value).dtype} hyperparameter rounds decays "
+              "such as 0.999 to 1: optax.inject_hyperparams casts them to "
+              "the parameters' dtype unless given "
+              "hyperparam_dtype=jnp.float32.")
+    raise ValueError(f"{name} must be in [0, 1), got {value!r}.{hint}")
 
 
 def check_nonnegative(name: str, value: Any, *, schedule: bool = False

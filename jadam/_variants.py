@@ -624,9 +624,30 @@ def schedule_free_adamw(
       optax.add_decayed_weights(weight_decay, mask),
       optax.scale_by_learning_rate(learning_rate))
   # Its averaging weights and step count are made by optax's init.
-  return _sharding.placing_scalars(optax_contrib.schedule_free(
+  return _sharding.placing_scalars(_dtypes_kept(optax_contrib.schedule_free(
       base, learning_rate=learning_rate, b1=b1,
-      weight_lr_power=weight_lr_power, state_dtype=state_dtype))
+      weight_lr_power=weight_lr_power, state_dtype=state_dtype)))
+
+
+def _dtypes_kept(tx: optax.GradientTransformation
+                 ) -> optax.GradientTransformationExtraArgs:
+  """``tx`` whose ``update`` returns every state array in the dtype ``init``
+  gave it.
+
+  optax's schedule-free wrapper makes its averaging weights in the
+  parameters' dtype and updates them with the learning rate's: a float32
+  learning rate injected by ``optax.inject_hyperparams`` turned bfloat16
+  weights into float32 after one step, a new signature for the jitted step
+  (it compiled again) and a state that no longer matched its checkpoint.
+  """
+  tx = optax.with_extra_args_support(tx)
+
+  def update_fn(updates, state, params=None, **extra_args):
+    updates, new_state = tx.update(updates, state, params, **extra_args)
+    return updates, jax.tree.map(
+        lambda new, old: new.astype(old.dtype) if hasattr(old, "dtype")
+        else new, new_state, state)
+  return optax.GradientTransformationExtraArgs(tx.init, update_fn)
 
 
 def _with_linear_warmup(learning_rate: ScalarOrSchedule,

@@ -267,3 +267,124 @@ print(json.dumps(out))
   for kind, message in result.items():
     assert message.startswith("ValueError: jadam.zero1 cannot run inside "
                               "jax.shard_map"), (kind, message)
+
+
+# Found by the differential fuzzer (tests/test_fuzz.py) while it was built.
+
+def _offload_supported():
+  try:
+    jax.jit(jadam.offload(jadam.adam(1e-3)).init)({"w": jnp.ones(2)})
+    return True
+  except NotImplementedError:
+    return False
+
+
+needs_offload = pytest.mark.skipif(
+    not _offload_supported(),
+    reason="this JAX does not move arrays to host memory inside jit")
+
+
+def _memory_kinds(tree):
+  return jax.tree.map(lambda x: x.sharding.memory_kind, tree)
+
+
+@needs_offload
+def test_skip_outside_offload_keeps_host_memory_and_resumes(tmp_path):
+  """Before: after one jitted step the skip wrapper's selected state was
+  back in device memory, and a run restored onto abstract_state failed with
+  ``memory_space of all inputs passed to select_n must be the same``."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  tx = jadam.skip_nonfinite(jadam.offload(jadam.adam(1e-2, nu_dtype="int8")))
+  params = {"w": jnp.ones(8192), "b": jnp.ones(7)}
+  step = jax.jit(lambda s, g: tx.update(g, s, params)[1])
+  grads = [{"w": jnp.full(8192, v), "b": jnp.full(7, v)}
+           for v in (1.0, np.nan, 0.5, 2.0)]
+  state = tx.init(params)
+  kinds = _memory_kinds(state)
+  for g in grads[:2]:
+    state = step(state, g)
+    assert _memory_kinds(state) == kinds
+  assert int(state.skipped) == 1
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(tmp_path / "c", state)
+  checkpointer.wait_until_finished()
+  restored = checkpointer.restore(tmp_path / "c",
+                                  jadam.abstract_state(tx, params))
+  for g in grads[2:]:
+    state, restored = step(state, g), step(restored, g)
+  assert _memory_kinds(restored) == kinds
+  for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored)):
+    assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
+
+
+@needs_offload
+def test_skip_outside_offload_under_vmap():
+  """Before: ``select_n`` refused a batched device predicate with host
+  operands."""
+  tx = jadam.skip_nonfinite(jadam.offload(jadam.adam(1e-2)))
+  params = {"w": jnp.ones((2, 5))}
+  state = jax.vmap(tx.init)(params)
+  grads = {"w": jnp.ones((2, 5)).at[1, 0].set(jnp.nan)}
+  _, state = jax.jit(jax.vmap(tx.update))(grads, state, params)
+  np.testing.assert_array_equal(np.asarray(state.skipped), [0, 1])
+
+
+@needs_offload
+def test_telemetry_outside_offload_reads_host_moments():
+  """Before: decoding int8 moments kept in host memory mixed host and
+  device operands in one select."""
+  tx = jadam.with_telemetry(jadam.offload(jadam.adamw(1e-2, nu_dtype="int8")))
+  params = {"w": jnp.zeros(8192)}
+  _, state = jax.jit(tx.update)({"w": jnp.full(8192, 0.5)},
+                                tx.init(params), params)
+  np.testing.assert_allclose(float(jadam.stats(state)["nu_max"]),
+                             0.001 * 0.25, rtol=2e-2)
+
+
+@needs_offload
+def test_multisteps_outside_offload_is_refused_by_jax():
+  """Unsupported order, documented in docs/reliability.md: optax.MultiSteps
+  chooses the inner state with jnp.where, which computes in device memory,
+  so its two branches return the state in different memories. Put offload
+  outside MultiSteps instead (that order is tested by the fuzzer)."""
+  tx = optax.MultiSteps(jadam.offload(jadam.adam(1e-2)), every_k_schedule=2)
+  params = {"w": jnp.ones(3)}
+  with pytest.raises(TypeError, match="cond branches"):
+    jax.jit(tx.update)({"w": jnp.ones(3)}, tx.init(params), params)
+  outer = jadam.offload(optax.MultiSteps(jadam.adam(1e-2), every_k_schedule=2))
+  state = outer.init(params)
+  _, new_state = jax.jit(outer.update)({"w": jnp.ones(3)}, state, params)
+  assert _memory_kinds(new_state) == _memory_kinds(state)
+
+
+def test_schedule_free_state_keeps_its_dtypes_under_inject_hyperparams():
+  """Before: bfloat16 parameters with float32 injected hyperparameters made
+  optax's schedule-free weight_sum and max_lr float32 after one step (a
+  second compilation, and a state unlike its checkpoint)."""
+  tx = optax.inject_hyperparams(jadam.schedule_free_adamw,
+                                hyperparam_dtype=jnp.float32)(
+                                    learning_rate=1e-2)
+  params = {"w": jnp.ones(3, jnp.bfloat16)}
+  state = tx.init(params)
+  _, new_state = jax.jit(tx.update)({"w": jnp.ones(3, jnp.bfloat16)}, state,
+                                    params)
+  dtypes = lambda s: jax.tree.map(lambda x: str(x.dtype), s)
+  assert dtypes(new_state) == dtypes(state)
+
+
+def test_bfloat16_injected_decay_names_hyperparam_dtype():
+  """optax.inject_hyperparams casts hyperparameters to bfloat16 parameters'
+  dtype, where b2=0.999 is 1.0: refused, saying how to keep float32."""
+  tx = optax.inject_hyperparams(jadam.adam)(learning_rate=1e-3)
+  with pytest.raises(ValueError, match="hyperparam_dtype=jnp.float32"):
+    tx.init({"w": jnp.ones(3, jnp.bfloat16)})
+
+
+def test_adopt_under_inject_hyperparams_with_static_clip_function():
+  """ADOPT's clip_value_fn is a function of the step, which
+  inject_hyperparams would take for a schedule: mark it static."""
+  tx = optax.inject_hyperparams(jadam.adopt, static_args=("clip_value_fn",))(
+      learning_rate=1e-2)
+  params = {"w": jnp.ones(3)}
+  updates, _ = jax.jit(tx.update)({"w": jnp.ones(3)}, tx.init(params), params)
+  assert np.isfinite(np.asarray(updates["w"])).all()
