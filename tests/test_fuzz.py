@@ -260,14 +260,28 @@ def _inner_of_skip(state):
 
 
 def check_invariants(case, tx, params, states, final):
-  init_layout = _layout(states[0])
+  init_layout = jax.tree_util.tree_flatten_with_path(
+      _layout(states[0]), is_leaf=lambda x: isinstance(x, tuple)
+      and len(x) == 3 and isinstance(x[1], str))[0]
   for state in states[1:]:
-    assert _layout(state) == init_layout, (
-        f"state layout changed: {init_layout} -> {_layout(state)}")
+    layout = jax.tree_util.tree_flatten_with_path(
+        _layout(state), is_leaf=lambda x: isinstance(x, tuple)
+        and len(x) == 3 and isinstance(x[1], str))[0]
+    # optax 0.2.6's MultiSteps turns bfloat16 accumulated gradients into
+    # float32 after a step (its own state; later optax keeps the dtype).
+    changed = [(jax.tree_util.keystr(path), before, after)
+               for (path, before), (_, after) in zip(init_layout, layout)
+               if before != after and not (
+                   ".acc_grads" in jax.tree_util.keystr(path)
+                   and optax.__version__ == "0.2.6")]
+    assert len(layout) == len(init_layout) and not changed, (
+        f"state layout changed: {changed}")
   assert all(np.isfinite(np.asarray(x, np.float32)).all()
              for x in jax.tree.leaves(final)), "parameters not finite"
   outer = [w for w in case["wrappers"] if w != "offload"]
-  if case["stream"] == "nan_step" and outer and outer[-1] == "skip":
+  has_nan = any(int(np.prod(shape)) for shape, _ in case["leaves"])
+  if (case["stream"] == "nan_step" and has_nan and outer
+      and outer[-1] == "skip"):
     # Step 3 (index 2) held: its inner state is step 2's, bitwise.
     assert_bitwise(_inner_of_skip(states[3]), _inner_of_skip(states[2]),
                    "a skipped step changed the inner state")
@@ -285,6 +299,9 @@ def check_transform(case, tx, params, stream, final, states):
     remat, _ = run_loop(tx, params, stream, remat=True)
     assert_bitwise(remat, final, "jax.checkpoint changed the result")
   elif transform == "scan":
+    if (optax.__version__ == "0.2.6" and "multisteps" in case["wrappers"]
+        and any(d != "float32" for _, d in case["leaves"])):
+      return  # optax 0.2.6's MultiSteps changes its carry's dtype (above)
     def body(carry, grads):
       p, s = carry
       updates, s = tx.update(grads, s, p)
@@ -355,7 +372,8 @@ def check_one_step_bound(case, params, stream):
   moments stepped from the same (decoded) state."""
   name, kwargs = case["name"], case["kwargs"]
   storages = {k: v for k, v in kwargs.items() if k.endswith("_dtype")}
-  if name not in ("adam", "amsgrad", "radam", "nadam") or not storages:
+  if (name not in ("adam", "amsgrad", "radam", "nadam") or not storages
+      or case["stream"] == "nan_step"):
     return False
   factory = OPTIMIZERS[name][0]
   flags = {k: v for k, v in kwargs.items() if not k.endswith("_dtype")}
@@ -385,6 +403,12 @@ def check_one_step_bound(case, params, stream):
     for key in params:
       g = np.asarray(getattr(got, field)[key], np.float64)
       w = np.asarray(getattr(want, field)[key], np.float64)
+      # The two programs fuse the moment's multiply-add differently (an FMA
+      # or not): a few float32 ulps of its operands, which matter where
+      # they cancel (0.9·(-0.1953) + 0.1·1.758 is 0 or 4.7e-9).
+      grad = np.asarray(stream[2][key], np.float64)
+      old = np.abs(np.asarray(getattr(decoded, field)[key], np.float64))
+      fused = 2.0**-20 * (old + (grad**2 if root else np.abs(grad)))
       if storage == "int8":
         scales = after_c[0].scales._asdict()[field][key]
         if scales is None:
@@ -405,10 +429,8 @@ def check_one_step_bound(case, params, stream):
         if root and storage == "float16":  # stored as √v
           relative = 2 * relative + relative**2
           tiny = 2 * np.sqrt(np.abs(w)) * tiny + tiny**2
-        # Plus a few float32 ulps: the two programs fuse the moment's
-        # multiply-add differently.
-        bound = (relative + 2.0**-20) * np.abs(w) + tiny
-      excess = np.abs(g - w) - bound * (1 + 1e-5)
+        bound = relative * np.abs(w) + tiny
+      excess = np.abs(g - w) - (bound * (1 + 1e-5) + fused)
       assert (excess <= 0).all(), (
           f"{field}[{key}] off by {np.max(excess):.3g} beyond one rounding "
           f"step of {storage}")
