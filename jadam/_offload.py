@@ -158,10 +158,7 @@ def on_device(tree: Any) -> Any:
   """``tree`` with every array that lives in host memory brought to device
   memory, for a wrapper that computes on a state :func:`offload` keeps on
   the host (``with_telemetry`` decoding the moments)."""
-  def leaf(x):
-    if not (isinstance(x, jax.Array) and _compat.in_host_memory(x)):
-      return x
-    if _compat.is_tracer(x):
-      return jax.device_put(x, _compat.memory_space(host=False))
-    return jax.device_put(x, _compat.with_memory_kind(x.sharding, "device"))
-  return jax.tree.map(leaf, tree)
+  return jax.tree.map(
+      lambda x: _move(x, x.sharding.memory_kind if not _compat.is_tracer(x)
+                      else "pinned_host", to_host=False)
+      if isinstance(x, jax.Array) and _compat.in_host_memory(x) else x, tree)

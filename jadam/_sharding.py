@@ -33,6 +33,7 @@ from typing import Any, Hashable, Optional, Sequence
 import jax
 import jax.numpy as jnp
 import optax
+from jadam import _boxes
 from jadam import _compat
 from jadam._compat import Mesh, NamedSharding, PartitionSpec
 
@@ -349,10 +350,7 @@ def state_specs(tx: optax.GradientTransformation, params: PyTree,
     >>> specs[0].nu["w"], specs[0].scales.nu["w"]
     (PartitionSpec('data', None), PartitionSpec('data',))
   """
-  # Imported here: ``_boxes`` is the transformations' view of Flax boxes,
-  # and ``AxisNames`` is jadam's own box, followed through init the same way.
-  from jadam import _boxes  # pylint: disable=g-import-not-at-top
-
+  # AxisNames is jadam's own box, followed through init as Flax's are.
   def named(param, spec):
     names = tuple(spec) if spec is not None else ()
     return _boxes.AxisNames(param, names + (None,) * (
