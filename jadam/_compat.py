@@ -86,11 +86,30 @@ def is_explicit(axis_type: Any) -> bool:
   return axis_type == AxisType.Explicit
 
 
+def abstract_mesh_axis_names() -> tuple:
+  """The axis names of the current abstract mesh (inside ``shard_map``, its
+  mesh), in the mesh's order."""
+  return tuple(getattr(_find("sharding.get_abstract_mesh")(), "axis_names",
+                       ()))
+
+
 def in_manual_axes() -> bool:
   """Whether the code is being traced inside ``jax.shard_map`` (some axis of
   the current abstract mesh is ``Manual``)."""
   mesh = _find("sharding.get_abstract_mesh")()
   return any(t == AxisType.Manual for t in getattr(mesh, "axis_types", ()))
+
+
+def varying_axes(x: Any) -> frozenset:
+  """The manual mesh axes over which ``x`` differs between devices inside
+  ``jax.shard_map`` (its type's ``vma``); empty outside shard_map, for a
+  value replicated over every axis, or when shard_map runs with
+  ``check_vma=False``, which tracks nothing."""
+  aval = typeof(x)
+  manual = getattr(aval, "manual_axis_type", None)  # JAX 0.10 and later
+  if manual is not None:
+    return frozenset(manual.varying)
+  return frozenset(getattr(aval, "vma", None) or ())  # JAX 0.8 and 0.9
 
 
 def with_memory_kind(sharding: Any, kind: str) -> Any:
@@ -104,6 +123,16 @@ def memory_space(host: bool) -> Any:
   (``host``) or device memory inside ``jit`` (``jax.memory.Space``)."""
   space = _find("memory.Space")
   return space.Host if host else space.Device
+
+
+def transfer(x: Any, host: bool) -> Any:
+  """``x`` (a tracer inside ``jit``) moved to host (``host``) or device
+  memory. The source memory is named too: differentiating a transfer sends
+  the cotangent to the transfer's source, and without one JAX (0.8 to 0.12)
+  leaves it in the destination's memory, which ``jax.grad`` then refuses
+  (``Expected cotangent type float32[n] but got float32<host>[n]``)."""
+  return jax.device_put(x, memory_space(host=host),
+                        src=memory_space(host=not host))
 
 
 def in_host_memory(x: Any) -> bool:

@@ -18,12 +18,13 @@ they only look at the trees going in and out of the wrapped transformation.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional
+from typing import Any, Hashable, NamedTuple, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
 import optax
 
+from jadam import _compat
 from jadam import _offload
 from jadam import _rule
 from jadam import _sharding
@@ -32,6 +33,42 @@ from jadam import _transform
 from jadam import _variants
 
 Array = jax.Array
+AxisName = Union[Hashable, Sequence[Hashable]]
+
+
+def _axes(axis_name: Optional[AxisName]) -> Optional[tuple]:
+  """``axis_name`` as a tuple of mesh axis names (None stays None)."""
+  if axis_name is None:
+    return None
+  if isinstance(axis_name, (tuple, list)):
+    return tuple(axis_name)
+  return (axis_name,)
+
+
+def _check_axis_name(wrapper: str, axes: Optional[tuple]) -> None:
+  """Inside ``jax.shard_map`` each device sees its own shard of the
+  gradients; without ``axis_name`` the wrapper would decide or measure on
+  that shard alone, differently on each device."""
+  if axes is None and _compat.in_manual_axes():
+    raise ValueError(
+        f"jadam.{wrapper} is running inside jax.shard_map without "
+        f"axis_name, so each device would see only its own shard of the "
+        f"gradients (a NaN on one device would be skipped there alone, a "
+        f"norm would be the local one). Pass axis_name, the mesh axes the "
+        f"gradients are split or differ over (for example "
+        f"axis_name='data'), or axis_name=() to act on each device's shard "
+        f"alone on purpose.")
+
+
+def _across(partial: Array, leaf: Any, axes: Optional[tuple],
+            collective) -> Array:
+  """A per-leaf partial reduction (of this device's shard) completed over
+  the manual axes ``leaf`` is split over; replicated copies are counted
+  once."""
+  if not axes:
+    return partial
+  names = tuple(a for a in axes if a in _compat.varying_axes(leaf))
+  return collective(partial, names) if names else partial
 
 
 # --------------------------------------------------------------------------
@@ -52,24 +89,32 @@ class SkipNonfiniteState(NamedTuple):
   skipped: Array
 
 
-def all_finite(tree: Any) -> Array:
+def all_finite(tree: Any, axis_name: Optional[AxisName] = None) -> Array:
   """True when no leaf of ``tree`` holds a NaN or an Inf (a bool scalar).
 
   Zero-size leaves and empty trees count as finite; integer and boolean
-  leaves are always finite.
+  leaves are always finite. Inside ``jax.shard_map``, ``axis_name`` makes
+  the answer the same on every device: true only if every device's shard is
+  finite.
   """
   # x − x is 0 for every finite x and NaN for ±Inf and NaN, so one sum per
   # leaf answers the question. It vectorises better on CPU than an and-reduce
   # of jnp.isfinite over booleans, and unlike a plain sum it cannot overflow.
   sums = [jnp.sum(x - x) for x in jax.tree.leaves(tree)
           if jnp.size(x) and jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
-  if not sums:
-    return jnp.asarray(True)
-  return jnp.isfinite(sum(sums))
+  finite = jnp.isfinite(sum(sums)) if sums else jnp.asarray(True)
+  axes = _axes(axis_name)
+  if axes:
+    # A minimum over every named axis: under check_vma=False a replicated
+    # value cannot be told from a split one, and the minimum of equal
+    # values is that value.
+    finite = jax.lax.pmin(finite.astype(jnp.int32), axes) > 0
+  return finite
 
 
 def skip_nonfinite(
     inner: optax.GradientTransformation,
+    axis_name: Optional[AxisName] = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Drop every step whose gradients hold a NaN or an Inf.
 
@@ -106,10 +151,21 @@ def skip_nonfinite(
       with ``jadam_step_if``; an ``optax.GradientTransformationExtraArgs``
       inside must therefore accept (and may ignore) unknown ones, as that
       protocol asks.
+    axis_name: inside ``jax.shard_map``, the mesh axis name (or names) the
+      gradients are split or differ over, as ``jax.lax.pmean`` takes it:
+      the step is then skipped on every device when any device's shard is
+      non-finite, so replicated state stays replicated. Required inside
+      shard_map (a ValueError says so); ``()`` decides on each device's own
+      shard on purpose. Leave it None under ``jax.jit`` on a mesh, where
+      every reduction is already global.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with state
     :class:`SkipNonfiniteState`.
+
+  Raises:
+    ValueError: at ``update``, inside ``jax.shard_map`` without
+      ``axis_name``.
 
   Example:
     >>> import jax.numpy as jnp, jadam
@@ -125,6 +181,7 @@ def skip_nonfinite(
     steps with overflowed gradients).
   """
   inner = optax.with_extra_args_support(inner)
+  axes = _axes(axis_name)
 
   def init_fn(params):
     return _sharding.place_scalars(
@@ -132,7 +189,8 @@ def skip_nonfinite(
         params)
 
   def update_fn(updates, state, params=None, **extra_args):
-    finite = all_finite(updates)
+    _check_axis_name("skip_nonfinite", axes)
+    finite = all_finite(updates, axes)
     # A fresh signal per call: what it records about this call's updates
     # cannot reach another call, another thread, or a cached trace.
     step_if = _transform.StepIf(finite)
@@ -208,18 +266,35 @@ def _nonempty_leaves(tree: Any) -> list[Array]:
           for x in jax.tree.leaves(tree) if jnp.size(x)]
 
 
-def _norm(tree: Any) -> Array:
+def _norm(tree: Any, axes: Optional[tuple] = None) -> Array:
   leaves = _nonempty_leaves(tree)
   if not leaves:
     return jnp.zeros([], jnp.float32)
   # A reduction of |x|², not jnp.vdot: vdot flattens its operands, which
   # has no sharding type for an array split over Explicit mesh axes.
-  squares = [jnp.sum(_rule.abs_sq(x)) for x in leaves]
+  squares = [_across(jnp.sum(_rule.abs_sq(x)), x, axes, jax.lax.psum)
+             for x in leaves]
   return jnp.sqrt(sum(squares)).astype(jnp.float32)
 
 
-def _reduce(tree: Any, reduce_fn, empty: float) -> Array:
-  values = [reduce_fn(x).astype(jnp.float32) for x in _nonempty_leaves(tree)]
+def _nan_propagating(collective):
+  """``pmax``/``pmin`` that return NaN when any device's value is NaN, as
+  ``jnp.max``/``jnp.min`` do on one device (the collectives drop NaN)."""
+  def reduce(x, names):
+    any_nan = jax.lax.pmax(jnp.isnan(x).astype(jnp.int32), names) > 0
+    return jnp.where(any_nan, jnp.nan, collective(x, names))
+  return reduce
+
+
+_COLLECTIVES = {jnp.max: _nan_propagating(jax.lax.pmax),
+                jnp.min: _nan_propagating(jax.lax.pmin)}
+
+
+def _reduce(tree: Any, reduce_fn, empty: float,
+            axes: Optional[tuple] = None) -> Array:
+  values = [_across(reduce_fn(x).astype(jnp.float32), x, axes,
+                    _COLLECTIVES[reduce_fn])
+            for x in _nonempty_leaves(tree)]
   if not values:
     return jnp.asarray(empty, jnp.float32)
   return reduce_fn(jnp.stack(values))
@@ -245,18 +320,25 @@ def second_moments(state: Any) -> list[Any]:
 
 
 def _measure(grads: Any, updates: Any, params: Optional[Any],
-             inner_state: Any) -> HealthStats:
+             inner_state: Any, axes: Optional[tuple] = None) -> HealthStats:
   # The barrier keeps XLA from sharing subexpressions (such as g·g) between
   # these reductions and the optimizer's fused loops, which would force the
   # shared values to be written out to memory.
-  grads, updates, params, inner_state = jax.lax.optimization_barrier(
-      (grads, updates, params, inner_state))
-  grad_norm = _norm(grads)
-  update_norm = _norm(updates)
+  trees = (grads, updates, params, inner_state)
+  if axes:
+    # One barrier per array inside shard_map: a joint barrier gives every
+    # output the union of its inputs' varying axes, which would make a
+    # replicated leaf look split (and its copies counted in a norm).
+    trees = jax.tree.map(jax.lax.optimization_barrier, trees)
+  else:
+    trees = jax.lax.optimization_barrier(trees)
+  grads, updates, params, inner_state = trees
+  grad_norm = _norm(grads, axes)
+  update_norm = _norm(updates, axes)
   if params is None:
     param_norm = jnp.asarray(jnp.nan, jnp.float32)
   else:
-    param_norm = _norm(params)
+    param_norm = _norm(params, axes)
   # A zero parameter norm (a fresh bias-only model) makes any step infinitely
   # large relative to it; 0/0 is reported as 0 so that "no step" reads as such.
   update_ratio = jnp.where(update_norm == 0, jnp.zeros([], jnp.float32),
@@ -264,12 +346,13 @@ def _measure(grads: Any, updates: Any, params: Optional[Any],
   nus = second_moments(_offload.on_device(inner_state))
   return HealthStats(
       grad_norm=grad_norm,
-      grad_max_abs=_reduce(grads, lambda x: jnp.max(jnp.abs(x)), 0.0),
+      grad_max_abs=_reduce(jax.tree.map(jnp.abs, grads), jnp.max, 0.0,
+                           axes),
       update_norm=update_norm,
       param_norm=param_norm,
       update_ratio=update_ratio,
-      nu_min=_reduce(nus, jnp.min, jnp.nan),
-      nu_max=_reduce(nus, jnp.max, jnp.nan))
+      nu_min=_reduce(nus, jnp.min, jnp.nan, axes),
+      nu_max=_reduce(nus, jnp.max, jnp.nan, axes))
 
 
 def _empty_stats() -> HealthStats:
@@ -282,6 +365,7 @@ def _empty_stats() -> HealthStats:
 def with_telemetry(
     inner: optax.GradientTransformation,
     every: int = 1,
+    axis_name: Optional[AxisName] = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Keep gradient-health numbers of ``inner``'s steps in the state.
 
@@ -296,13 +380,22 @@ def with_telemetry(
     inner: any optax transformation.
     every: measure on steps 1, 1 + every, 1 + 2·every, ... and carry the last
       numbers in between (``lax.cond`` skips the reductions on other steps).
+    axis_name: inside ``jax.shard_map``, the mesh axis name (or names) the
+      gradients, parameters or state are split over: each number is then
+      the global one, the same on every device (a leaf split over an axis is
+      summed over it, a replicated one counted once, told apart by the
+      values' types, so shard_map must run with ``check_vma=True``, its
+      default). Required inside shard_map; ``()`` measures each device's
+      shard on purpose. Leave it None under ``jax.jit`` on a mesh.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with state
     :class:`TelemetryState`.
 
   Raises:
-    ValueError: if ``every`` is not a positive integer.
+    ValueError: if ``every`` is not a positive integer; at ``update``,
+      inside ``jax.shard_map`` without ``axis_name``, or with it under
+      ``check_vma=False``.
 
   Example:
     >>> import jax.numpy as jnp, jadam
@@ -320,6 +413,7 @@ def with_telemetry(
   if isinstance(every, bool) or not isinstance(every, int) or every < 1:
     raise ValueError(f"every must be a positive integer, got {every!r}.")
   inner = optax.with_extra_args_support(inner)
+  axes = _axes(axis_name)
 
   def init_fn(params):
     return _sharding.place_scalars(
@@ -327,10 +421,19 @@ def with_telemetry(
                        jnp.zeros([], jnp.int32)), params)
 
   def update_fn(updates, state, params=None, **extra_args):
+    _check_axis_name("with_telemetry", axes)
+    if axes and not all(a in _compat.varying_axes(jax.lax.axis_index(a))
+                        for a in axes):
+      raise ValueError(
+          "jadam.with_telemetry(axis_name=...) needs jax.shard_map's "
+          "check_vma=True (its default): with check_vma=False the values "
+          "carry no record of which axes they are split over, so a "
+          "replicated parameter cannot be told from a split one and a norm "
+          "would count its copies.")
     new_updates, new_inner = inner.update(updates, state.inner_state, params,
                                           **extra_args)
     count = optax.safe_increment(state.count)
-    measure = lambda: _measure(updates, new_updates, params, new_inner)
+    measure = lambda: _measure(updates, new_updates, params, new_inner, axes)
     if every == 1:
       health = measure()
     else:

@@ -18,6 +18,7 @@ import numpy as np
 import optax
 
 from jadam import _compat
+from jadam import _sharding
 
 # The memory kinds a state can be offloaded to. "pinned_host" is the one
 # JAX moves to and from inside a compiled function (jax.memory.Space.Host).
@@ -42,7 +43,7 @@ def _check_backend(memory_kind: str, devices: Any) -> None:
 
 @jax.jit
 def _to_host(x: jax.Array) -> jax.Array:
-  return jax.device_put(x, _compat.memory_space(host=True))
+  return _compat.transfer(x, host=True)
 
 
 def _check_compiled_transfers() -> None:
@@ -69,7 +70,7 @@ def _move(tree: Any, memory_kind: str, to_host: bool) -> Any:
       return x
     if _compat.is_tracer(x):
       # Inside jit: an annotation the compiler turns into a transfer.
-      return jax.device_put(x, _compat.memory_space(host=to_host))
+      return _compat.transfer(x, host=to_host)
     _check_backend(memory_kind, x.sharding.device_set)
     kind = memory_kind if to_host else "device"
     if x.sharding.memory_kind == kind:
@@ -127,7 +128,10 @@ def offload(tx: optax.GradientTransformation,
 
   def init_fn(params):
     _check_compiled_transfers()
-    return _move(tx.init(params), memory_kind, to_host=True)
+    # Loose scalars of wrappers inside (optax.MultiSteps's counters) are
+    # placed first, so they land in host memory where the step returns them.
+    state = _sharding.place_scalars(tx.init(params), params)
+    return _move(state, memory_kind, to_host=True)
 
   def update_fn(updates, state, params=None, **extra_args):
     _check_compiled_transfers()
@@ -150,7 +154,7 @@ def in_memory_of(new: Any, old: Any) -> Any:
   if not (isinstance(old, jax.Array) and _compat.in_host_memory(old)):
     return new
   if _compat.is_tracer(new):
-    return jax.device_put(new, _compat.memory_space(host=True))
+    return _compat.transfer(new, host=True)
   return jax.device_put(new, old.sharding)
 
 

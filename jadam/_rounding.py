@@ -12,7 +12,7 @@ index), computed inside the same fused loop as the rounding itself: cheaper on
 CPU than drawing ``jax.random`` bits for every element, and reproducible from
 the salt alone. Salts are derived from a ``jax.random`` key (the parameter
 transformation below keeps one in its state) or, for moment storage, from the
-step count alone (every leaf draws from the same stream, by element index).
+step count and the leaf's position in its tree (``_storage.step_leaf``).
 """
 
 from __future__ import annotations

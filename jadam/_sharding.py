@@ -110,7 +110,28 @@ def zeros_placed_like(like: Any, shape: Sequence[int], dtype: Any, *,
     if not isinstance(sharding, NamedSharding):
       return jnp.zeros(shape, dtype)
     sharding = _leading_split(sharding, tuple(like.shape), block)
-  return jnp.zeros(shape, dtype, device=sharding)
+  return jnp.zeros(shape, dtype, device=as_returned(sharding, len(shape)))
+
+
+def as_returned(sharding: Any, ndim: int) -> Any:
+  """``sharding`` spelled as a jitted step returns it, so that a state made
+  with it and the state a step returns are one signature and the second
+  step does not compile again: on ``Auto`` mesh axes trailing unsplit
+  dimensions are dropped (``P()``, not ``P(None)``), on ``Explicit`` axes
+  every dimension is spelled (``P(None, None)``, as in the array's type).
+  Other shardings come back unchanged."""
+  if not isinstance(sharding, NamedSharding):
+    return sharding
+  spec = tuple(sharding.spec)
+  if _has_explicit_axes(sharding):
+    spec += (None,) * (ndim - len(spec))
+  else:
+    while spec and spec[-1] is None:
+      spec = spec[:-1]
+  if spec == tuple(sharding.spec):
+    return sharding
+  return NamedSharding(sharding.mesh, PartitionSpec(*spec),
+                       memory_kind=sharding.memory_kind)
 
 
 def _scalar_placement(params: PyTree) -> Any:
@@ -124,7 +145,7 @@ def _scalar_placement(params: PyTree) -> Any:
     if isinstance(sharding, NamedSharding):
       return NamedSharding(sharding.mesh, PartitionSpec())
     if _compat.is_single_device_sharding(sharding):
-      return sharding
+      return _compat.with_memory_kind(sharding, "device")
   return None
 
 
@@ -161,15 +182,23 @@ def place_scalars(state: PyTree, params: PyTree) -> PyTree:
     >>> state.mini_step.committed
     True
   """
-  sharding = _scalar_placement(params)
+  # Parameters on no particular device may still meet state committed to
+  # one (kept in host memory by jadam.offload): the step's outputs are then
+  # committed, and so must the scalars be.
+  sharding = _scalar_placement(params) or _scalar_placement(state)
   if sharding is None:
     return state
 
   def place(leaf):
-    if (isinstance(leaf, jax.Array) and not _compat.is_tracer(leaf)
-        and leaf.ndim == 0 and not leaf.committed):
+    if not isinstance(leaf, jax.Array) or _compat.is_tracer(leaf):
+      return leaf
+    if leaf.ndim == 0 and not leaf.committed:
       return jax.device_put(leaf, sharding)
-    return leaf
+    # Arrays made by optax's wrappers (MultiSteps's accumulated gradients)
+    # copy the parameters' sharding as spelled; a step returns it spelled
+    # its own way.
+    spelled = as_returned(leaf.sharding, leaf.ndim)
+    return leaf if spelled is leaf.sharding else jax.device_put(leaf, spelled)
   return jax.tree.map(place, state)
 
 
@@ -513,18 +542,28 @@ def zero1(tx: optax.GradientTransformation, mesh: Mesh,
   def place(leaf):
     if not (isinstance(leaf, jax.Array) or _compat.is_tracer(leaf)):
       return leaf
+    if _compat.is_tracer(leaf):
+      placed = place_traced(leaf)
+      # A state kept in host memory (``zero1(offload(...))``) stays there.
+      return (_compat.transfer(placed, host=True)
+              if _compat.in_host_memory(leaf) and leaf.ndim else placed)
+    # Eager: the leaf's sharding is known exactly (or it is off the mesh),
+    # and so is its memory.
+    kind = leaf.sharding.memory_kind
     if leaf.ndim == 0:
       # Scalars (step counts) are replicated on the mesh, as jit returns them.
-      if _compat.is_tracer(leaf):
-        return leaf
-      return jax.device_put(leaf, NamedSharding(mesh, PartitionSpec()))
-    if not _compat.is_tracer(leaf):
-      # Eager: the leaf's sharding is known exactly (or it is off the mesh).
-      on_mesh = (isinstance(leaf.sharding, NamedSharding)
-                 and leaf.sharding.mesh == mesh)
-      base = leaf.sharding.spec if on_mesh else PartitionSpec()
-      return jax.device_put(leaf, NamedSharding(
-          mesh, add_axis(base, leaf.shape, mesh, axis)))
+      return jax.device_put(leaf, NamedSharding(mesh, PartitionSpec(),
+                                                memory_kind=kind))
+    on_mesh = (isinstance(leaf.sharding, NamedSharding)
+               and leaf.sharding.mesh == mesh)
+    base = leaf.sharding.spec if on_mesh else PartitionSpec()
+    return jax.device_put(leaf, as_returned(NamedSharding(
+        mesh, add_axis(base, leaf.shape, mesh, axis), memory_kind=kind),
+                                            leaf.ndim))
+
+  def place_traced(leaf):
+    if leaf.ndim == 0:
+      return leaf
     typed = _compat.typeof(leaf).sharding
     if _has_explicit_axes(typed) or axis_is_explicit:
       base = typed.spec if _has_explicit_axes(typed) else PartitionSpec()

@@ -19,6 +19,7 @@ import optax
 from jadam import _boxes
 from jadam import _compat
 from jadam import _quant
+from jadam import _rounding
 from jadam import _rule
 from jadam import _sharding
 from jadam import _storage
@@ -290,7 +291,9 @@ def walk(leaf: _rule.LeafRule, updates: Any, t: Array,
              None if scale_columns is None
              else tuple(column[index] for column in scale_columns))
             for index, g in enumerate(grads)]
-  results = [step(g, stored, t, scales) for g, stored, scales in inputs]
+  positions = _positions(len(inputs), t) if tracing else range(len(inputs))
+  results = [step(g, stored, t, scales, position)
+             for position, (g, stored, scales) in zip(positions, inputs)]
   for (g, stored, scales), (direction, moments, leaf_scales) in zip(
       inputs, results):
     if leaf.held is not None and any(
@@ -310,6 +313,23 @@ def walk(leaf: _rule.LeafRule, updates: Any, t: Array,
            for old, column in zip(scale_trees, zip(*new_scales))])
 
 
+def _positions(n: int, t: Array) -> list[Array]:
+  """The leaves' positions 0 … n−1 as values computed at run time, so that
+  the compiler cannot fold them into the leaves' loops.
+
+  Each position seeds its leaf's rounding stream. As a constant it would be
+  fused into the leaf's loops and make the loops of leaves of one shape
+  distinct code, which XLA then compiles once per leaf instead of once per
+  shape: 400 leaves of five shapes with bfloat16 moments compiled in 20 s
+  instead of 4.6 s on CPU. Picked out of one vector by a reduction, each
+  position reaches the loops as a parameter. (``t >> 31`` is 0 for every
+  step count, which the compiler cannot know.)
+  """
+  index = jax.lax.iota(jnp.uint32, n)
+  vector = index + (t >> 31).astype(jnp.uint32)
+  return [jnp.max(jnp.where(index == i, vector, 0)) for i in range(n)]
+
+
 def _shared_leaf_step(leaf: _rule.LeafRule, formats: tuple, tracing: bool):
   """``_storage.step_leaf`` for ``leaf`` as one jitted function for the whole
   walk, so that leaves of one shape and dtype are traced and lowered once:
@@ -323,16 +343,19 @@ def _shared_leaf_step(leaf: _rule.LeafRule, formats: tuple, tracing: bool):
   before, so that an eager update rounds as optax's eager update does.
   """
   if not tracing:
-    return lambda g, stored, t, scales: _storage.step_leaf(
-        g, stored, t, leaf, scales=scales, formats=formats)
+    return lambda g, stored, t, scales, position: _storage.step_leaf(
+        g, stored, t, leaf, stream=position, scales=scales, formats=formats)
   arrays, rebuild = _rule.split_scalars(leaf)
 
   @jax.jit
-  def step(g, stored, t, scales, arrays):
-    return _storage.step_leaf(g, stored, t, rebuild(arrays), scales=scales,
-                              formats=formats)
+  def step(g, stored, t, scales, arrays, stream):
+    return _storage.step_leaf(g, stored, t, rebuild(arrays), stream=stream,
+                              scales=scales, formats=formats)
 
-  return lambda g, stored, t, scales: step(g, stored, t, scales, arrays)
+  # The leaf's position goes in as a traced argument (its stream), so that
+  # leaves of one shape still share one trace.
+  return lambda g, stored, t, scales, position: step(
+      g, stored, t, scales, arrays, position)
 
 
 def step_signal(extra_args: dict[str, Any], count: Array

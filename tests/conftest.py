@@ -39,6 +39,17 @@ def train(opt, params, loss, steps):
   return params, state
 
 
+def offload_supported():
+  """Whether this JAX moves arrays to host memory inside jit here (JAX 0.8
+  does not on CPU)."""
+  import jadam  # pylint: disable=g-import-not-at-top
+  try:
+    jax.jit(jadam.offload(jadam.adam(1e-3)).init)({"w": jnp.ones(2)})
+    return True
+  except NotImplementedError:
+    return False
+
+
 def assert_bitwise(a, b):
   """Two pytrees with the same structure, dtypes, shapes and bytes."""
   assert jax.tree.structure(a) == jax.tree.structure(b)

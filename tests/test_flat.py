@@ -70,8 +70,9 @@ def test_narrow_moments_on_the_flat_path_track_float32_as_documented():
   # int8 blocks run over the whole buffer on the flat path, so leaves of
   # different scales share blocks (here all four leaves, 113 parameters,
   # share one), where the tree path blocks each leaf. Measured (300 steps,
-  # JAX 0.10.2), tree / flat: bfloat16 0.0048 / 0.0039, float16 0.0009 /
-  # 0.0008, int8 0.028 / 0.057 (docs/variants.md).
+  # JAX 0.10.2), tree / flat: bfloat16 0.0033 / 0.0035, float16 0.0016 /
+  # 0.0010, int8 0.028 / 0.037 (docs/variants.md). One realization: over 8
+  # random MLPs the tree path's float16 distance ranged 0.0009 to 0.0026.
   params, loss = PROBLEMS["mlp"]()
   view = jadam.FlatView(params)
   flat = view.ravel(params)
@@ -79,7 +80,7 @@ def test_narrow_moments_on_the_flat_path_track_float32_as_documented():
   reference, _ = train(jadam.adam(1e-2), params, loss, 300)
   assert relative_error(reference, params) > 0.5  # the run went far
   int8 = jadam.BlockwiseInt8(min_size=0)
-  bounds = {jnp.bfloat16: (0.007, 0.006), jnp.float16: (0.0014, 0.0013),
+  bounds = {jnp.bfloat16: (0.007, 0.006), jnp.float16: (0.003, 0.002),
             "int8": (0.04, 0.08)}
   for storage, (tree_bound, flat_bound) in bounds.items():
     fmt = int8 if storage == "int8" else storage
