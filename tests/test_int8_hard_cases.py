@@ -33,11 +33,14 @@ def test_an_outlier_does_not_make_its_block_mates_step_too_far():
   # their v is 9e8 times smaller than the block's largest. The uint8 codes
   # hold √v (a ratio of 3e4, inside the code map's 19.6 octaves), so the
   # block-mates keep their own second moments. Measured over 200 steps:
-  # the largest block-mate step is at most 1.33x the largest float32 one,
+  # the largest block-mate step is at most 1.55x the largest float32 one,
   # the RMS step 1.00-1.03x, the median element within 9.3% of its float32
   # step (99th percentile 37%). Before (codes of v, floored at the map's
   # smallest point): 1.02x, but an RMS step of 0.12x; before that (flushed
-  # to zero): 36,588x and 488x.
+  # to zero): 36,588x and 488x. The largest step is the tail of the
+  # rounding: over the gradient seeds 0-3 it ranged 1.33-1.54x with one
+  # stream for all leaves and 1.36-1.55x with a stream per leaf (median
+  # block-mate 1.08-1.12x either way).
   rng = np.random.default_rng(0)
   grads = []
   for _ in range(200):
@@ -49,7 +52,7 @@ def test_an_outlier_does_not_make_its_block_mates_step_too_far():
   mates[::256] = False
   largest = (np.abs(int8[:, mates]).max(axis=1)
              / np.abs(exact[:, mates]).max(axis=1))
-  assert largest.max() < 1.5
+  assert largest.max() < 1.7
   rms = lambda d: np.sqrt(np.mean(d[:, mates] ** 2, axis=1))
   ratio = rms(int8) / rms(exact)
   assert 0.95 < ratio.min() and ratio.max() < 1.1
