@@ -57,7 +57,9 @@ def test_every_wrapper_pair_keeps_placement_and_resumes_bitwise(mesh_kind):
   documented = dict(DOCUMENTED)
   if mesh_kind == "Auto":
     documented.update(DOCUMENTED_AUTO)
-  assert len(results) >= 24, results
+  # 5 wrappers without a mesh on a JAX that cannot offload (0.8 on CPU):
+  # 20 ordered pairs; up to 45 stacks with all 7 and the docs' stacks.
+  assert len(results) >= 20, results
   for stack, outcome in results.items():
     if stack in documented:
       assert outcome.startswith(documented[stack]), (stack, outcome)
