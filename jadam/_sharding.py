@@ -318,8 +318,11 @@ def abstract_state(tx: optax.GradientTransformation,
   """
   shapes = jax.eval_shape(tx.init, params)
   shardings = jax.jit(tx.init).lower(params).compile().output_shardings
+  # Spelled as a step returns them, so that a state restored onto these
+  # shardings continues without compiling the step again.
   return jax.tree.map(
-      lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+      lambda s, sh: jax.ShapeDtypeStruct(
+          s.shape, s.dtype, sharding=as_returned(sh, len(s.shape))),
       shapes, shardings)
 
 
