@@ -10,7 +10,8 @@ version and CPU model, since XLA may round differently between versions and
 instruction sets; where the running pair has none the test is skipped.
 
 Run it with ``-m matrix`` (it is deselected by default, like the sharding
-matrix); record a table (only from a commit whose numbers are the intended
+matrix; CI runs it in its newest environment, where the slow tests and the
+matrix both run); record a table (only from a commit whose numbers are the intended
 ones) with ``JADAM_RECORD_NUMERICS=1 python -m pytest -m matrix
 tests/test_numerics_frozen.py``. Tables recorded at this file's first
 commit: JAX 0.8.0, 0.10.2 and 0.12.1 on the project's 2-core AMD EPYC.
@@ -98,7 +99,8 @@ CASES = [(name, storage, path) for name in OPTIMIZERS for storage in FORMATS
          for path in ("tree", "flat")]
 
 
-@pytest.mark.matrix  # CI's newest and lowest environments (70 s each)
+@pytest.mark.slow
+@pytest.mark.matrix  # so in CI only the newest environment runs it (70 s)
 def test_numbers_equal_the_recorded_reference():
   digests = {"/".join(case): _digest(case) for case in CASES}
   tables = json.loads(REFERENCE.read_text()) if REFERENCE.exists() else {}

@@ -51,7 +51,8 @@ def _run(mesh_kind):
 
 
 @pytest.mark.parametrize("mesh_kind", [
-    "none", "Auto", pytest.param("Explicit", marks=pytest.mark.slow)])
+    "Auto", pytest.param("none", marks=pytest.mark.slow),
+    pytest.param("Explicit", marks=pytest.mark.slow)])
 def test_every_wrapper_pair_keeps_placement_and_resumes_bitwise(mesh_kind):
   results = _run(mesh_kind)
   documented = dict(DOCUMENTED)
