@@ -3,7 +3,7 @@
 # most BUDGET_S seconds (default 570), most important first:
 #
 #   machine   the GPU, driver and versions
-#   bench     python -m jadam.bench --size large: flat path, tree path,
+#   bench     python -m benchmarks.bench --size large: flat path, tree path,
 #             optax, PyTorch fused and foreach, bitsandbytes' Adam8bit,
 #             bfloat16 and int8 moments, skip_nonfinite, telemetry, offload
 #   cost      benchmarks/compiled_cost.py gpt2_small: kernels and bytes of
@@ -95,7 +95,7 @@ EOF"
 # Rows that do not fit together run in groups, in this order: telemetry
 # next to the plain flat step, so that on llama_1b (two or three rows a
 # group on one H200) its ratio to the plain step is measured interleaved.
-run_stage bench 300 "$python" -m jadam.bench --size large \
+run_stage bench 300 "$python" -m benchmarks.bench --size large \
   --impls jadam,jadam_telemetry,jadam_tree,optax,torch_fused,torch_foreach,bnb_adam8bit,jadam_bf16,jadam_int8,jadam_skip_nonfinite,jadam_offload \
   --json "$out/large.json" --plot "$out/large.png" "${quick[@]}"
 run_stage cost 60 "$python" benchmarks/compiled_cost.py gpt2_small

@@ -3,7 +3,7 @@ number of kernels per step and the bytes they access, from XLA's compiled
 cost analysis (docs/performance.md, "On a GPU or TPU").
 
 Each row compiles the donated step ``update`` + ``apply_updates`` of
-``python -m jadam.bench`` on the tree's shapes (nothing is allocated, so
+``python -m benchmarks.bench`` on the tree's shapes (nothing is allocated, so
 the 1.1B-parameter tree compiles on any machine), with XLA:CPU's
 multi-output fusion on, as the benchmark runs it. Columns:
 
@@ -23,6 +23,7 @@ loops), so they say what a step asks of memory on this compiler, not how a
 GPU will time it.
 """
 
+import os
 import re
 import sys
 import time
@@ -32,7 +33,12 @@ import jax.numpy as jnp
 import optax
 
 import jadam
-from jadam import bench
+if __package__ in (None, ""):
+  # Run as a script: the clone's root is where ``benchmarks`` lives.
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(
+      __file__))))
+
+from benchmarks import bench  # pylint: disable=wrong-import-position
 
 _LR = bench.LEARNING_RATE
 # name -> (optimizer factory, on the flat view)

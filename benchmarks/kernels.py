@@ -7,7 +7,7 @@ checkout with jadam installed.
 buffer of 16M elements (the ``single_16m`` tree) compiled several ways,
 interleaved in one process with the in-place copy that sets the floor:
 
-* ``xla``: the default, as in ``python -m jadam.bench``. XLA:CPU emits three
+* ``xla``: the default, as in ``python -m benchmarks.bench``. XLA:CPU emits three
   loops (first moment, second moment, parameter), 40 bytes per parameter.
 * ``fast_math``: ``compiler_options={"xla_cpu_enable_fast_math": True}``.
 * ``vector_512``: ``compiler_options={"xla_cpu_prefer_vector_width": 512}``.
@@ -144,7 +144,11 @@ def measure(steps: int, blocks) -> dict[str, float]:
 
 def _train_child(impl: str, fused: bool) -> None:
   """Serve one training step per line on stdin; print its seconds."""
-  from jadam import bench  # pylint: disable=import-outside-toplevel
+  if __package__ in (None, ""):
+    # Run as a script: the clone's root is where ``benchmarks`` lives.
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(
+        __file__))))
+  from benchmarks import bench  # pylint: disable=import-outside-toplevel
   if fused:
     _fusion.enable_cpu_fusion()
   runner = bench.TRAIN_IMPLS[impl](False)

@@ -19,7 +19,7 @@ candidate; only the compiled step differs:
 * ``flat``: ``jadam.adam`` on a ``jadam.FlatView`` buffer, the state a
   flat buffer too: the bound the others are measured against.
 
-XLA:CPU's multi-output fusion is on, as in ``python -m jadam.bench``.
+XLA:CPU's multi-output fusion is on, as in ``python -m benchmarks.bench``.
 For each: median step time (interleaved with the others, params and state
 donated), compile time, the kernels of the compiled step, and how far its
 parameters end from those of the first layout after the same steps.
@@ -29,6 +29,7 @@ parameters end from those of the first layout after the same steps.
 """
 
 import argparse
+import os
 import sys
 
 import jax
@@ -36,7 +37,12 @@ import jax.numpy as jnp
 import numpy as np
 
 import jadam
-from jadam import bench
+if __package__ in (None, ""):
+  # Run as a script: the clone's root is where ``benchmarks`` lives.
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(
+      __file__))))
+
+from benchmarks import bench  # pylint: disable=wrong-import-position
 
 import compiled_cost  # pylint: disable=wrong-import-order
 

@@ -22,7 +22,7 @@ Run:  python examples/memory_study.py [--quick] [--plot [DIR]]
       times the pieces of an int8 step (decode, encode, block maxima, random
       bits) each on its own, to show where the int8 step's time goes.
       Both timing modes turn on XLA:CPU multi-output fusion first
-      (``jadam.enable_cpu_fusion()``), as ``python -m jadam.bench`` does;
+      (``jadam.enable_cpu_fusion()``), as ``python -m benchmarks.bench`` does;
       add --default-xla-flags to time with XLA's defaults.
 """
 

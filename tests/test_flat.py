@@ -14,6 +14,11 @@ import pytest
 import jadam
 from conftest import PROBLEMS, relative_error, train
 
+# The benchmark lives in the clone's benchmarks/ package, not in jadam.
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+  sys.path.insert(0, ROOT)
+
 # Decay on kernels only, as is usual (not on biases or norm scales).
 def _kernels(params):
   return jax.tree.map(lambda p: p.ndim > 1, params)
@@ -218,12 +223,11 @@ def test_flax_example_trains_flat_exactly_like_the_tree():
 def test_benchmark_quick_run_writes_the_json_schema(tmp_path):
   out = tmp_path / "bench.json"
   env = dict(os.environ)
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env["PYTHONPATH"] = os.pathsep.join(
-      [root] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+      [ROOT] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
   # torch is bench-only: leave the torch row out of the test run.
   subprocess.run(
-      [sys.executable, "-m", "jadam.bench", "--quick", "--steps", "2",
+      [sys.executable, "-m", "benchmarks.bench", "--quick", "--steps", "2",
        "--warmup", "1", "--impls", "jadam,jadam_tree,optax",
        "--json", str(out)], check=True, env=env, capture_output=True,
       timeout=600)
@@ -248,7 +252,7 @@ def test_benchmark_without_flax_skips_the_training_row_and_says_why(
   # An install without the extras has no Flax: the training-step row, which
   # builds a Flax model, is skipped up front with the reason, and the other
   # rows still run.
-  from jadam import bench
+  from benchmarks import bench  # pylint: disable=g-import-not-at-top
   real = bench._importable
   monkeypatch.setattr(bench, "_importable",
                       lambda name: name != "flax" and real(name))
@@ -263,7 +267,7 @@ def test_benchmark_without_flax_skips_the_training_row_and_says_why(
 def test_benchmark_large_trees_are_the_accelerator_presets():
   # --size large: the trees of the GPU comparison, at their real sizes
   # (shapes only: nothing is allocated here).
-  from jadam import bench
+  from benchmarks import bench  # pylint: disable=g-import-not-at-top
   counts = {name: (len(shapes), sum(int(np.prod(s)) for s in shapes.values()))
             for name in bench.SIZES["large"]
             for shapes in [bench.TREES[name](False)]}
@@ -275,7 +279,7 @@ def test_benchmark_large_trees_are_the_accelerator_presets():
 
 
 def test_benchmark_groups_fill_the_memory_in_order():
-  from jadam import bench
+  from benchmarks import bench  # pylint: disable=g-import-not-at-top
   groups, too_big = bench.plan_groups(
       {"a": 4, "b": 4, "c": 3, "big": 11, "d": 10, "e": 1}, limit=10)
   # a+b fit (8), c would make 11: a new group; d needs a group of its own;
@@ -285,7 +289,7 @@ def test_benchmark_groups_fill_the_memory_in_order():
 
 
 def test_benchmark_row_sizes_count_parameters_gradients_and_state_twice():
-  from jadam import bench
+  from benchmarks import bench  # pylint: disable=g-import-not-at-top
   shapes = bench.TREES["llama_1b"](False)
   n = sum(int(np.prod(s)) for s in shapes.values())
   # Twice params (4) + grads (4) + the state, which is counted from the
@@ -303,7 +307,7 @@ def test_benchmark_times_rows_in_groups_when_they_do_not_fit_together():
   # The large trees do not fit all their rows at once on one device: rows
   # then run in consecutive groups, each with its own probe, and a row that
   # cannot fit even alone is skipped with its size.
-  from jadam import bench
+  from benchmarks import bench  # pylint: disable=g-import-not-at-top
   shapes = bench.TREES["gpt2_small"](True)
   one_row = bench.row_bytes("jadam", shapes)
   probe = 1 << 20
@@ -336,7 +340,7 @@ def test_benchmark_counts_its_own_host_copies_where_the_device_is_the_host(
     monkeypatch):
   # On a CPU the drawn data (and a flat row's packed copy) share the memory
   # with the rows: a row that would fit on its own does not fit beside them.
-  from jadam import bench
+  from benchmarks import bench  # pylint: disable=g-import-not-at-top
   shapes = bench.TREES["single_16m"](True)
   host = bench.HOST_BYTES_PER_PARAM * 16384
   probe = 1 << 20
@@ -357,7 +361,7 @@ def test_benchmark_counts_its_own_host_copies_where_the_device_is_the_host(
 def test_an_interrupted_benchmark_reports_the_rows_it_measured(monkeypatch):
   # Ctrl-C, or a time limit's SIGINT, during the second tree: the first
   # tree's rows and floor are still returned, marked as interrupted.
-  from jadam import bench
+  from benchmarks import bench  # pylint: disable=g-import-not-at-top
   real, calls = bench._interleave, []
 
   def interleave(*args, **kwargs):
@@ -376,7 +380,7 @@ def test_an_interrupted_benchmark_reports_the_rows_it_measured(monkeypatch):
 
 
 def test_benchmark_reports_the_machine_and_why_rows_are_skipped(monkeypatch):
-  from jadam import bench
+  from benchmarks import bench  # pylint: disable=g-import-not-at-top
   real = bench._importable
   monkeypatch.setattr(bench, "_importable",
                       lambda name: name != "bitsandbytes" and real(name))

@@ -1,4 +1,5 @@
-"""``python -m jadam.bench``: Adam step time against optax and PyTorch.
+"""``python -m benchmarks.bench`` (from a clone's root, or
+``python benchmarks/bench.py``): Adam step time against optax and PyTorch.
 
 All implementations run in one process and are interleaved step by step, so
 that a load change on the machine hits them alike. Each implementation is
@@ -54,9 +55,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jadam import _alias
-from jadam import _bench_lm
-from jadam import _flat
+if __package__ in (None, ""):
+  # Run as a script (python benchmarks/bench.py): the clone's root is where
+  # the ``benchmarks`` package lives.
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(
+      __file__))))
+
+from benchmarks import _bench_lm  # pylint: disable=wrong-import-position
+from jadam import _alias  # pylint: disable=wrong-import-position
+from jadam import _flat  # pylint: disable=wrong-import-position
 from jadam import _fusion
 from jadam import _health
 from jadam import _offload
@@ -817,9 +824,9 @@ def plot(doc: Mapping[str, Any], path: str) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-  """Command-line entry point (``python -m jadam.bench`` / ``jadam-bench``)."""
+  """Command-line entry point (``python -m benchmarks.bench``)."""
   parser = argparse.ArgumentParser(
-      prog="jadam-bench", description=__doc__.split("\n\n")[0],
+      prog="python -m benchmarks.bench", description=__doc__.split("\n\n")[0],
       formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--size", choices=sorted(SIZES), default="default",
                       help="which trees run when --trees is not given: "
