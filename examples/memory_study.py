@@ -252,7 +252,8 @@ def time_steps(size: int, rounds: int = 15) -> dict:
 def time_parts(size: int, rounds: int = 11) -> dict:
   """Median ms of each piece of an int8 step, as one jitted whole-array
   operation on ``size`` float32 elements (interleaved rounds)."""
-  from jadam import _quant, _rounding  # pylint: disable=g-import-not-at-top
+  from jadam import _rounding  # pylint: disable=g-import-not-at-top
+  from jadam._formats import _codes as _quant  # pylint: disable=g-import-not-at-top
   x = 0.1 * jax.random.normal(jax.random.PRNGKey(0), (size,))
   signed_codes, _ = _quant.quantize(x, True)
   unsigned_codes, _ = _quant.quantize(x * x, False)

@@ -61,7 +61,9 @@ from jadam._health import TelemetryState
 from jadam._health import skip_nonfinite
 from jadam._health import stats
 from jadam._health import with_telemetry
-from jadam._quant import BlockwiseInt8
+from jadam._formats import BlockwiseInt8
+from jadam._formats import Float
+from jadam._formats import Int8Moment
 from jadam._rounding import StochasticRoundingState
 from jadam._offload import offload
 from jadam._rounding import stochastic_rounding
@@ -74,18 +76,17 @@ from jadam._sharding import place_scalars
 from jadam._sharding import state_shardings
 from jadam._sharding import zero1
 from jadam._sharding import zero1_shardings
-from jadam._storage import decode_moments
-from jadam._transform import QuantizedAdamState
-from jadam._transform import QuantizedAmsgradState
+from jadam._state import StateSummary
+from jadam._state import convert_state
+from jadam._state import decode_moments
+from jadam._state import describe
 from jadam._transform import ScaleByAdamState
 from jadam._transform import ScaleByAmsgradState
 from jadam._transform import scale_by_adam
 from jadam._transform import scale_by_adamax
 from jadam._transform import scale_by_amsgrad
 from jadam._transform import scale_by_radam
-from jadam._variants import QuantizedAdemamixState
 from jadam._variants import ScaleByAdemamixState
-from jadam._variants import QuantizedSecondMomentState
 from jadam._variants import ScaleBySecondMomentState
 from jadam._variants import ademamix
 from jadam._variants import ademamix_b3_schedule
@@ -125,10 +126,6 @@ __all__ = [
     "scale_by_adopt",
     "scale_by_amsgrad",
     "scale_by_radam",
-    "QuantizedAdamState",
-    "QuantizedAdemamixState",
-    "QuantizedAmsgradState",
-    "QuantizedSecondMomentState",
     "ScaleByAdamState",
     "ScaleByAdemamixState",
     "ScaleByAmsgradState",
@@ -142,3 +139,17 @@ __all__ = [
     "sharding",
     "storage",
 ]
+
+
+_REMOVED = ("QuantizedAdamState", "QuantizedAmsgradState",
+            "QuantizedAdemamixState", "QuantizedSecondMomentState")
+
+
+def __getattr__(name):
+  if name in _REMOVED:
+    raise AttributeError(
+        f"jadam.{name} was removed in 0.4: an int8 moment is now a "
+        "jadam.Int8Moment leaf inside optax's own state classes. Load a "
+        "checkpoint written before with jadam.convert_state(restored, "
+        "optimizer, params).")
+  raise AttributeError(f"module 'jadam' has no attribute {name!r}")

@@ -25,12 +25,13 @@ import jax.numpy as jnp
 import optax
 
 from jadam import _compat
+from jadam import _engine
 from jadam import _offload
 from jadam import _rule
 from jadam import _sharding
-from jadam import _storage
-from jadam import _transform
-from jadam import _variants
+from jadam import _skip
+from jadam import _state
+from jadam._formats import floats
 
 Array = jax.Array
 AxisName = Union[Hashable, Sequence[Hashable]]
@@ -127,17 +128,17 @@ def skip_nonfinite(
   the skip flag as one more input.
 
   The check reads each gradient once (one reduction per leaf). The decision
-  goes down to ``inner`` as the extra ``update`` argument ``jadam_step_if``
-  (a :class:`jadam._transform.StepIf` made afresh in each call), which
+  goes down to ``inner`` as the extra ``update`` argument ``jadam_skip``
+  (a :class:`jadam._skip.Decision` made afresh in each call), which
   ``optax.chain``, ``inject_hyperparams``, ``MultiSteps``, ``partition``,
   ``masked`` and the other wrappers of optax's extra-args protocol forward.
-  jadam's own Adam-family transformations that receive it skip the step in
-  the same elementwise pass that takes it (each new moment is selected
-  against the old one where it is computed, leaving the moments bitwise in
-  place), so protecting them costs little more than that check. Every other
-  piece of state (optax transformations, the variants of
-  :mod:`jadam._variants`, states behind a wrapper that does not forward
-  extra arguments, states that a wrapper such as ``MultiSteps`` rebuilds) is
+  jadam's own transformations that receive it skip the step in the same
+  elementwise pass that takes it (each new moment is selected against the
+  old one where it is computed, leaving the moments bitwise in place), so
+  protecting them costs little more than that check. Every other piece of
+  state (optax transformations, states behind a wrapper that does not
+  forward extra arguments, states that a wrapper such as ``MultiSteps``
+  rebuilds) is
   kept with ``jnp.where`` between the new and the old value, which is
   correct for any transformation but costs a pass over large state.
 
@@ -148,7 +149,7 @@ def skip_nonfinite(
   Args:
     inner: any optax transformation, for example ``jadam.adam(1e-3)`` or an
       ``optax.chain``. Extra update arguments are passed through, together
-      with ``jadam_step_if``; an ``optax.GradientTransformationExtraArgs``
+      with ``jadam_skip``; an ``optax.GradientTransformationExtraArgs``
       inside must therefore accept (and may ignore) unknown ones, as that
       protocol asks.
     axis_name: inside ``jax.shard_map``, the mesh axis name (or names) the
@@ -193,23 +194,23 @@ def skip_nonfinite(
     finite = all_finite(updates, axes)
     # A fresh signal per call: what it records about this call's updates
     # cannot reach another call, another thread, or a cached trace.
-    step_if = _transform.StepIf(finite)
+    decision = _skip.Decision(jnp.logical_not(finite))
     new_updates, new_inner = inner.update(
         updates, state.inner_state, params,
-        **{**extra_args, _transform.STEP_IF: step_if})
+        **{**extra_args, _skip.SKIP: decision})
     new_updates = jax.tree.map(
         lambda u: jnp.where(finite, u, jnp.zeros_like(u)), new_updates)
     # Selected where the old value lives (host memory under jadam.offload).
     select = lambda new, old: _offload.in_memory_of(jnp.where(
         finite, _offload.on_device(new), _offload.on_device(old)), old)
-    # A state returned by an update that honoured the signal, given exactly
+    # A state returned by an update that took the decision, given exactly
     # the old state found at the same place, is already the old one on a
     # skipped step; everything else (also a recorded state found elsewhere)
     # is chosen between new and old, array by array.
     new_inner = jax.tree.map(
-        lambda new, old: new if step_if.honoured(new, old) else jax.tree.map(
+        lambda new, old: new if decision.taken(new, old) else jax.tree.map(
             select, new, old),
-        new_inner, state.inner_state, is_leaf=step_if.produced)
+        new_inner, state.inner_state, is_leaf=decision.returned)
     skipped = jnp.where(finite, state.skipped,
                         optax.safe_increment(state.skipped))
     return new_updates, SkipNonfiniteState(new_inner, skipped)
@@ -262,7 +263,7 @@ class TelemetryState(NamedTuple):
 
 def _nonempty_leaves(tree: Any) -> list[Array]:
   """Leaves with at least one entry, in the rule's compute dtype or wider."""
-  return [x.astype(_storage.compute_dtype(x.dtype))
+  return [x.astype(floats.compute_dtype(x.dtype))
           for x in jax.tree.leaves(tree) if jnp.size(x)]
 
 
@@ -313,9 +314,8 @@ def second_moments(state: Any) -> list[Any]:
   block scales, float16 √v) to float32 values of v.
   """
   nodes = jax.tree.leaves(state, is_leaf=_is_adam_state)
-  jadam_states = _transform.ADAM_STATES + _variants.VARIANT_STATES
-  return [_storage.decode_moments(node).nu
-          if isinstance(node, jadam_states) else node.nu
+  return [_state.decode_tree(node.nu, jnp.float32, second=True)
+          if _engine.moments_of(node) is not None else node.nu
           for node in nodes if _is_adam_state(node)]
 
 

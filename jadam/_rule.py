@@ -34,10 +34,12 @@ The family members are flags on :class:`AdamRule`:
 from __future__ import annotations
 
 import functools
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, Literal, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+
+from jadam import _skip
 
 Array = jax.Array
 ArrayLike = jax.typing.ArrayLike
@@ -64,14 +66,9 @@ class AdamRule(NamedTuple):
       :func:`_keras_step`).
     bias_correction_mu: divide m_t by 1 − β1^t (line 9); False uses m_t.
     bias_correction_nu: divide v_t by 1 − β2^t (line 10); False uses v_t.
-    held: None, or a traced bool that skips the step where True: the
-      moments come back bitwise unchanged and the direction is zero, chosen
-      element by element in the same pass as a real step rather than by
-      selecting between whole arrays afterwards. Set by
-      ``jadam.skip_nonfinite``.
-    corrections: None, or this update's :class:`Corrections`, computed once
-      and shared by every leaf (set by :func:`leaf_rule`); None computes
-      them from ``t`` inside the step.
+
+  A static record: what changes per call (the step number, the skip
+  decision, the bias corrections) travels beside it.
   """
 
   b1: ArrayLike = 0.9
@@ -83,11 +80,9 @@ class AdamRule(NamedTuple):
   infinity_norm: bool = False
   rectify_threshold: Optional[ArrayLike] = None
   cautious: bool = False
-  numerics: str = "optax"
-  held: Optional[Array] = None
+  numerics: Literal["optax", "keras"] = "optax"
   bias_correction_mu: bool = True
   bias_correction_nu: bool = True
-  corrections: Optional["Corrections"] = None
 
 
 NUMERICS = ("optax", "keras")
@@ -119,21 +114,23 @@ def abs_sq(g: Array) -> Array:
 
 
 def ema(new: Array, old: Array, decay: ArrayLike,
-        held: Optional[Array] = None) -> Array:
+        skip: Optional[Array] = None) -> Array:
   """Exponential moving average ``decay·old + (1 − decay)·new``.
 
-  Where the traced bool ``held`` is True the result is ``old`` exactly (for a
+  Where the traced bool ``skip`` is True the result is ``old`` exactly (for a
   skipped step; ``new`` may then be anything, NaN included).
   """
-  return hold(held, (1 - decay) * new + decay * old, old)
+  return hold(skip, (1 - decay) * new + decay * old, old)
 
 
-def hold(held: Optional[Array], new: Optional[Array],
+def hold(skip: Optional[Array], new: Optional[Array],
          old: Optional[Array]) -> Optional[Array]:
-  """``old`` where ``held`` (a skipped step), else ``new``."""
-  if held is None or new is None:
+  """``old`` where ``skip`` (a skipped step), else ``new``. Selecting where
+  each new value is computed, rather than between whole arrays afterwards,
+  keeps a skipped step inside the step's own pass."""
+  if skip is None or new is None:
     return new
-  return jnp.where(held, old, new)
+  return jnp.where(skip, old, new)
 
 
 @functools.partial(jax.jit, inline=True)
@@ -180,22 +177,20 @@ def corrections(b1: ArrayLike, b2: ArrayLike, t: Array,
 
 
 class LeafRule(NamedTuple):
-  """One optimizer's step on one array, as the engine (``_storage.step_leaf``
-  walked over a tree by ``_transform.walk``) needs it.
-
-  Every optimizer of the package, the Adam family here and the variants of
-  :mod:`jadam._variants`, is one of these handed to the same engine, which
+  """One optimizer's step on one array, as the engine (:mod:`jadam._engine`)
+  needs it: every optimizer of the package is one of these, and the engine
   owns storage formats, the in-pass skip, the CPU single-pass form, sharding
   and the random streams.
 
   Attributes:
     step: ``step(g, moments, scalars) -> (direction, new_moments)``: ``g``
       and the moments (a tuple, in the order of ``real``) in the compute
-      dtype, and ``scalars`` as below; the direction without the cautious
-      mask. Where ``scalars["held"]`` is True the new moments must equal the
-      old ones bitwise and the direction must be zero.
+      dtype, and ``scalars`` as below; the raw direction (the engine applies
+      the cautious mask and zeroes it on a skipped step). Where
+      ``scalars["skip"]`` is True the new moments must equal the old ones
+      bitwise (:func:`ema` and :func:`hold` take ``skip``).
     real: for each moment, whether it is a moment of |g|² (real for complex
-      parameters, kept as √v in float16).
+      parameters, kept as √v in float16 and int8).
     bounds: None, or ``bounds(g_max, old_scales, scalars) -> tuple``: for
       each int8 moment, an upper bound of its new block maxima from
       ``g_max`` (the block's largest finite |g|, None for a moment that is
@@ -204,7 +199,7 @@ class LeafRule(NamedTuple):
       values' exact maxima).
     cautious: apply :func:`caution` to the direction.
     scalars: a dict of this call's values that ``step`` and ``bounds`` read
-      (the step number ``"t"``, the skip decision ``"held"``, traced
+      (the step number ``"t"``, the skip decision ``"skip"``, traced
       hyperparameters, ...). ``step`` and ``bounds`` take them from their
       argument, never from a closure: the engine hands them through
       transformations such as ``jax.sharding.auto_axes``, inside which a
@@ -221,9 +216,16 @@ class LeafRule(NamedTuple):
   monotone: tuple[bool, ...] = ()
 
   @property
-  def held(self) -> Optional[Array]:
+  def skip(self) -> Optional[Array]:
     """The traced bool of a skipped step, or None."""
-    return (self.scalars or {}).get("held")
+    return (self.scalars or {}).get("skip")
+
+  def direction(self, raw: Array, g: Array) -> Array:
+    """The step's direction from ``step``'s: masked if cautious, zero on a
+    skipped step."""
+    if self.cautious:
+      raw = caution(raw, g)
+    return _skip.zero_if(self.skip, raw)
 
 
 def split_scalars(leaf: LeafRule) -> tuple[list, Callable[[list], LeafRule]]:
@@ -247,30 +249,32 @@ def split_scalars(leaf: LeafRule) -> tuple[list, Callable[[list], LeafRule]]:
   return [x for x, is_array in zip(values, traced) if is_array], rebuild
 
 
-def leaf_rule(rule: AdamRule, t: Array) -> LeafRule:
+def leaf_rule(rule: AdamRule, t: Array, skip: Optional[Array] = None
+              ) -> LeafRule:
   """The Adam family's :class:`LeafRule`: moments ``(m, v)``, or
-  ``(m, v, max v̂)`` for AMSGrad, stepped by :func:`adam_step`."""
+  ``(m, v, max v̂)`` for AMSGrad, stepped by :func:`adam_step`'s rule."""
   n = 3 if rule.amsgrad else 2
-  if rule.numerics != "keras" and rule.corrections is None:
-    rule = rule._replace(
-        corrections=corrections(rule.b1, rule.b2, t, rule.nesterov))
+  shared = None
+  if rule.numerics != "keras":
+    shared = corrections(rule.b1, rule.b2, t, rule.nesterov)
 
-  def step(g, moments, scalars):
-    plain = scalars["rule"]._replace(cautious=False)
-    direction, new = adam_step(g, Moments(*moments), scalars["t"], plain)
+  def step(g, moments, s):
+    direction, new = _step(g, Moments(*moments), s["t"], s["rule"],
+                           s["skip"], s["corrections"])
     return direction, tuple(new)[:n]
 
-  def bounds(g_max, old, scalars):
-    return scale_bounds(scalars["rule"], scalars["t"], g_max, old)
+  def bounds(g_max, old, s):
+    return scale_bounds(s["rule"], s["t"], g_max, old, s["corrections"])
 
   return LeafRule(step, real=(False, True, True)[:n], bounds=bounds,
                   cautious=rule.cautious,
-                  scalars={"t": t, "held": rule.held, "rule": rule},
+                  scalars={"t": t, "skip": skip, "rule": rule,
+                           "corrections": shared},
                   monotone=(False, False, True)[:n])
 
 
-def scale_bounds(rule: AdamRule, t: Array, g_max: tuple,
-                 old: tuple) -> tuple:
+def scale_bounds(rule: AdamRule, t: Array, g_max: tuple, old: tuple,
+                 shared: Optional["Corrections"] = None) -> tuple:
   """Upper bounds of the new block maxima of the Adam family's moments, from
   S, a block's old bound (itself above the old moment), and G, its largest
   finite |g|, by the rule's own recurrences (and decay factors, rounded as
@@ -292,6 +296,7 @@ def scale_bounds(rule: AdamRule, t: Array, g_max: tuple,
     t: the step number.
     g_max: per moment, G (float32 per block), or None if it is not int8.
     old: per moment, its old block scales.
+    shared: this update's :class:`Corrections`, if computed once.
 
   Returns:
     Per moment, the bound (None where ``g_max`` is None).
@@ -310,7 +315,8 @@ def scale_bounds(rule: AdamRule, t: Array, g_max: tuple,
     else:
       bound = ema(G * G, old[1], rule.b2)
       if rule.numerics != "keras" and rule.bias_correction_nu:
-        bound = bound / _corrections(rule, t).nu.astype(bound.dtype)
+        bound = bound / _corrections(rule, t, shared).nu.astype(
+            bound.dtype)
       bound = jnp.maximum(old[2], bound)
     out.append(bound)
   return tuple(out)
@@ -322,7 +328,8 @@ def denominator(v_hat: Array, rule: AdamRule) -> Array:
 
 
 def adam_step(
-    g: Array, moments: Moments, t: Array, rule: AdamRule
+    g: Array, moments: Moments, t: Array, rule: AdamRule,
+    skip: Optional[Array] = None,
 ) -> tuple[Array, Moments]:
   """One step of Algorithm 1 on one array.
 
@@ -331,39 +338,35 @@ def adam_step(
     moments: m_{t-1}, v_{t-1} (and max v̂ for AMSGrad) in the compute dtype.
     t: the step number, counting from 1 for the first update (int32 scalar).
     rule: hyperparameters and variant flags.
+    skip: None, or a bool that skips the step where True: the moments come
+      back bitwise unchanged and the direction is zero, selected element by
+      element where each is computed.
 
   Returns:
     ``(direction, new_moments)``: the direction is to be scaled by ``−α``.
   """
+  direction, new = _step(g, moments, t, rule, skip)
   if rule.cautious:
-    direction, new = adam_step(g, moments, t, rule._replace(cautious=False))
-    return caution(direction, g), new
-  if rule.held is not None:
-    # A skipped step: every new moment is selected against the old one where
-    # it is computed (see ``ema`` and ``hold``), and the direction is dropped.
-    # Selecting per use rather than zeroing the gradient once keeps a single
-    # shared array out of the computation, which XLA could otherwise keep in
-    # memory between the loops.
-    direction, new = _step(g, moments, t, rule)
-    return jnp.where(rule.held, jnp.zeros_like(direction), direction), new
-  return _step(g, moments, t, rule)
+    direction = caution(direction, g)
+  return _skip.zero_if(skip, direction), new
 
 
-def _step(g: Array, moments: Moments, t: Array,
-          rule: AdamRule) -> tuple[Array, Moments]:
+def _step(g: Array, moments: Moments, t: Array, rule: AdamRule,
+          skip: Optional[Array] = None,
+          shared: Optional["Corrections"] = None) -> tuple[Array, Moments]:
   """:func:`adam_step` for one rule, without the cautious mask."""
   if rule.numerics == "keras":
-    return _keras_step(g, moments, t, rule)
-  b1, b2, eps, held = rule.b1, rule.b2, rule.eps, rule.held
-  c = _corrections(rule, t)
-  m = ema(g, moments.mu, b1, held)                                # line 7
+    return _keras_step(g, moments, t, rule, skip)
+  b1, b2, eps = rule.b1, rule.b2, rule.eps
+  c = _corrections(rule, t, shared)
+  m = ema(g, moments.mu, b1, skip)                                # line 7
   if rule.infinity_norm:
     # Algorithm 2: u_t = max(β2·u_{t-1}, |g_t|), with ε inside as optax does,
     # so that u_t > 0 and no separate ε is needed in the denominator.
-    v = hold(held, jnp.maximum(jnp.abs(g) + eps, b2 * moments.nu),
+    v = hold(skip, jnp.maximum(jnp.abs(g) + eps, b2 * moments.nu),
               moments.nu)
   else:
-    v = ema(abs_sq(g), moments.nu, b2, held)                      # line 8
+    v = ema(abs_sq(g), moments.nu, b2, skip)                      # line 8
   if rule.nesterov:
     # Dozat (2016): β1·m̂_{t+1} + (1 − β1)·ĝ_t, with t+1 saturating like t.
     m_hat = (b1 * (m / c.mu_next.astype(m.dtype))
@@ -378,7 +381,7 @@ def _step(g: Array, moments: Moments, t: Array,
            if rule.bias_correction_nu else v)
   nu_max = None
   if rule.amsgrad:
-    nu_max = hold(held, jnp.maximum(moments.nu_max, v_hat), moments.nu_max)
+    nu_max = hold(skip, jnp.maximum(moments.nu_max, v_hat), moments.nu_max)
     v_hat = nu_max
   if rule.rectify_threshold is not None:
     direction = _rectify(m_hat, denominator(v_hat, rule), t, b2,
@@ -388,10 +391,11 @@ def _step(g: Array, moments: Moments, t: Array,
   return direction, Moments(m, v, nu_max)
 
 
-def _corrections(rule: AdamRule, t: Array) -> Corrections:
-  """The rule's shared :class:`Corrections`, or step ``t``'s own."""
-  if rule.corrections is not None:
-    return rule.corrections
+def _corrections(rule: AdamRule, t: Array,
+                 shared: Optional[Corrections]) -> Corrections:
+  """The update's ``shared`` :class:`Corrections`, or step ``t``'s own."""
+  if shared is not None:
+    return shared
   return corrections(rule.b1, rule.b2, t, rule.nesterov)
 
 
@@ -430,8 +434,8 @@ def caution(direction: Array, g: Array) -> Array:
   return direction * (mask / kept)
 
 
-def _keras_step(g: Array, moments: Moments, t: Array,
-                rule: AdamRule) -> tuple[Array, Moments]:
+def _keras_step(g: Array, moments: Moments, t: Array, rule: AdamRule,
+                skip: Optional[Array]) -> tuple[Array, Moments]:
   """Algorithm 1 as ``keras.optimizers.Adam`` (Keras 3) computes it.
 
   Kingma & Ba (2015, end of Section 2) note that lines 9-11 may be rewritten
@@ -446,15 +450,15 @@ def _keras_step(g: Array, moments: Moments, t: Array,
   Matching all of this, not just the formula, is what makes a ported model
   follow the same trajectory.
   """
-  b1, b2, held = rule.b1, rule.b2, rule.held
-  m = hold(held, moments.mu + (g - moments.mu) * (1 - b1),
+  b1, b2 = rule.b1, rule.b2
+  m = hold(skip, moments.mu + (g - moments.mu) * (1 - b1),
            moments.mu)                                            # line 7
-  v = hold(held, moments.nu + (abs_sq(g) - moments.nu) * (1 - b2),
+  v = hold(skip, moments.nu + (abs_sq(g) - moments.nu) * (1 - b2),
            moments.nu)                                            # line 8
   nu_max = None
   v_used = v
   if rule.amsgrad:
-    nu_max = hold(held, jnp.maximum(moments.nu_max, v), moments.nu_max)
+    nu_max = hold(skip, jnp.maximum(moments.nu_max, v), moments.nu_max)
     v_used = nu_max
   t_float = t.astype(v.dtype)
   step_size = (jnp.sqrt(bias_correction(b2, t_float))

@@ -5,7 +5,7 @@ its parameter can, and nothing in jadam needs to know the mesh. This module
 only decides *placement*:
 
 * State follows its parameter. Every zero of optimizer state is made by
-  :func:`jadam._storage.zeros`, which calls :func:`zeros_placed_like` here.
+  :mod:`jadam._formats`, which calls :func:`zeros_placed_like` here.
   Plain ``jnp.zeros`` under ``jax.jit`` has no data dependence on the
   parameter, so the compiler is free to put it anywhere (in practice whole on
   one device). On ``Explicit`` mesh axes the zeros copy the sharding in the
@@ -294,6 +294,22 @@ def _has_explicit_axes(sharding: Any) -> bool:
   mesh = getattr(sharding, "mesh", None)
   return mesh is not None and not mesh.empty and any(
       _compat.is_explicit(t) for t in mesh.axis_types)
+
+
+def explicit_shardings(tree: Any) -> Optional[Any]:
+  """The shardings of ``tree``'s arrays if any is on a mesh with Explicit
+  axes (the default of ``jax.make_mesh``), else None. An array on no mesh
+  (a gradient made outside it, say) meets the mesh's arrays as a
+  replicated one, as it does in any jnp operation."""
+  leaves, treedef = jax.tree.flatten(tree)
+  shardings = [_compat.typeof(x).sharding for x in leaves]
+  for sharding in shardings:
+    if _has_explicit_axes(sharding):
+      return treedef.unflatten([
+          NamedSharding(sharding.mesh, PartitionSpec())
+          if getattr(s, "mesh", None) is None or s.mesh.empty else s
+          for s in shardings])
+  return None
 
 
 def abstract_state(tx: optax.GradientTransformation,

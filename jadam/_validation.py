@@ -141,7 +141,9 @@ def check_same_tree(updates: Any, reference: Any, *, what: str,
           f"a leaf at {_path_str(gp)} where the state has one at "
           f"{_path_str(rp)}. Pass gradients with the parameters' structure.")
     g_shape = np.shape(g)
-    r_shape = getattr(r, "shape", np.shape(r))
+    r = getattr(r, "codes", r)  # an int8 moment has its codes' shape
+    r_shape = getattr(r, "shape", None)
+    r_shape = np.shape(r) if r_shape is None else r_shape
     if tuple(g_shape) != tuple(r_shape):
       raise ValueError(
           f"The gradient at {_path_str(gp)} has shape {tuple(g_shape)} but "

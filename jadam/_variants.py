@@ -3,8 +3,9 @@
 Each variant here changes what Adam remembers or where it evaluates the
 gradient, not how a moment is averaged or corrected: the arithmetic comes from
 the rule module (``ema``, ``abs_sq``, ``bias_correction``, ``denominator``,
-``adam_step``), and moments are loaded and stored through
-:mod:`jadam._storage`, so storage formats apply to them as to Adam.
+``adam_step``), and each is a per-array step handed to the engine
+(:mod:`jadam._engine`), so storage formats, the in-pass skip and sharding
+apply to them as to Adam.
 
 * ADOPT (Taniguchi et al., 2024): normalise g_t by the *previous* second
   moment before it enters the first moment, so that the step does not
@@ -19,7 +20,7 @@ the rule module (``ema``, ``abs_sq``, ``bias_correction``, ``denominator``,
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, NamedTuple, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -27,9 +28,9 @@ import optax
 from optax import contrib as optax_contrib
 
 from jadam import _alias
+from jadam import _engine
 from jadam import _rule
 from jadam import _sharding
-from jadam import _storage
 from jadam import _transform
 from jadam import _validation
 
@@ -109,61 +110,37 @@ def scale_by_adopt(
   _validation.check_decay("b1", b1)
   _validation.check_decay("b2", b2)
   _validation.check_nonnegative("eps", eps)
-  formats = (_storage.canonical_storage("mu_dtype", mu_dtype),
-             _storage.canonical_storage("nu_dtype", nu_dtype))
-  real = (False, True)
 
-  def init_fn(params):
-    (mu, nu), scales = _transform.init_moments(params, formats, real)
-    return _sharding.place_scalars(_transform.adam_state(
-        jnp.zeros([], jnp.int32), mu, nu,
-        None if scales is None else _rule.Moments(*scales, None)), params)
+  def step(g, moments, s):
+    mu, nu = moments
+    normalized = g / jnp.maximum(jnp.sqrt(nu), s["eps"])
+    if s["bound"] is not None:
+      normalized = _clip(normalized, s["bound"])
+    new_mu = _rule.ema(normalized, mu, s["b1_t"], s["skip"])
+    new_nu = _rule.ema(_rule.abs_sq(g), nu, s["b2_t"], s["skip"])
+    direction = (_rule.ema(normalized, new_mu, s["b1_t"]) if nesterov
+                 else new_mu)
+    return direction, (new_mu, new_nu)
 
-  def update_fn(updates, state, params=None, **extra_args):
-    del params
-    step_if, held, t = _transform.step_signal(extra_args, state.count)
+  def bounds(g_max, old, s):
+    # v's recurrence bounds it by G², as Adam's; m averages g normalised by
+    # each element's own √v, which G does not bound (only the clip does,
+    # loosely), so m takes its blocks' exact maxima.
+    _, g_nu = g_max
+    return (None, None if g_nu is None
+            else _rule.ema(g_nu * g_nu, old[1], s["b2_t"]))
+
+  def rule(state, t, skip):
     first = state.count == 0
     # The first call sets v_0 = g_0² and leaves m at zero (decays 0 and 1).
-    b1_t = jnp.where(first, 1.0, b1)
-    b2_t = jnp.where(first, 0.0, b2)
-    bound = clip_value_fn(state.count) if use_clipping else None
-    scalars = dict(t=t, held=held, b1_t=b1_t, b2_t=b2_t, bound=bound,
-                   eps=eps)
+    scalars = dict(t=t, skip=skip, b1_t=jnp.where(first, 1.0, b1),
+                   b2_t=jnp.where(first, 0.0, b2), eps=eps,
+                   bound=clip_value_fn(state.count) if use_clipping else None)
+    return _rule.LeafRule(step, (False, True), bounds, scalars=scalars)
 
-    def step(g, moments, s):
-      mu, nu = moments
-      normalized = g / jnp.maximum(jnp.sqrt(nu), s["eps"])
-      if s["bound"] is not None:
-        normalized = _clip(normalized, s["bound"])
-      new_mu = _rule.ema(normalized, mu, s["b1_t"], s["held"])
-      new_nu = _rule.ema(_rule.abs_sq(g), nu, s["b2_t"], s["held"])
-      direction = (_rule.ema(normalized, new_mu, s["b1_t"]) if nesterov
-                   else new_mu)
-      if s["held"] is not None:
-        direction = jnp.where(s["held"], jnp.zeros_like(direction), direction)
-      return direction, (new_mu, new_nu)
-
-    def bounds(g_max, old, s):
-      # v's recurrence bounds it by G², as Adam's; m averages g normalised by
-      # each element's own √v, which G does not bound (only the clip does,
-      # loosely), so m takes its blocks' exact maxima.
-      _, g_nu = g_max
-      return (None, None if g_nu is None
-              else _rule.ema(g_nu * g_nu, old[1], s["b2_t"]))
-
-    scales = getattr(state, "scales", None)
-    out, (mu, nu), new_scales = _transform.walk(
-        _rule.LeafRule(step, real, bounds, scalars=scalars), updates, t,
-        [state.mu, state.nu], None if scales is None else scales[:2],
-        formats)
-    new_state = _transform.adam_state(
-        t, mu, nu,
-        None if new_scales is None else _rule.Moments(*new_scales, None))
-    if step_if is not None:
-      step_if.record(state, new_state)
-    return out, new_state
-
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return _engine.transformation(
+      _transform.ScaleByAdamState, _transform.ADAM_MOMENTS,
+      _transform.formats(mu_dtype, nu_dtype), rule)
 
 
 def adopt(
@@ -212,39 +189,14 @@ def adopt(
 # ---------------------------------------------------------------------------
 
 
-# Without int8 moments the state is optax's own (``optax.contrib``'s
-# ``scale_by_ademamix`` keeps the same fields), so checkpoints move between
-# the two; int8 moments add their block scales in a class of their own.
+# optax.contrib's state class, for every storage format, so that
+# checkpoints move between the two.
 ScaleByAdemamixState = optax_contrib.ScaleByAdemamixState
-
-
-class QuantizedAdemamixState(NamedTuple):
-  """State of :func:`scale_by_ademamix` when a moment is stored as int8.
-
-  Attributes:
-    count: number of updates taken (int32, saturating).
-    count_m2: the update count the ``b3`` and ``alpha`` schedules see (equal
-      to ``count``; kept apart as optax keeps it).
-    m1: the fast EMA of g (decay β1), bias-corrected when used.
-    m2: the slow EMA of g (decay β3), used as is.
-    nu: the second moment v (decay β2).
-    scales: ``{"m1": ..., "m2": ..., "nu": ...}`` trees of float32 block
-      scales.
-  """
-
-  count: jax.Array
-  count_m2: jax.Array
-  m1: Any
-  m2: Any
-  nu: Any
-  scales: Any
-
-
-def _ademamix_state(count, count_m2, m1, m2, nu, scales):
-  if scales is None:
-    return ScaleByAdemamixState(count=count, count_m2=count_m2, m1=m1, m2=m2,
-                                nu=nu)
-  return QuantizedAdemamixState(count, count_m2, m1, m2, nu, scales)
+# The engine's order: m1 and v first, where Adam keeps m and v, so that they
+# are stored exactly as jadam.adam stores them (the same random streams and
+# int8 bounds: tested), then the slow EMA m2.
+ADEMAMIX_MOMENTS = (_engine.Moment("m1"), _engine.Moment("nu", second=True),
+                    _engine.Moment("m2"))
 
 
 def scale_by_ademamix(
@@ -284,8 +236,7 @@ def scale_by_ademamix(
 
   Returns:
     An ``optax.GradientTransformation`` with state
-    :class:`ScaleByAdemamixState` (``optax.contrib``'s), or
-    :class:`QuantizedAdemamixState` with int8 moments.
+    :class:`ScaleByAdemamixState` (``optax.contrib``'s).
 
   Example:
     >>> import jadam
@@ -299,73 +250,49 @@ def scale_by_ademamix(
   _transform.check_rule(rule)
   _check_decay("b3", b3)
   _validation.check_nonnegative("alpha", alpha, schedule=True)
-  mu_storage = _storage.canonical_storage("mu_dtype", mu_dtype)
-  # The engine's order: m1 and v first, where Adam keeps m and v, so that
-  # they are stored exactly as jadam.adam stores them (the same random
-  # streams and int8 bounds: tested), then the slow EMA m2.
-  formats = (mu_storage, _storage.canonical_storage("nu_dtype", nu_dtype),
-             mu_storage)
-  real = (False, True, False)
-  names = ("m1", "nu", "m2")
+  mu_format, nu_format = _transform.formats(mu_dtype, nu_dtype)
 
-  def init_fn(params):
-    (m1, nu, m2), scales = _transform.init_moments(params, formats, real)
-    return _sharding.place_scalars(_ademamix_state(
-        jnp.zeros([], jnp.int32), jnp.zeros([], jnp.int32), m1, m2, nu,
-        None if scales is None else dict(zip(names, scales))), params)
+  def step(g, moments, s):
+    m1, nu, m2 = moments
+    r, skip, c = s["rule"], s["skip"], s["corrections"]
+    m1 = _rule.ema(g, m1, r.b1, skip)
+    m2 = _rule.ema(g, m2, s["b3_t"], skip)
+    nu = _rule.ema(_rule.abs_sq(g), nu, r.b2, skip)
+    m1_hat = m1 / c.mu.astype(m1.dtype)
+    v_hat = nu / c.nu.astype(nu.dtype)
+    direction = (m1_hat + s["alpha_t"] * m2) / _rule.denominator(v_hat, r)
+    return direction, (m1, nu, m2)
 
-  def update_fn(updates, state, params=None, **extra_args):
-    del params
-    step_if, held, t = _transform.step_signal(extra_args, state.count)
+  def bounds(g_max, old, s):
+    # m1 and v as Adam's m and v. The slow EMA m2 averages signed gradients
+    # over ~1/(1 − β3) steps, so it sits far below the EMA of |g|'s block
+    # maxima (which bounds it); scaled by that bound, int8 m2 lost precision
+    # on the Zipf embedding of docs/memory.md, so m2 takes its blocks' exact
+    # maxima.
+    g1, g_nu, _ = g_max
+    r = s["rule"]
+    return (None if g1 is None else _rule.ema(g1, old[0], r.b1),
+            None if g_nu is None else _rule.ema(g_nu * g_nu, old[1], r.b2),
+            None)
+
+  def leaf_rule(state, t, skip):
     # Schedules see the number of updates already taken, as optax's do.
-    b3_t = b3(state.count_m2) if callable(b3) else b3
-    alpha_t = alpha(state.count_m2) if callable(alpha) else alpha
+    scalars = dict(
+        t=t, skip=skip, rule=rule,
+        b3_t=b3(state.count_m2) if callable(b3) else b3,
+        alpha_t=alpha(state.count_m2) if callable(alpha) else alpha,
+        corrections=_rule.corrections(rule.b1, rule.b2, t))
+    return _rule.LeafRule(step, (False, True, False), bounds,
+                          scalars=scalars)
 
-    scalars = dict(t=t, held=held, rule=rule, b3_t=b3_t, alpha_t=alpha_t,
-                   corrections=_rule.corrections(rule.b1, rule.b2, t))
+  def count_m2(state, skip):
+    new = optax.safe_increment(state.count_m2)
+    return new if skip is None else jnp.where(skip, state.count_m2, new)
 
-    def step(g, moments, s):
-      m1, nu, m2 = moments
-      r, held, c = s["rule"], s["held"], s["corrections"]
-      m1 = _rule.ema(g, m1, r.b1, held)
-      m2 = _rule.ema(g, m2, s["b3_t"], held)
-      nu = _rule.ema(_rule.abs_sq(g), nu, r.b2, held)
-      m1_hat = m1 / c.mu.astype(m1.dtype)
-      v_hat = nu / c.nu.astype(nu.dtype)
-      direction = (m1_hat + s["alpha_t"] * m2) / _rule.denominator(v_hat, r)
-      if held is not None:
-        direction = jnp.where(held, jnp.zeros_like(direction), direction)
-      return direction, (m1, nu, m2)
-
-    def bounds(g_max, old, s):
-      # m1 and v as Adam's m and v. The slow EMA m2 averages signed
-      # gradients over ~1/(1 − β3) steps, so it sits far below the EMA of
-      # |g|'s block maxima (which bounds it); scaled by that bound, int8 m2
-      # trained the Zipf embedding of docs/memory.md with 1.4x the error of
-      # exact maxima, so m2 takes its blocks' exact maxima.
-      g1, g_nu, _ = g_max
-      r = s["rule"]
-      return (None if g1 is None else _rule.ema(g1, old[0], r.b1),
-              None if g_nu is None else _rule.ema(g_nu * g_nu, old[1], r.b2),
-              None)
-
-    scales = getattr(state, "scales", None)
-    out, (m1, nu, m2), new_scales = _transform.walk(
-        _rule.LeafRule(step, real, bounds, scalars=scalars), updates, t,
-        [state.m1, state.nu, state.m2],
-        None if scales is None else [scales[name] for name in names],
-        formats)
-    count_m2 = optax.safe_increment(state.count_m2)
-    if held is not None:
-      count_m2 = jnp.where(held, state.count_m2, count_m2)
-    new_state = _ademamix_state(
-        t, count_m2, m1, m2, nu,
-        None if new_scales is None else dict(zip(names, new_scales)))
-    if step_if is not None:
-      step_if.record(state, new_state)
-    return out, new_state
-
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return _engine.transformation(
+      ScaleByAdemamixState, ADEMAMIX_MOMENTS,
+      (mu_format, nu_format, mu_format), leaf_rule,
+      counters={"count_m2": count_m2})
 
 
 def ademamix_b3_schedule(b3: float, warmup_steps: int,
@@ -463,39 +390,13 @@ def ademamix(
 # ---------------------------------------------------------------------------
 
 
-# Without int8 v the state is the one optax's schedule-free AdamW keeps for
-# its base step (``optax.scale_by_rms(bias_correction=True)``'s: count and
-# nu), so its checkpoints restore into jadam; optax does not export the class,
-# so it is taken from that transformation's init, traced abstractly (nothing
-# runs on a backend at import: jadam.enable_cpu_fusion must come first).
+# The state optax's schedule-free AdamW keeps for its base step
+# (``optax.scale_by_rms(bias_correction=True)``'s: count and nu), so that its
+# checkpoints restore into jadam; optax does not export the class, so it is
+# taken from that transformation's init, traced abstractly (nothing runs on
+# a backend at import: jadam.enable_cpu_fusion must come first).
 ScaleBySecondMomentState = type(jax.eval_shape(
     optax.scale_by_rms(bias_correction=True).init, ()))
-
-
-class QuantizedSecondMomentState(NamedTuple):
-  """State of Adam without momentum with v stored as int8.
-
-  Attributes:
-    count: number of updates taken (int32, saturating).
-    nu: the second moment v (uint8 codes).
-    scales: a tree of v's float32 block scales.
-  """
-
-  count: jax.Array
-  nu: Any
-  scales: Any
-
-
-def _second_moment_state(count, nu, scales):
-  if scales is None:
-    return ScaleBySecondMomentState(count=count, nu=nu)
-  return QuantizedSecondMomentState(count, nu, scales)
-
-
-# Every state class of the variants here, for code that looks for moments
-# inside a composed optax state (telemetry).
-VARIANT_STATES = (ScaleByAdemamixState, QuantizedAdemamixState,
-                  ScaleBySecondMomentState, QuantizedSecondMomentState)
 
 
 def _scale_by_adam_without_momentum(
@@ -504,51 +405,30 @@ def _scale_by_adam_without_momentum(
   """Adam with β1 = 0, storing only v: the base step of schedule-free AdamW.
 
   With β1 = 0, m_t = g_t and m̂_t = g_t, so m need not be kept; v is still
-  stepped by :func:`jadam.adam_step`, fed a zero m_{t-1}. The direction is
-  g_t times the reciprocal of the denominator, rounded as optax's base step
+  stepped by the Adam rule, fed a zero m_{t-1}. The direction is g_t times
+  the reciprocal of the denominator, rounded as optax's base step
   (``optax.scale_by_rms``) rounds it, rather than one division.
   """
   rule = _rule.AdamRule(0.0, b2, eps)
   _transform.check_rule(rule)
-  formats = (_storage.canonical_storage("nu_dtype", nu_dtype),)
-  real = (True,)
 
-  def init_fn(params):
-    (nu,), scales = _transform.init_moments(params, formats, real)
-    return _sharding.place_scalars(_second_moment_state(
-        jnp.zeros([], jnp.int32), nu, None if scales is None else scales[0]),
-        params)
-
-  def update_fn(updates, state, params=None, **extra_args):
-    if params is not None:
-      _validation.check_parameter_kinds(updates, params)
-    step_if, held, t = _transform.step_signal(extra_args, state.count)
-    adam = _rule.leaf_rule(rule._replace(held=held), t)
+  def leaf_rule(state, t, skip):
+    adam = _rule.leaf_rule(rule, t, skip)
 
     def step(g, moments, s):
       (nu,) = moments
       _, (_, new_nu) = adam.step(g, (jnp.zeros_like(g), nu), s)
-      r = s["rule"]
-      v_hat = new_nu / r.corrections.nu.astype(new_nu.dtype)
-      direction = (1 / _rule.denominator(v_hat, r)) * g
-      if r.held is not None:
-        direction = jnp.where(r.held, jnp.zeros_like(direction), direction)
-      return direction, (new_nu,)
+      v_hat = new_nu / s["corrections"].nu.astype(new_nu.dtype)
+      return (1 / _rule.denominator(v_hat, s["rule"])) * g, (new_nu,)
 
     def bounds(g_max, old, s):
       return adam.bounds((None,) + tuple(g_max), (None,) + tuple(old), s)[1:]
 
-    scales = getattr(state, "scales", None)
-    out, (nu,), new_scales = _transform.walk(
-        _rule.LeafRule(step, real, bounds, scalars=adam.scalars), updates, t,
-        [state.nu], None if scales is None else [scales], formats)
-    new_state = _second_moment_state(
-        t, nu, None if new_scales is None else new_scales[0])
-    if step_if is not None:
-      step_if.record(state, new_state)
-    return out, new_state
+    return _rule.LeafRule(step, (True,), bounds, scalars=adam.scalars)
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return _engine.transformation(
+      ScaleBySecondMomentState, (_engine.Moment("nu", second=True),),
+      _transform.formats(None, nu_dtype)[1:], leaf_rule)
 
 
 ScheduleFreeState = optax_contrib.ScheduleFreeState

@@ -57,6 +57,22 @@ def spec_str(sharding):
   return str(tuple(sharding.spec))
 
 
+def is_int8(x):
+  return isinstance(x, jadam.Int8Moment)
+
+
+def array_of(moment):
+  """A moment leaf's parameter-shaped array: the codes of an int8 moment."""
+  return moment.codes if is_int8(moment) else moment
+
+
+def int8_scales(moments):
+  """{name: the block scales} of the int8 leaves of a flat moment dict, or
+  None when no leaf is stored in int8 (leaves below min_size stay float)."""
+  scales = {k: v.scales for k, v in moments.items() if is_int8(v)}
+  return scales or None
+
+
 def linen_lm1b_way(storage):
   mesh = jax.make_mesh((2,), ("fsdp",), devices=jax.devices()[:2],
                        axis_types=(jax.sharding.AxisType.Auto,))
@@ -91,23 +107,25 @@ def linen_lm1b_way(storage):
     reference = plain_step(reference)
 
   adam = state.opt_state[0]
-  scales = getattr(adam, "scales", None)
+  nu = adam.nu
   out = {
       "param_error": max(
           float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
           for a, b in zip(jax.tree.leaves(state.params),
                           jax.tree.leaves(reference.params))),
-      "mu_embedding": spec_str(adam.mu["Embed_0"]["embedding"].sharding),
-      "nu_dtype": str(adam.nu["Embed_0"]["embedding"].dtype),
+      "mu_embedding": spec_str(
+          array_of(adam.mu["Embed_0"]["embedding"]).sharding),
+      "nu_dtype": str(array_of(nu["Embed_0"]["embedding"]).dtype),
   }
-  if scales is not None:
-    nu_scales = scales.nu
+  # int8 block scales sit inside each jadam.Int8Moment leaf.
+  if any(is_int8(x) for x in jax.tree.leaves(nu, is_leaf=is_int8)):
     out["scales"] = {
-        name: spec_str(nu_scales[module]["kernel" if module != "Embed_0"
-                                         else "embedding"].sharding)
+        name: spec_str(nu[module]["kernel" if module != "Embed_0"
+                                  else "embedding"].scales.sharding)
         for name, module in (("embedding", "Embed_0"), ("in", "Dense_0"),
                              ("out", "Dense_1"))}
-    out["bias_scales"] = repr(nu_scales["Dense_0"]["bias"])
+    bias = nu["Dense_0"]["bias"]  # below min_size: a plain float array
+    out["bias_scales"] = repr(bias.scales if is_int8(bias) else None)
   return out
 
 
@@ -124,12 +142,11 @@ def boxed_eval_shape(storage):
   specs = nn.get_partition_spec(jax.eval_shape(tx.init, boxed))
   shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), specs)
   state = jax.jit(tx.init, out_shardings=shardings)(nn.unbox(boxed))[0]
-  scales = getattr(state, "scales", None)
+  scales = int8_scales(state.nu)
   return {
-      "mu_w": spec_str(state.mu["w"].sharding),
+      "mu_w": spec_str(array_of(state.mu["w"]).sharding),
       "scales": None if scales is None else {
-          k: spec_str(v.sharding) for k, v in scales.nu.items()
-          if v is not None},
+          k: spec_str(v.sharding) for k, v in scales.items()},
   }
 
 
@@ -142,22 +159,35 @@ def tree_map_params_and_state_specs(storage):
                  "e": P("data", None)}
   tx = jadam.adamw(1e-3, **storage)
   state = tx.init(params)
-  # The recipe of docs/distributed.md: scales (not parameter-shaped) get
-  # transform_non_params's P(), replicated.
-  via_optax = optax.tree_map_params(
-      tx, lambda _, spec: spec, state, param_specs,
-      transform_non_params=lambda _: P())
-  via_jadam = jadam.sharding.state_specs(tx, params, param_specs)
+  # The recipe of docs/distributed.md: an int8 moment is one leaf for
+  # tree_map_params (is_leaf); its codes take the parameter's spec and its
+  # block scales P(), replicated.
+  is_moment = lambda x: isinstance(x, jadam.Int8Moment)
+
+  def via_optax():
+    return optax.tree_map_params(
+        tx, lambda x, spec: jadam.Int8Moment(spec, P()) if is_moment(x)
+        else spec, state, param_specs, transform_non_params=lambda _: P(),
+        is_leaf=is_moment)
+
+  def via_jadam():
+    return jadam.sharding.state_specs(tx, params, param_specs)
+
   out = {}
-  for name, specs in (("optax", via_optax), ("jadam", via_jadam)):
-    shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), specs)
-    placed = jax.jit(tx.init, out_shardings=shardings)(params)
-    scales = getattr(placed[0], "scales", None)
+  for name, make_specs in (("optax", via_optax), ("jadam", via_jadam)):
+    try:
+      specs = make_specs()
+      shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), specs)
+      placed = jax.jit(tx.init, out_shardings=shardings)(params)
+    except Exception as e:  # pylint: disable=broad-except
+      # Reported in the results, so that the other cases still run.
+      out[name] = {"error": f"{type(e).__name__}: {e}"[:600]}
+      continue
+    scales = int8_scales(placed[0].nu)
     out[name] = {
-        "mu_w": spec_str(placed[0].mu["w"].sharding),
+        "mu_w": spec_str(array_of(placed[0].mu["w"]).sharding),
         "scales": None if scales is None else {
-            k: spec_str(v.sharding) for k, v in scales.nu.items()
-            if v is not None}}
+            k: spec_str(v.sharding) for k, v in scales.items()}}
   return out
 
 

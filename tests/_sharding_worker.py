@@ -324,12 +324,8 @@ def check_zero1_bytes(results):
   out = {"n_params": int(n_params), "devices": 8}
   formats = {"f32": {}, "bf16": {"mu_dtype": jnp.bfloat16,
                                  "nu_dtype": jnp.bfloat16}}
-  try:
-    from jadam._quant import BlockwiseInt8  # pylint: disable=g-import-not-at-top
-    jadam.adam(1e-3, mu_dtype=BlockwiseInt8(), nu_dtype=BlockwiseInt8())
-    formats["int8"] = {"mu_dtype": BlockwiseInt8(), "nu_dtype": BlockwiseInt8()}
-  except (ImportError, TypeError, ValueError):
-    pass  # int8 moments are not in this checkout
+  formats["int8"] = {"mu_dtype": jadam.BlockwiseInt8(),
+                     "nu_dtype": jadam.BlockwiseInt8()}
   for name, kwargs in formats.items():
     tx = jadam.adam(1e-3, **kwargs)
     plain = jax.jit(tx.init)(params)
@@ -351,11 +347,12 @@ def check_int8(results):
   codes and one scale, on every path (jit, eager, abstract) and after steps.
   """
   try:
-    from jadam._quant import BlockwiseInt8  # pylint: disable=g-import-not-at-top
-    fmt = BlockwiseInt8(block_size=32, min_size=0)
+    fmt = jadam.BlockwiseInt8(block_size=32, min_size=0)
     tx = jadam.adam(1e-2, mu_dtype=fmt, nu_dtype=fmt)
     state = jax.eval_shape(tx.init, make_problem()[0])
-    state[0].scales.mu["w2"]  # pylint: disable=pointless-statement
+    if not isinstance(state[0].mu["w2"], jadam.Int8Moment):
+      raise TypeError(f"mu['w2'] is a {type(state[0].mu['w2']).__name__}, "
+                      "not a jadam.Int8Moment")
   except (ImportError, TypeError, ValueError, AttributeError) as e:
     results["int8"] = {"available": False, "why": f"{type(e).__name__}: {e}"}
     return
@@ -388,10 +385,10 @@ def check_int8(results):
     except Exception as e:  # pylint: disable=broad-except
       out[f"{axis_type.name}/step_error"] = f"{type(e).__name__}: {e}"[:300]
     for name, state in states.items():
-      codes = state[0].mu["w2"]
-      # Codes are parameter-shaped int8 arrays; the float32 block scales
-      # live beside them in ``state.scales`` (shape (n_blocks,)).
-      scales = state[0].scales.mu["w2"]
+      # The moment is one jadam.Int8Moment leaf: parameter-shaped int8
+      # codes and their float32 block scales (shape (n_blocks,)).
+      codes = state[0].mu["w2"].codes
+      scales = state[0].mu["w2"].scales
       out[f"{axis_type.name}/{name}"] = {
           "codes_dtype": str(codes.dtype),
           "codes": spec_str(codes.sharding.spec),

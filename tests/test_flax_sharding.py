@@ -26,6 +26,7 @@ from conftest import assert_bitwise  # pylint: disable=wrong-import-position
 from conftest import run_json_worker  # pylint: disable=wrong-import-position
 
 INT8 = [name for name, s in STORAGES.items() if "int8" in s.values()]
+INT8_MU = [name for name, s in STORAGES.items() if s.get("mu_dtype") == "int8"]
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +80,8 @@ def test_eval_shape_of_boxed_init_gives_specs_valid_on_2x2_mesh(
 def test_tree_map_params_recipe_and_state_specs_place_on_2x2_mesh(
     worker, storage):
   specs = worker[storage]["specs"]
+  for how in ("optax", "jadam"):
+    assert "error" not in specs[how], (how, specs[how]["error"])
   assert specs["optax"]["mu_w"] == specs["jadam"]["mu_w"] == (
       "('data', 'model')")
   if storage in INT8:
@@ -88,19 +91,32 @@ def test_tree_map_params_recipe_and_state_specs_place_on_2x2_mesh(
     assert specs["jadam"]["scales"] == {"w": "('data',)", "e": "('data',)"}
 
 
+def _is_moment(x):
+  return isinstance(x, jadam.Int8Moment)
+
+
 @pytest.mark.parametrize("storage", STORAGES)
 def test_tree_map_params_with_rest_never_gives_a_scale_a_params_spec(
     storage):
+  """The recipe: an int8 moment is one leaf (is_leaf); its codes get the
+  parameter's spec, its block scales P(); float moments the spec."""
   params = {"w": jnp.ones((64, 128)), "b": jnp.ones(128)}
+  param_specs = {"w": P("data", "model"), "b": P("model")}
   tx = jadam.adam(1e-3, **STORAGES[storage])
   state = tx.init(params)
-  specs = optax.tree_map_params(tx, lambda _, s: s, state,
-                                {"w": P("data", "model"), "b": P("model")})
+  specs = optax.tree_map_params(
+      tx, lambda x, s: jadam.Int8Moment(s, P()) if _is_moment(x) else s,
+      state, param_specs, is_leaf=_is_moment)
   adam, adam_specs = state[0], specs[0]
-  assert adam_specs.mu == {"w": P("data", "model"), "b": P("model")}
+  for field in ("mu", "nu"):
+    for key, spec in param_specs.items():
+      moment, got = getattr(adam, field)[key], getattr(adam_specs, field)[key]
+      if _is_moment(moment):  # w under int8 (b is below min_size)
+        assert got == jadam.Int8Moment(spec, P())
+      else:
+        assert got == spec
   if storage in INT8:
-    # Not parameter-shaped: left as they are (no transform_non_params).
-    assert_bitwise(adam_specs.scales, adam.scales)
+    assert _is_moment(adam.nu["w"])
   for spec, leaf in zip(jax.tree.leaves(specs, is_leaf=lambda x: isinstance(
       x, P)), jax.tree.leaves(state)):
     if isinstance(spec, P):
@@ -109,13 +125,16 @@ def test_tree_map_params_with_rest_never_gives_a_scale_a_params_spec(
 
 @pytest.mark.parametrize("storage", STORAGES)
 def test_tree_map_params_without_rest_maps_moments_only(storage):
+  """With is_leaf, the function sees each moment once (an int8 moment as
+  its Int8Moment), so the result has the parameters' structure."""
   params = {"w": jnp.ones((64, 128)), "b": jnp.ones(128)}
   tx = jadam.adam(1e-3, **STORAGES[storage])
   state = tx.init(params)
-  shapes = optax.tree_map_params(tx, lambda x: x.shape, state)
-  assert shapes[0].mu == {"w": (64, 128), "b": (128,)}
-  if storage in INT8:
-    assert shapes[0].scales.nu["w"].shape == (64,)  # untouched array
+  shapes = optax.tree_map_params(
+      tx, lambda x: x.codes.shape if _is_moment(x) else x.shape, state,
+      is_leaf=_is_moment)
+  assert shapes[0].mu == shapes[0].nu == {"w": (64, 128), "b": (128,)}
+  assert (storage in INT8) == _is_moment(state[0].nu["w"])
 
 
 class _Dense(nnx.Module):
@@ -151,10 +170,13 @@ def test_nnx_with_partitioning_optimizer_saves_restores_and_steps_bitwise(
     # Flax 0.12.0 gives bare specs, later releases specs in variables.
     bare = lambda x: x if isinstance(x, P) else (
         x.get_value() if hasattr(x, "get_value") else x.value)
-    assert bare(adam_specs["mu"]["linear"]["kernel"]) == P("data", "model")
+    mu_kernel = adam_specs["mu"]["linear"]["kernel"]
+    if storage in INT8_MU:  # an Int8Moment: its codes are parameter-shaped
+      mu_kernel = mu_kernel["codes"]
+    assert bare(mu_kernel) == P("data", "model")
     if storage in INT8:
       # Rows of 128: a block per row, the row axis name kept.
-      assert bare(adam_specs["scales"]["nu"]["linear"]["kernel"]) == P("data")
+      assert bare(adam_specs["nu"]["linear"]["kernel"]["scales"]) == P("data")
     for _ in range(2):
       step(model, optimizer)
     checkpointer = ocp.StandardCheckpointer()

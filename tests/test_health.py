@@ -394,7 +394,7 @@ def test_bad_step_leaves_compressed_moments_bitwise(name, storage):
 
 def test_skip_protects_jadam_state_rebuilt_by_a_wrapper():
   # MultiSteps rebuilds its inner state through lax.cond, so the wrapper
-  # cannot tell that the update inside honoured the jadam_step_if argument
+  # cannot tell that the update inside honoured the jadam_skip argument
   # and selects it: still bitwise unchanged.
   opt = jadam.skip_nonfinite(optax.MultiSteps(jadam.adam(0.05), 2))
   step = _stepper(opt)

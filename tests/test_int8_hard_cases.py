@@ -11,9 +11,8 @@ import optax
 import pytest
 
 import jadam
-from jadam import _quant
 
-INT8 = _quant.BlockwiseInt8(min_size=0)
+INT8 = jadam.BlockwiseInt8(min_size=0)
 N = 4096
 
 
@@ -165,7 +164,7 @@ def test_zipf_embedding_rows_track_float32_moments():
 
   bf16 = errors(mu_dtype=jnp.bfloat16, nu_dtype=jnp.bfloat16)
   int8 = errors(mu_dtype="int8", nu_dtype="int8")
-  spanning = _quant.BlockwiseInt8(row_blocks=False)
+  spanning = jadam.BlockwiseInt8(row_blocks=False)
   int8_spanning = errors(mu_dtype=spanning, nu_dtype=spanning)
   assert bf16[0] < 0.015 and bf16[1] < 0.042
   assert int8[0] < 0.046 and int8[1] < 0.091  # exact maxima's errors
@@ -174,30 +173,36 @@ def test_zipf_embedding_rows_track_float32_moments():
 
 
 def test_blocks_do_not_span_rows_shorter_than_a_block():
-  fmt = _quant.BlockwiseInt8()
+  fmt = jadam.BlockwiseInt8()
   assert fmt.block_for((512, 32)) == 32
   assert fmt.block_for((100, 96)) == 32   # 96 = 3 · 32
   assert fmt.block_for((1000, 100)) == 256  # 4 divides 100: too small
   assert fmt.block_for((64, 768)) == 256   # rows of whole blocks already
   assert fmt.block_for((16384,)) == 256
-  assert _quant.BlockwiseInt8(row_blocks=False).block_for((512, 32)) == 256
+  assert jadam.BlockwiseInt8(row_blocks=False).block_for((512, 32)) == 256
   state = jadam.scale_by_adam(mu_dtype="int8", nu_dtype="int8").init(
       {"emb": jnp.zeros((512, 32)), "w": jnp.zeros((64, 768))})
-  assert state.scales.mu["emb"].shape == (512,)   # one scale per row
-  assert state.scales.nu["w"].shape == (192,)
-  # A state with blocks spanning rows (an earlier release's checkpoint)
-  # still steps: the block size is read from the scales' shape.
-  old = jadam.scale_by_adam(mu_dtype=_quant.BlockwiseInt8(row_blocks=False),
-                            nu_dtype=_quant.BlockwiseInt8(row_blocks=False))
+  assert state.mu["emb"].scales.shape == (512,)   # one scale per row
+  assert state.nu["w"].scales.shape == (192,)
+  # A state with blocks spanning rows (an earlier release's checkpoint) is
+  # not stepped as if it had this optimizer's blocks: the update names the
+  # mismatch and the conversion, which gives a state that steps as the
+  # spanning optimizer steps its own.
+  old = jadam.scale_by_adam(mu_dtype=jadam.BlockwiseInt8(row_blocks=False),
+                            nu_dtype=jadam.BlockwiseInt8(row_blocks=False))
   params = {"emb": jnp.ones((512, 32))}
   old_state = old.init(params)
-  assert old_state.scales.mu["emb"].shape == (64,)
+  assert old_state.mu["emb"].scales.shape == (64,)
   new = jadam.scale_by_adam(mu_dtype="int8", nu_dtype="int8")
   grads = {"emb": jnp.linspace(-1, 1, 512 * 32).reshape(512, 32)}
-  updates, stepped = new.update(grads, old_state)
+  with pytest.raises(ValueError, match=r"block 256.*block 32.*convert_state"):
+    new.update(grads, old_state)
+  converted = jadam.convert_state(old_state, new, params)
+  assert converted.mu["emb"].scales.shape == (512,)
+  updates, stepped = new.update(grads, converted)
   expected, _ = old.update(grads, old_state)
   np.testing.assert_array_equal(updates["emb"], expected["emb"])
-  assert stepped.scales.mu["emb"].shape == (64,)
+  assert stepped.mu["emb"].scales.shape == (512,)
 
 
 def test_gradients_over_six_decades_in_a_block_track_float32_moments():

@@ -58,7 +58,8 @@ def test_digits_mlp_loss_within_two_percent_and_accuracy_within_half_a_point(
 def test_default_int8_quantizes_the_digits_kernel_only():
   params = memory_study.mlp_init(memory_study.jax.random.PRNGKey(0))
   state = jadam.adam(1e-3, mu_dtype="int8", nu_dtype="int8").init(params)[0]
-  assert state.mu["dense0"]["kernel"].dtype == jnp.int8   # 64×256 = 16384
+  assert isinstance(state.mu["dense0"]["kernel"], jadam.Int8Moment)
+  assert state.mu["dense0"]["kernel"].codes.dtype == jnp.int8  # 64×256 = 16384
   assert state.mu["dense1"]["kernel"].dtype == jnp.float32  # 256×10 < 4096
 
 

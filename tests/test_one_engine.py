@@ -1,7 +1,7 @@
 """One engine: every optimizer walks the tree once, through one codec.
 
 ADOPT, AdEMAMix and schedule-free AdamW are per-array steps handed to the same
-walk (``jadam._transform.walk``) and codec (``jadam._storage.step_leaf``) as
+walk (``jadam._engine.walk``) and codec (``jadam._engine.step_leaf``) as
 the Adam family, so a storage option means one algorithm whatever the
 optimizer: the same random streams, the same int8 scales, the same in-pass
 skip.
@@ -15,7 +15,7 @@ import pytest
 
 import jadam
 from conftest import assert_bitwise  # pylint: disable=g-bad-import-order
-from jadam import _quant
+from jadam._formats import _codes as _quant
 
 STORAGES = {
     "float32": {},
@@ -63,8 +63,13 @@ def test_ademamix_keeps_adams_moments_exactly_as_adam_does(storage):
   assert_bitwise(adam_state.nu, mix_state.nu)
   assert int(adam_state.count) == int(mix_state.count) == 4
   if storage == "int8":
-    assert_bitwise(adam_state.scales.mu, mix_state.scales["m1"])
-    assert_bitwise(adam_state.scales.nu, mix_state.scales["nu"])
+    # The int8 scales travel inside the moments' leaves; compare them apart
+    # too, so that the check names them.
+    for adam_tree, mix_tree in ((adam_state.mu, mix_state.m1),
+                                (adam_state.nu, mix_state.nu)):
+      assert isinstance(adam_tree["w"], jadam.Int8Moment)
+      assert isinstance(mix_tree["w"], jadam.Int8Moment)
+      assert_bitwise(adam_tree["w"].scales, mix_tree["w"].scales)
 
 
 VARIANTS = {
@@ -76,19 +81,19 @@ VARIANTS = {
 @pytest.mark.parametrize("storage", STORAGES)
 @pytest.mark.parametrize("name", VARIANTS)
 def test_variants_skip_in_place_through_the_update_argument(name, storage):
-  """``jadam_step_if=False`` (what skip_nonfinite passes): zero direction,
+  """``jadam_skip=True`` (what skip_nonfinite passes): zero direction,
   count and every stored moment and scale bitwise unchanged, for the
   variants as for the Adam family."""
   tx = VARIANTS[name](**STORAGES[storage])
   state = _run(tx, steps=3)
   grads = _grads(7)
-  out, held = jax.jit(lambda g, s: tx.update(
-      g, s, jadam_step_if=jnp.asarray(False)))(grads, state)
-  assert_bitwise(held, state)
+  out, skipped = jax.jit(lambda g, s: tx.update(
+      g, s, jadam_skip=jnp.asarray(True)))(grads, state)
+  assert_bitwise(skipped, state)
   for leaf in jax.tree.leaves(out):
     np.testing.assert_array_equal(np.asarray(leaf), 0)
   _, taken = jax.jit(lambda g, s: tx.update(
-      g, s, jadam_step_if=jnp.asarray(True)))(grads, state)
+      g, s, jadam_skip=jnp.asarray(False)))(grads, state)
   _, plain = jax.jit(tx.update)(grads, state)
   assert_bitwise(taken, plain)
   assert int(taken.count) == int(state.count) + 1
@@ -111,10 +116,9 @@ def test_int8_scales_are_bounds_or_exact_maxima(name, field, exact):
   (the largest element of each block decodes to the scale itself)."""
   make = {"adam": jadam.scale_by_adam, **VARIANTS}[name]
   state = _run(make(mu_dtype="int8", nu_dtype="int8"), steps=6)
-  codes = getattr(state, field)["w"]
-  scales = state.scales
-  scales = (scales[field] if isinstance(scales, dict)
-            else getattr(scales, field))["w"]
+  moment = getattr(state, field)["w"]
+  assert isinstance(moment, jadam.Int8Moment)
+  codes, scales = moment.codes, moment.scales
   assert codes.dtype in (jnp.int8, jnp.uint8)
   decoded = _quant.dequantize(codes, scales)
   block = codes.size // scales.shape[0]

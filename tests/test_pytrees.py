@@ -119,7 +119,9 @@ def test_grouped_namespaces_hold_the_same_objects_as_the_top_level():
   # jadam.storage, .health, .sharding, .rule and .cpu group what is not an
   # optimizer; the top-level names of earlier releases still work.
   groups = {jadam.storage: {"BlockwiseInt8", "decode_moments",
-                            "stochastic_rounding", "StochasticRoundingState"},
+                            "stochastic_rounding", "StochasticRoundingState",
+                            "Float", "Int8Moment", "convert_state",
+                            "describe"},
             jadam.health: {"skip_nonfinite", "with_telemetry", "stats",
                            "HealthStats", "SkipNonfiniteState",
                            "TelemetryState"},

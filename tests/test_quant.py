@@ -1,12 +1,14 @@
-"""Block-wise 8-bit quantization (jadam._quant): code maps and round trips."""
+"""Block-wise 8-bit quantization (jadam._formats._codes): code maps and round
+trips."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jadam import _quant
+import jadam
 from jadam import _rounding
+from jadam._formats import _codes as _quant
 
 
 # Jitted once per signature: op-by-op dispatch of the bit manipulations is
@@ -248,9 +250,9 @@ def test_block_size_is_recovered_from_the_number_of_scales():
 @pytest.mark.parametrize("block_size", [0, 100, -256, 2.0])
 def test_block_size_must_be_a_power_of_two(block_size):
   with pytest.raises(ValueError, match="block_size"):
-    _quant.BlockwiseInt8(block_size=block_size)
+    jadam.BlockwiseInt8(block_size=block_size)
 
 
 def test_min_size_must_be_non_negative():
   with pytest.raises(ValueError, match="min_size"):
-    _quant.BlockwiseInt8(min_size=-1)
+    jadam.BlockwiseInt8(min_size=-1)

@@ -8,7 +8,6 @@ import optax
 import pytest
 
 import jadam
-from jadam import _quant
 
 FORMATS = ["float32", "bfloat16", "float16", "int8"]
 
@@ -37,20 +36,29 @@ def test_state_shapes_and_dtypes_are_stable_under_jit(fmt):
   if fmt == "int8":
     # Codes of the parameter's shape: int8 for m, uint8 for v; float32
     # scales per 256-block; the 7-element leaf stays float32.
-    assert adam_state.mu["big"].dtype == jnp.int8
-    assert adam_state.nu["big"].dtype == jnp.uint8
-    assert adam_state.mu["big"].shape == (64, 80)
-    assert adam_state.scales.mu["big"].shape == (20,)
-    assert adam_state.scales.nu["half"].shape == (20,)
+    assert type(adam_state) is jadam.ScaleByAdamState
+    assert isinstance(adam_state.mu["big"], jadam.Int8Moment)
+    assert adam_state.mu["big"].codes.dtype == jnp.int8
+    assert adam_state.nu["big"].codes.dtype == jnp.uint8
+    assert adam_state.mu["big"].codes.shape == (64, 80)
+    assert adam_state.mu["big"].scales.shape == (20,)
+    assert adam_state.mu["big"].scales.dtype == jnp.float32
+    assert adam_state.nu["half"].scales.shape == (20,)
     assert adam_state.mu["small"].dtype == jnp.float32
-    # No placeholder array: a leaf that is not int8 has no scales entry.
-    assert adam_state.scales.mu["small"] is None
+    # No placeholder array: a leaf that is not int8 is a plain array, with
+    # no scales entry of any kind.
+    assert not isinstance(adam_state.mu["small"], jadam.Int8Moment)
+    assert not isinstance(adam_state.nu["small"], jadam.Int8Moment)
+    assert not hasattr(adam_state, "scales")
   else:
-    # Without int8 moments the state has no scales field at all.
+    # Without int8 moments the state holds no Int8Moment leaf at all.
     assert type(adam_state) is jadam.ScaleByAdamState
     assert not hasattr(adam_state, "scales")
     for tree in (adam_state.mu, adam_state.nu):
-      assert all(leaf.dtype == jnp.dtype(fmt) for leaf in jax.tree.leaves(tree))
+      leaves = jax.tree.leaves(
+          tree, is_leaf=lambda x: isinstance(x, jadam.Int8Moment))
+      assert not any(isinstance(x, jadam.Int8Moment) for x in leaves)
+      assert all(leaf.dtype == jnp.dtype(fmt) for leaf in leaves)
 
 
 def test_state_bytes_per_parameter_on_a_few_million_parameters():
@@ -112,7 +120,8 @@ def test_int8_second_moment_decays_under_a_held_block_scale():
                                     jnp.zeros(4096).at[0].set(10.0))}
   states = {name: _run(jadam.scale_by_adam(nu_dtype=fmt), params, grads, 800)
             for name, fmt in [("float32", "float32"), ("int8", "int8"),
-                              ("nearest", _quant.BlockwiseInt8(stochastic=False))]}
+                              ("nearest",
+                               jadam.BlockwiseInt8(stochastic=False))]}
   nu = {name: np.asarray(jadam.decode_moments(s).nu["w"]) for name, s in states.items()}
   decayed = nu["float32"][1:]
   np.testing.assert_allclose(decayed, 0.001 * 0.999**799 * 0.01, rtol=1e-3)
@@ -186,20 +195,21 @@ def test_int8_block_scales_are_bounds_from_the_gradient():
   big = _block_max(g)
   tiny = np.finfo(np.float32).tiny
   ref = jadam.decode_moments(state)
-  old = state.scales
+  old_mu, old_nu = state.mu["w"].scales, state.nu["w"].scales
+  new_mu, new_nu = new.mu["w"].scales, new.nu["w"].scales
   np.testing.assert_allclose(
-      new.scales.mu["w"],
-      np.maximum(0.9 * np.asarray(old.mu["w"]) + 0.1 * big, tiny), rtol=1e-6)
+      new_mu,
+      np.maximum(0.9 * np.asarray(old_mu) + 0.1 * big, tiny), rtol=1e-6)
   # v's codes hold √v, so its scales bound √v: s_v² by the recurrence of v.
   np.testing.assert_allclose(
-      new.scales.nu["w"],
-      np.maximum(np.sqrt(0.999 * np.asarray(old.nu["w"], np.float64)**2
+      new_nu,
+      np.maximum(np.sqrt(0.999 * np.asarray(old_nu, np.float64)**2
                          + 0.001 * big**2), tiny), rtol=1e-6)
   # Bounds, not far above the true maxima (measured: 1.4-2.0x for m here).
-  assert np.all(np.asarray(old.mu["w"][1:]) < 3 * _block_max(ref.mu["w"])[1:])
+  assert np.all(np.asarray(old_mu[1:]) < 3 * _block_max(ref.mu["w"])[1:])
   decoded = jadam.decode_moments(new)
-  for moment, scale in ((decoded.mu["w"], new.scales.mu["w"]),
-                        (np.sqrt(decoded.nu["w"]), new.scales.nu["w"])):
+  for moment, scale in ((decoded.mu["w"], new_mu),
+                        (np.sqrt(decoded.nu["w"]), new_nu)):
     assert np.all(_block_max(np.where(np.isfinite(moment), moment, 0))
                   <= np.asarray(scale))
     # The never-touched block keeps a positive scale and decodes to zeros;
@@ -208,7 +218,7 @@ def test_int8_block_scales_are_bounds_from_the_gradient():
     assert float(scale[0]) == tiny and not np.any(np.asarray(moment[:256]))
     finite = np.delete(np.asarray(moment), 700)
     assert np.all(np.isfinite(finite))
-  assert float(decoded.mu["w"][700]) == float(new.scales.mu["w"][700 // 256])
+  assert float(decoded.mu["w"][700]) == float(new_mu[700 // 256])
   assert np.isposinf(float(decoded.nu["w"][700]))
   np.testing.assert_allclose(
       np.delete(np.asarray(decoded.mu["w"]), 700),
@@ -297,7 +307,9 @@ def test_complex_parameters_keep_a_complex_first_moment():
     opt = jadam.scale_by_adam(mu_dtype=fmt, nu_dtype=fmt)
     state = opt.init(params)
     assert state.mu["z"].dtype == jnp.complex64  # no narrow complex format
-    assert not jnp.iscomplexobj(state.nu["z"])
+    nu = state.nu["z"]
+    assert not jnp.iscomplexobj(
+        nu.codes if isinstance(nu, jadam.Int8Moment) else nu)
     updates, _ = jax.jit(opt.update)(grads, state)
     np.testing.assert_allclose(updates["z"], ref_updates["z"], rtol=0.02)
 
@@ -344,7 +356,8 @@ def test_storage_names_are_validated():
     jadam.adam(1e-3, nu_dtype=jnp.uint8)
   # jnp.int8 names the int8 format too.
   state = jadam.scale_by_adam(nu_dtype=jnp.int8).init({"w": jnp.zeros(4096)})
-  assert state.nu["w"].dtype == jnp.uint8 and state.scales.nu["w"].shape == (16,)
+  assert (state.nu["w"].codes.dtype == jnp.uint8
+          and state.nu["w"].scales.shape == (16,))
 
 
 def test_complex_mu_dtype_is_accepted_and_matches_optax_on_complex_params():
@@ -374,7 +387,7 @@ def _int8_vs_float32_after_300_steps(complex_params):
   weight = jnp.logspace(0, 1, n)
   loss = lambda p: jnp.sum(jnp.abs(p["x"] - target) ** 2 * weight)
   finals = []
-  for nu_dtype in (None, _quant.BlockwiseInt8(min_size=0)):
+  for nu_dtype in (None, jadam.BlockwiseInt8(min_size=0)):
     tx = jadam.adam(1e-2, nu_dtype=nu_dtype)
     params = {"x": jnp.zeros(n, target.dtype)}
 

@@ -28,7 +28,7 @@ floating-point formats. Each is two runs of binary octaves
 ``[2^-(k+1), 2^-k)`` with the same number of evenly spaced points in every
 octave of a run: for the first moment 8 points per octave over the top 12
 octaves, then 4 per octave down to 1.4·10⁻⁶ of the block maximum; for the
-second, which :mod:`jadam._storage` stores as √v (so that 12 decades of v
+second, which :mod:`jadam._formats.int8` stores as √v (so that 12 decades of v
 fit below a block's maximum), 32 per octave over the top 4 octaves, then 8
 per octave down to 1.3·10⁻⁶. Because a run's
 points are evenly spaced in float32 bit patterns, a magnitude index is the
@@ -36,7 +36,7 @@ bit pattern of its value minus a constant, shifted: encoding and decoding
 are a few integer operations per element, with no table and no search.
 Inside a run the relative step is the same in every octave, so a block
 scale that is an upper bound somewhat above the block's true maximum (see
-:mod:`jadam._storage`) moves the block's values down the map without
+:mod:`jadam._formats.int8`) moves the block's values down the map without
 coarsening them, as long as they stay in the top run.
 
 Rounding is stochastic by default: the code above is chosen with probability
@@ -65,7 +65,7 @@ Array = jax.Array
 # downwards: (mantissa bits, index steps), 2^bits points per octave; the
 # last run goes down to magnitude index 1. First moment: 8 points per octave
 # over the top 12 octaves, then 4 per octave for 7.5 more. Second moment
-# (stored as √v by jadam._storage): 32 per octave over the top 4, then 8 per
+# (stored as √v by jadam._formats.int8): 32 per octave over the top 4, then 8 per
 # octave for 15.6 more.
 _RUNS = {True: ((3, 96), (2, 30)), False: ((5, 128), (3, 125))}
 _ONE_BITS = 0x3F800000  # float32 1.0
@@ -233,94 +233,6 @@ def code_dtype(signed: bool):
   return jnp.dtype(jnp.int8) if signed else jnp.dtype(jnp.uint8)
 
 
-@dataclasses.dataclass(frozen=True)
-class BlockwiseInt8:
-  """The ``"int8"`` storage format, with its knobs.
-
-  Pass an instance as ``mu_dtype`` / ``nu_dtype`` of any jadam optimizer;
-  the string ``"int8"`` means ``BlockwiseInt8()``.
-
-  A quantized moment takes two arrays in the optimizer state: its codes, an
-  int8 (first moment) or uint8 (second moment) array of the parameter's
-  shape, in the ``mu`` / ``nu`` field; and its float32 block scales, shape
-  ``(n_blocks,)``, in the state's ``scales`` field. Blocks are runs of
-  ``block_size`` consecutive elements of the flattened parameter, the last
-  one possibly shorter. A block never spans two rows of a parameter whose
-  rows (its last axis) are shorter than ``block_size``, with ``row_blocks``:
-  each row then gets blocks of the largest power of two dividing its length
-  (at least 32 elements).
-
-  Rows of an embedding table are seen at very different rates (token
-  frequencies are Zipf-distributed), and a block shared by a frequent and a
-  rare row takes its scale from the frequent one, pushing the rare row's
-  moments down the code map: on the Zipf embedding test (512 rows of 32,
-  600 steps) the rare rows end 0.055 from the float32-moment run with
-  blocks of 256, 0.042 with a block per row, against 0.046 for blocks of
-  256 scaled by their exact maxima (docs/memory.md).
-
-  Attributes:
-    block_size: elements per block sharing one float32 scale, a power of two
-      (Dettmers et al. use 2048 in their CUDA kernels and study 256 and
-      smaller; smaller blocks isolate outliers better and cost
-      4/block_size extra bytes per element).
-    min_size: parameters with fewer elements keep this moment in float32.
-    stochastic: round to a random neighbouring code, unbiased (the default),
-      or to the nearest one (as the paper).
-    approximate_derivative: let ``jax.grad``/``jax.jvp`` differentiate
-      through these moments (meta-gradients through training). The codes
-      are integers, so the derivative flows only through the block scales
-      and the float parts of the step: an approximation whose measured error
-      is in docs/reliability.md. False (the default) makes differentiating
-      through them a ``TypeError`` rather than a silently wrong number.
-    row_blocks: blocks never span two rows shorter than ``block_size``
-      (the default; costs 4 bytes of scale per block: 1/8 byte per element
-      for rows of 32). False cuts such rows into blocks of ``block_size``
-      as earlier releases did (their checkpoints' scales have that shape;
-      either kind of state steps correctly, as the block size is read from
-      the scales' shape).
-
-  Example:
-    >>> import jadam
-    >>> opt = jadam.adam(1e-3, mu_dtype=jadam.BlockwiseInt8(block_size=128),
-    ...                  nu_dtype="int8")
-  """
-
-  block_size: int = 256
-  min_size: int = 4096
-  stochastic: bool = True
-  row_blocks: bool = True
-  approximate_derivative: bool = False
-
-  def __post_init__(self):
-    if not (isinstance(self.block_size, int) and self.block_size > 0
-            and self.block_size & (self.block_size - 1) == 0):
-      raise ValueError("block_size must be a positive power of two (so that "
-                       "a state's scales determine its blocks), got "
-                       f"{self.block_size!r}.")
-    if not (isinstance(self.min_size, int) and self.min_size >= 0):
-      raise ValueError(f"min_size must be an int >= 0, got {self.min_size!r}.")
-
-  def applies_to(self, size: int) -> bool:
-    return size >= max(self.min_size, 1)
-
-  def block_for(self, shape: tuple[int, ...]) -> int:
-    """The block size of a parameter of ``shape`` (see ``row_blocks``)."""
-    row = shape[-1] if len(shape) >= 2 else 0
-    if not self.row_blocks or row <= 0 or row >= self.block_size:
-      return self.block_size
-    block = row & -row  # the largest power of two dividing the row
-    return block if block >= MIN_ROW_BLOCK else self.block_size
-
-  def n_blocks_for(self, shape: tuple[int, ...]) -> int:
-    """How many blocks (scales) a parameter of ``shape`` has."""
-    return -(-math.prod(shape) // self.block_for(shape))
-
-
-# The smallest block a row of its own gets: 4 bytes of scale per 32 elements
-# is an eighth of a byte per element on top of the code's one.
-MIN_ROW_BLOCK = 32
-
-
 def block_size_of(size: int, n_blocks: int) -> int:
   """The power-of-two block size that cuts ``size`` elements into
   ``n_blocks`` blocks (unique: different powers of two give different block
@@ -389,8 +301,8 @@ def quantize(x: Array, signed: bool, block_size: int = 256,
 
   Example:
     >>> import jax.numpy as jnp
-    >>> from jadam import _quant
-    >>> codes, scales = _quant.quantize(jnp.linspace(-1, 1, 1000), signed=True)
+    >>> from jadam._formats import _codes
+    >>> codes, scales = _codes.quantize(jnp.linspace(-1, 1, 1000), signed=True)
     >>> codes.shape, codes.dtype, scales.shape
     ((1000,), dtype('int8'), (4,))
   """
