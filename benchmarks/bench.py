@@ -66,7 +66,7 @@ from jadam import _alias  # pylint: disable=wrong-import-position
 from jadam import _flat  # pylint: disable=wrong-import-position
 from jadam import _fusion
 from jadam import _health
-from jadam import _offload
+from jadam.sharding import _offload
 
 Shapes = Mapping[str, tuple[int, ...]]
 LEARNING_RATE = 1e-3

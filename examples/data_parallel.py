@@ -10,7 +10,7 @@ on a mesh with one ``"data"`` axis spanning every device of every process.
 Each global batch of 32 rows is split over the devices; parameters are
 replicated; the gradient all-reduce is inserted by ``jax.jit``. With
 ``--zero1`` the optimizer state is split over the devices instead of
-replicated (:func:`jadam.zero1`).
+replicated (:func:`jadam.sharding.zero1`).
 
 Dropout stays on. Its masks are drawn for the *global* batch from the same
 key in every run, and JAX's random bits do not depend on how an array is
@@ -115,7 +115,7 @@ def train(args) -> dict:
   tx = optax.chain(optax.clip_by_global_norm(1.0), jadam.scale_by_adam(),
                    optax.scale_by_learning_rate(schedule))
   if args.zero1:
-    tx = jadam.zero1(tx, mesh, "data")
+    tx = jadam.sharding.zero1(tx, mesh, "data")
 
   def build():
     model = Regressor(x.shape[1],
@@ -162,7 +162,7 @@ def train(args) -> dict:
       print(f"Epoch {epoch}, Loss: {epoch_losses[-1]:.4f}", flush=True)
   seconds = time.perf_counter() - start
 
-  state_bytes = jadam.bytes_per_device(opt_state)
+  state_bytes = jadam.sharding.bytes_per_device(opt_state)
   results = {
       "num_processes": jax.process_count(),
       "devices": jax.device_count(),

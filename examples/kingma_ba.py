@@ -27,7 +27,7 @@ Reuse: ``run_study(problem, optimizers)`` takes any dict of name →
 with, for example::
 
     opts = default_optimizers("mlp")
-    opts["ADOPT"] = jadam.adopt(1e-3)
+    opts["ADOPT"] = jadam.contrib.adopt(1e-3)
     results = run_study("mlp", opts)
     plot_study(results, "mlp", "jadam-output/kingma_ba_mlp_frontier.png")
 """

@@ -1,7 +1,7 @@
 """Train a model whose float32 Adam state does not fit a device-memory budget.
 
 A tanh MLP regression (``--width`` wide, ``--depth`` hidden layers) is trained
-with ``jadam.offload(jadam.adam(lr, mu_dtype="int8", nu_dtype="int8"))``: the
+with ``jadam.sharding.offload(jadam.adam(lr, mu_dtype="int8", nu_dtype="int8"))``: the
 int8 moments live in host memory (``pinned_host``) between steps and are moved
 to the device and back inside the compiled step. The script prints what each
 choice needs on the device between steps,
@@ -73,9 +73,9 @@ def main(argv=None):
   params = init_mlp(jax.random.PRNGKey(0), args.width, args.depth)
   n = sum(x.size for x in jax.tree.leaves(params))
   param_bytes = device_bytes(params)
-  plain = jadam.abstract_state(jadam.adam(args.lr), params)
+  plain = jadam.sharding.abstract_state(jadam.adam(args.lr), params)
   int8 = jadam.adam(args.lr, mu_dtype="int8", nu_dtype="int8")
-  int8_state = jadam.abstract_state(int8, params)
+  int8_state = jadam.sharding.abstract_state(int8, params)
   state_bytes = lambda s: sum(x.size * x.dtype.itemsize
                               for x in jax.tree.leaves(s))
   print(f"{n:,} parameters, budget {args.budget_mib:.1f} MiB")
@@ -87,7 +87,7 @@ def main(argv=None):
     verdict = "fits" if size <= budget else "does NOT fit"
     print(f"  {name:42s} {size / 2**20:7.2f} MiB  {verdict}")
 
-  opt = jadam.offload(int8)
+  opt = jadam.sharding.offload(int8)
   key = jax.random.PRNGKey(1)
   teacher = init_mlp(jax.random.PRNGKey(2), 32, 2)
 

@@ -10,11 +10,11 @@ cost on seed 0 over a small grid (``--tune`` reruns the search):
 
 * Adam (jadam.adam), the baseline;
 * Cautious Adam (``jadam.adam(..., cautious=True)``);
-* ADOPT (``jadam.adopt``);
-* AdEMAMix (``jadam.ademamix``, β3 = 0.999 and α = 5: the paper advises a
+* ADOPT (``jadam.contrib.adopt``);
+* AdEMAMix (``jadam.contrib.ademamix``, β3 = 0.999 and α = 5: the paper advises a
   smaller β3 for runs of a few hundred steps, as here);
-* schedule-free AdamW (``jadam.schedule_free_adamw``, no weight decay, a
-  warmup of one epoch), evaluated at ``jadam.schedule_free_eval_params``.
+* schedule-free AdamW (``jadam.contrib.schedule_free_adamw``, no weight decay, a
+  warmup of one epoch), evaluated at ``jadam.contrib.schedule_free_eval_params``.
 
 For logistic regression the Adam-family rates decay as α/√t as in the paper;
 schedule-free AdamW keeps its rate constant, which is its point.
@@ -86,15 +86,15 @@ def make_variant(name: str, problem: str, learning_rate: float,
   if name == "Cautious Adam":
     return Candidate(jadam.adam(decayed, cautious=True), _train_params)
   if name == "ADOPT":
-    return Candidate(jadam.adopt(decayed), _train_params)
+    return Candidate(jadam.contrib.adopt(decayed), _train_params)
   if name == "AdEMAMix":
-    return Candidate(jadam.ademamix(decayed, b3=0.999, alpha=5.0),
+    return Candidate(jadam.contrib.ademamix(decayed, b3=0.999, alpha=5.0),
                      _train_params)
   if name == "Schedule-free AdamW":
     return Candidate(
-        jadam.schedule_free_adamw(learning_rate,
+        jadam.contrib.schedule_free_adamw(learning_rate,
                                   warmup_steps=steps_per_epoch),
-        jadam.schedule_free_eval_params)
+        jadam.contrib.schedule_free_eval_params)
   raise ValueError(f"unknown variant {name!r}; use one of {VARIANTS}.")
 
 

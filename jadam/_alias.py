@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jadam import _sharding
+from jadam.sharding import _placement
 from jadam import _transform
 from jadam import _validation
 
@@ -33,12 +33,12 @@ def optimizer(scaling: optax.GradientTransformation,
     _validation.check_nonnegative("weight_decay", weight_decay,
                                   schedule=True)
     if numerics == "keras":
-      return _sharding.placing_scalars(optax.chain(
+      return _placement.placing_scalars(optax.chain(
           scaling, _keras_decay_then_step(learning_rate, weight_decay, mask)))
     parts.append(optax.add_decayed_weights(weight_decay, mask))
   parts.append(optax.scale_by_learning_rate(learning_rate))
   # A schedule's step count is made by optax's init.
-  return _sharding.placing_scalars(optax.chain(*parts))
+  return _placement.placing_scalars(optax.chain(*parts))
 
 
 def _keras_decay_then_step(

@@ -15,7 +15,7 @@ one entry per block: a 2-D parameter's axis names given to a 1-D vector make
 So jadam treats a box as transparent metadata: state of the parameter's
 shape keeps the parameter's box; block scales get a box whose axis names fit
 them (:func:`box_scales`, by the rule of
-:func:`jadam._sharding.scales_follow_rows`), or none for box types whose
+:func:`jadam.sharding._placement.scales_follow_rows`), or none for box types whose
 metadata jadam does not know. Flax is never imported here: a box can only
 exist if Flax's module already is, so the classes are looked up in
 ``sys.modules``.

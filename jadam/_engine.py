@@ -28,7 +28,7 @@ from jadam import _formats
 from jadam import _fusion
 from jadam import _rounding
 from jadam import _rule
-from jadam import _sharding
+from jadam.sharding import _placement
 from jadam import _skip
 from jadam import _validation
 from jadam._formats import floats
@@ -100,7 +100,7 @@ def transformation(
   def init_fn(params):
     trees = init_moments(params, moments, formats)
     zero = jnp.zeros([], jnp.int32)
-    return _sharding.place_scalars(state_class(
+    return _placement.place_scalars(state_class(
         count=zero, **{name: zero for name in counters},
         **{m.field: tree for m, tree in zip(moments, trees)}), params)
 
@@ -214,7 +214,7 @@ def _param_leaves(treedef: Any, params: Any) -> Optional[list[Any]]:
   if params is None:
     return None
   try:
-    return treedef.flatten_up_to(_boxes.strip(params))
+    return [_as_array(p) for p in treedef.flatten_up_to(_boxes.strip(params))]
   except (ValueError, TypeError):
     return None  # not the gradients' structure: the checks say so elsewhere
 
@@ -236,7 +236,7 @@ def _check_stored(updates: Any, index: int, g: Array,
   out = []
   for fmt, moment, x in zip(formats, moments, stored):
     if param_leaves is not None:
-      leaf = fmt.for_leaf(tuple(g.shape), _as_array(param_leaves[index]).dtype,
+      leaf = fmt.for_leaf(tuple(g.shape), param_leaves[index].dtype,
                           second=moment.second)
     elif (isinstance(fmt, floats.Float) and fmt.dtype is None
           and not isinstance(x, int8.Int8Moment)):
@@ -383,7 +383,7 @@ def _step_int8(g: Array, stored: tuple, t: Array, leaf: _rule.LeafRule,
     return int8.step(g, stored, t, seed, offset, scales, rebuild(arrays),
                      formats)
 
-  explicit = _sharding.explicit_shardings((g, stored, scales))
+  explicit = _placement.explicit_shardings((g, stored, scales))
   if explicit is not None:
     # Cutting an array split over Explicit mesh axes into blocks would need
     # its sharding spelled out at every reshape; inside ``auto_axes`` the

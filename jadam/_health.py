@@ -26,9 +26,9 @@ import optax
 
 from jadam import _compat
 from jadam import _engine
-from jadam import _offload
+from jadam.sharding import _offload
 from jadam import _rule
-from jadam import _sharding
+from jadam.sharding import _placement
 from jadam import _skip
 from jadam import _state
 from jadam._formats import floats
@@ -185,7 +185,7 @@ def skip_nonfinite(
   axes = _axes(axis_name)
 
   def init_fn(params):
-    return _sharding.place_scalars(
+    return _placement.place_scalars(
         SkipNonfiniteState(inner.init(params), jnp.zeros([], jnp.int32)),
         params)
 
@@ -200,7 +200,7 @@ def skip_nonfinite(
         **{**extra_args, _skip.SKIP: decision})
     new_updates = jax.tree.map(
         lambda u: jnp.where(finite, u, jnp.zeros_like(u)), new_updates)
-    # Selected where the old value lives (host memory under jadam.offload).
+    # Selected where the old value lives (host memory under jadam.sharding.offload).
     select = lambda new, old: _offload.in_memory_of(jnp.where(
         finite, _offload.on_device(new), _offload.on_device(old)), old)
     # A state returned by an update that took the decision, given exactly
@@ -416,7 +416,7 @@ def with_telemetry(
   axes = _axes(axis_name)
 
   def init_fn(params):
-    return _sharding.place_scalars(
+    return _placement.place_scalars(
         TelemetryState(inner.init(params), _empty_stats(),
                        jnp.zeros([], jnp.int32)), params)
 

@@ -29,7 +29,7 @@ ArrayLike = jax.typing.ArrayLike
 # The extra ``update`` argument; namespaced so that it cannot collide with
 # another transformation's extra argument.
 SKIP = "jadam_skip"
-# Its spelling before 0.4, with the opposite polarity (True took the step).
+# Its spelling before 0.2, with the opposite polarity (True took the step).
 _OLD = "jadam_step_if"
 
 

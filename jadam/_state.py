@@ -195,7 +195,7 @@ def convert_state(state: Any, optimizer: Any, params: Any) -> Any:
   again in ``optimizer``'s formats, everything else copied.
 
   Use it to resume a run with other storage (float32 moments to int8, say),
-  or to load a checkpoint of jadam before 0.4, whose int8 states were
+  or to load a checkpoint of jadam before 0.2, whose int8 states were
   classes of their own (``QuantizedAdamState`` and others, with a ``scales``
   field): restore it without a target (orbax or ``flax.serialization``
   give nested dicts) and convert that. Moments are rounded to nearest.
@@ -280,7 +280,7 @@ def _convert_moment_state(target: Any, source: Any) -> Any:
 
 
 def _old_scales(source: Any, name: str, old_tree: Any) -> Any:
-  """The block scales of moment ``name`` in a state of jadam before 0.4
+  """The block scales of moment ``name`` in a state of jadam before 0.2
   (a ``scales`` field: by moment name, or the bare tree of a state with one
   moment), or None."""
   scales = _get(source, "scales", -1)

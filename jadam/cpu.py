@@ -1,10 +1,7 @@
-"""Settings that exist only for XLA's CPU backend.
+"""Old home of ``enable_cpu_fusion``, now ``jadam.enable_cpu_fusion``. This
+module forwards with a DeprecationWarning until 0.3."""
 
-:func:`enable_cpu_fusion` turns on XLA:CPU's multi-output fusion for the
-process, so that a float32 Adam step is one pass over memory on CPU. It does
-nothing for GPUs and TPUs. See ``docs/performance.md``.
-"""
+from jadam import _deprecated
 
-from jadam._fusion import enable_cpu_fusion
-
-__all__ = ["enable_cpu_fusion"]
+__getattr__ = _deprecated.forward("jadam.cpu", "jadam",
+                                  ("enable_cpu_fusion",))

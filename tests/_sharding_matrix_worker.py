@@ -37,7 +37,7 @@ import optax
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 import jadam
-from jadam import _sharding
+from jadam.sharding import _placement
 
 STEPS = 4
 LR = 1e-2
@@ -81,7 +81,7 @@ def factory(opt: str, storage: str):
   if opt == "schedule_free_adamw":
     # It keeps no first moment; its storage option is v's.
     kwargs.pop("mu_dtype", None)
-    fn = jadam.schedule_free_adamw
+    fn = jadam.contrib.schedule_free_adamw
   elif opt == "cautious_adam":
     fn, kwargs["cautious"] = jadam.adam, True
   else:
@@ -103,7 +103,7 @@ def wrap(wrapper: str, make, mesh):
   if wrapper == "with_telemetry":
     return jadam.with_telemetry(tx)
   if wrapper == "zero1":
-    return jadam.zero1(tx, mesh, mesh.axis_names[0])
+    return jadam.sharding.zero1(tx, mesh, mesh.axis_names[0])
   if wrapper == "chain_clip":
     return optax.chain(optax.clip_by_global_norm(1.0), tx)
   if wrapper == "multi_steps":
@@ -170,7 +170,7 @@ def expected_spec(param, mesh, zero1_axis):
   with the ZeRO-1 axis added (``add_axis``) under ZeRO-1."""
   if zero1_axis is None:
     return param.sharding.spec
-  return _sharding.add_axis(param.sharding.spec, param.shape, mesh,
+  return _placement.add_axis(param.sharding.spec, param.shape, mesh,
                             zero1_axis)
 
 
@@ -263,7 +263,7 @@ def run_cell(opt, storage, wrapper, mesh, params, sharded):
   out_shardings = None
   inits = {}
   if zero1_axis is not None:
-    zero1_shardings = jadam.zero1_shardings(
+    zero1_shardings = jadam.sharding.zero1_shardings(
         wrap("none", make, mesh), sharded, zero1_axis)
     if auto:
       # Documented: on Auto axes the compiler places a ZeRO-1 step's
@@ -282,7 +282,7 @@ def run_cell(opt, storage, wrapper, mesh, params, sharded):
     # Their scalars are made by optax's init, uncommitted; the documented
     # recipe places them (docs/distributed.md).
     inits["eager"] = jadam.sharding.place_scalars(inits["eager"], sharded)
-  abstract = jadam.abstract_state(tx, jax.tree.map(
+  abstract = jadam.sharding.abstract_state(tx, jax.tree.map(
       lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
       sharded))
   # The abstract state as a restore target: zeros placed as it says.
@@ -340,7 +340,7 @@ def run_cell(opt, storage, wrapper, mesh, params, sharded):
   result["init_spread"] = max(max_error(finals[m][0], p) for m in finals)
   result["moved"] = max_error(p, single)
   result["state_bytes_per_device"] = max(
-      jadam.bytes_per_device(s).values())
+      jadam.sharding.bytes_per_device(s).values())
   result["expected_bytes_per_device"] = expected_bytes_per_device(
       s, sharded, mesh, zero1_axis)
   return result

@@ -188,7 +188,7 @@ def check_placement(results):
         key = f"{axis_type.name}/{kind}/{name}"
         jit_state = jax.jit(tx.init)(sharded)
         eager_state = tx.init(sharded)
-        abstract_st = jadam.abstract_state(tx, abstract)
+        abstract_st = jadam.sharding.abstract_state(tx, abstract)
 
         @jax.jit
         def step(params, state, x, y, tx=tx):
@@ -260,7 +260,7 @@ def check_shard_map(results):
 
 
 def max_bytes(tree):
-  return max(jadam.bytes_per_device(tree).values())
+  return max(jadam.sharding.bytes_per_device(tree).values())
 
 
 def check_zero1(results):
@@ -275,7 +275,7 @@ def check_zero1(results):
       sharded = put(params, mesh, PARAM_SPECS[kind])
       xs = put(x, mesh, BATCH_SPEC[kind])
       ys = put(y, mesh, BATCH_SPEC[kind])
-      ztx = jadam.zero1(tx, mesh, "data")
+      ztx = jadam.sharding.zero1(tx, mesh, "data")
 
       # Auto axes leave output placement to the compiler: say where the
       # parameters go (replicated over data), as one does with Auto meshes.
@@ -295,7 +295,7 @@ def check_zero1(results):
         elif init == "jit":
           state = jax.jit(ztx.init)(sharded)
         else:
-          state = jax.jit(tx.init, out_shardings=jadam.zero1_shardings(
+          state = jax.jit(tx.init, out_shardings=jadam.sharding.zero1_shardings(
               tx, sharded, "data"))(sharded)
         init_specs = specs_of(state)
         p, s = sharded, state
@@ -329,9 +329,9 @@ def check_zero1_bytes(results):
   for name, kwargs in formats.items():
     tx = jadam.adam(1e-3, **kwargs)
     plain = jax.jit(tx.init)(params)
-    split = jadam.zero1(tx, mesh).init(params)
+    split = jadam.sharding.zero1(tx, mesh).init(params)
     out[name] = {"replicated": max_bytes(plain), "zero1": max_bytes(split),
-                 "zero1_min": min(jadam.bytes_per_device(split).values())}
+                 "zero1_min": min(jadam.sharding.bytes_per_device(split).values())}
   out["params_per_device"] = max_bytes(params)
   results["zero1_bytes"] = out
 
@@ -374,7 +374,7 @@ def check_int8(results):
 
     jit_state = jax.jit(tx.init)(sharded)
     states = {"jit": jit_state, "eager": tx.init(sharded),
-              "abstract": jadam.abstract_state(tx, abstract)}
+              "abstract": jadam.sharding.abstract_state(tx, abstract)}
     try:
       p, s = sharded, jit_state
       for _ in range(STEPS):
@@ -457,7 +457,7 @@ def check_flat(results):
       out[f"{axis_type.name}/{layout}"] = {
           "jit_init": follows_params(tx, state, placed),
           "abstract_init": follows_params(
-              tx, jadam.abstract_state(tx, abstract), placed),
+              tx, jadam.sharding.abstract_state(tx, abstract), placed),
           "after_steps": follows_params(tx, s, placed),
           "error_vs_single_device": relative_error(p, reference),
       }
@@ -479,7 +479,7 @@ def check_telemetry(results):
                                    "w2": split[1], "b2": P()})
       txs = [("telemetry", jadam.with_telemetry(jadam.adam(1e-2)))]
       if "data" in mesh.axis_names:
-        txs.append(("zero1_telemetry", jadam.zero1(
+        txs.append(("zero1_telemetry", jadam.sharding.zero1(
             jadam.with_telemetry(jadam.adam(1e-2)), mesh, "data")))
       for name, tx in txs:
         grads = jax.tree.map(lambda a: a * 0.5, sharded)

@@ -3,7 +3,7 @@ the stacks the docs show) around ``jadam.adam`` with bfloat16 and int8
 moments, on a simulated 4-device mesh.
 
 For each stack it checks that ``init`` has the memory kinds and shardings
-``jadam.abstract_state`` promises, that two jitted steps (the second with a
+``jadam.sharding.abstract_state`` promises, that two jitted steps (the second with a
 NaN gradient) keep them, and that a state saved with orbax and restored onto
 ``abstract_state`` steps on bitwise like the state that never left memory.
 Prints one JSON object: stack name -> "ok" or the error.
@@ -39,8 +39,8 @@ else:
 WRAPPERS = {
     "skip_nonfinite": jadam.skip_nonfinite,
     "with_telemetry": jadam.with_telemetry,
-    "offload": jadam.offload,
-    "zero1": lambda tx: jadam.zero1(tx, MESH),
+    "offload": jadam.sharding.offload,
+    "zero1": lambda tx: jadam.sharding.zero1(tx, MESH),
     "MultiSteps": lambda tx: optax.MultiSteps(tx, every_k_schedule=2),
     "chain": lambda tx: optax.chain(optax.clip_by_global_norm(1.0), tx),
     "inject_hyperparams": None,  # wraps the factory: see build()
@@ -80,8 +80,8 @@ def check(stack, params):
   if stack[0] in OPTAX_OUTSIDE:
     # optax's own wrappers make their counters uncommitted; the documented
     # remedy (docs/distributed.md) places them where a step returns them.
-    state = jadam.place_scalars(state, params)
-  abstract = jadam.abstract_state(tx, params)
+    state = jadam.sharding.place_scalars(state, params)
+  abstract = jadam.sharding.abstract_state(tx, params)
   placements_equal(abstract, state, "init")
   initial = state
   for g in grads[:2]:

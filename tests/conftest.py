@@ -44,7 +44,7 @@ def offload_supported():
   does not on CPU)."""
   import jadam  # pylint: disable=g-import-not-at-top
   try:
-    jax.jit(jadam.offload(jadam.adam(1e-3)).init)({"w": jnp.ones(2)})
+    jax.jit(jadam.sharding.offload(jadam.adam(1e-3)).init)({"w": jnp.ones(2)})
     return True
   except NotImplementedError:
     return False

@@ -25,7 +25,7 @@ def test_import_jadam_raises_no_deprecation_at_all():
   # from any module, fails (a user's test suite run with -W error).
   done = subprocess.run(
       [sys.executable, "-W", "error::DeprecationWarning", "-c",
-       "import jadam, jadam.sharding, jadam.storage, jadam.health"],
+       "import jadam, jadam.sharding, jadam.contrib, jadam.rule"],
       capture_output=True, text=True, check=False)
   assert done.returncode == 0, done.stderr[-2000:]
 
@@ -38,13 +38,13 @@ params = {"w": jax.device_put(jnp.ones((64, 128)), jax.devices()[0]),
 for kw in ({}, {"mu_dtype": jnp.bfloat16}, {"nu_dtype": "int8"},
            {"mu_dtype": "int8", "nu_dtype": "int8"}):
   for tx in (jadam.adam(1e-3, **kw), jadam.amsgrad(1e-3, **kw),
-             jadam.ademamix(1e-3, **kw),
+             jadam.contrib.ademamix(1e-3, **kw),
              jadam.skip_nonfinite(jadam.adamw(1e-3, **kw)),
              jadam.with_telemetry(jadam.adam(1e-3, **kw))):
     state = tx.init(params)
     step = jax.jit(lambda p, s: tx.update(jax.tree.map(jnp.ones_like, p), s, p))
     updates, state = step(params, state)
-    jadam.abstract_state(tx, params)
+    jadam.sharding.abstract_state(tx, params)
     jadam.sharding.state_specs(tx, params, {"w": ("a", None), "b": None})
 print("ok")
 """

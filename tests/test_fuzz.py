@@ -9,7 +9,7 @@ Each example draws
   int8);
 * a wrapper stack, inner to outer, from clipping in a chain,
   ``optax.masked``, ``jadam.skip_nonfinite``, ``optax.MultiSteps`` and
-  ``jadam.offload`` (where this JAX moves arrays to host memory inside
+  ``jadam.sharding.offload`` (where this JAX moves arrays to host memory inside
   ``jit``), optionally ``optax.inject_hyperparams`` around the optimizer
   and ``jadam.with_telemetry`` outermost;
 * a parameter tree (scalars, empty arrays, vectors, matrices with long and
@@ -73,8 +73,8 @@ OPTIMIZERS = {
     "adamax": (jadam.adamax, optax.adamax),
     "adamaxw": (jadam.adamaxw, optax.adamaxw),
     "radam": (jadam.radam, optax.radam),
-    "adopt": (jadam.adopt, None), "ademamix": (jadam.ademamix, None),
-    "schedule_free_adamw": (jadam.schedule_free_adamw, None),
+    "adopt": (jadam.contrib.adopt, None), "ademamix": (jadam.contrib.ademamix, None),
+    "schedule_free_adamw": (jadam.contrib.schedule_free_adamw, None),
 }
 STORAGES = (None, "bfloat16", "float16", "int8")
 SHAPES = ((), (0,), (3,), (5, 7), (64, 80), (8192,), (300, 32))
@@ -85,7 +85,7 @@ STEPS = 4
 
 def _offload_works():
   try:
-    tx = jadam.offload(jadam.adam(1e-3))
+    tx = jadam.sharding.offload(jadam.adam(1e-3))
     jax.jit(tx.init)({"w": jnp.ones(2)})
     return True
   except NotImplementedError:
@@ -168,7 +168,7 @@ def build(case, optax_twin=False):
     elif wrapper == "multisteps":
       tx = optax.MultiSteps(tx, every_k_schedule=2)
     elif wrapper == "offload":
-      tx = jadam.offload(tx)
+      tx = jadam.sharding.offload(tx)
   if case["telemetry"] and not optax_twin:
     tx = jadam.with_telemetry(tx)
   return tx

@@ -106,9 +106,9 @@ def test_eager_init_on_committed_params_compiles_the_step_once():
       "adam": jadam.adam(1e-3),
       "adamw_schedule": jadam.adamw(optax.cosine_decay_schedule(1e-3, 100)),
       "amsgrad_int8": jadam.amsgrad(1e-3, mu_dtype="int8", nu_dtype="int8"),
-      "adopt": jadam.adopt(1e-3),
-      "ademamix": jadam.ademamix(1e-3),
-      "schedule_free": jadam.schedule_free_adamw(1e-3),
+      "adopt": jadam.contrib.adopt(1e-3),
+      "ademamix": jadam.contrib.ademamix(1e-3),
+      "schedule_free": jadam.contrib.schedule_free_adamw(1e-3),
       "skip_telemetry": jadam.with_telemetry(jadam.skip_nonfinite(
           jadam.adam(1e-3, mu_dtype=jnp.bfloat16))),
   }

@@ -36,9 +36,9 @@ REFERENCE = pathlib.Path(__file__).with_name("numerics_reference.json")
 OPTIMIZERS = {
     "adam": jadam.adam, "adamw": jadam.adamw, "nadam": jadam.nadam,
     "nadamw": jadam.nadamw, "amsgrad": jadam.amsgrad, "adamax": jadam.adamax,
-    "adamaxw": jadam.adamaxw, "radam": jadam.radam, "adopt": jadam.adopt,
-    "ademamix": jadam.ademamix,
-    "schedule_free_adamw": jadam.schedule_free_adamw,
+    "adamaxw": jadam.adamaxw, "radam": jadam.radam, "adopt": jadam.contrib.adopt,
+    "ademamix": jadam.contrib.ademamix,
+    "schedule_free_adamw": jadam.contrib.schedule_free_adamw,
 }
 FORMATS = {"float32": None, "bfloat16": jnp.bfloat16,
            "float16": jnp.float16, "int8": "int8"}

@@ -1,4 +1,4 @@
-"""jadam.offload: optimizer state in host memory between steps.
+"""jadam.sharding.offload: optimizer state in host memory between steps.
 
 JAX's CPU backend has the ``pinned_host`` memory kind, so everything here
 runs on CPU: where every state array lives after init (eager, jitted,
@@ -48,9 +48,9 @@ OPTIMIZERS = {
                                     nu_dtype=jnp.bfloat16),
     "adamw_int8": lambda: jadam.adamw(1e-2, mu_dtype="int8", nu_dtype="int8"),
     "amsgrad_int8": lambda: jadam.amsgrad(1e-2, nu_dtype="int8"),
-    "adopt": lambda: jadam.adopt(1e-2),
-    "ademamix_int8": lambda: jadam.ademamix(1e-2, mu_dtype="int8"),
-    "schedule_free": lambda: jadam.schedule_free_adamw(1e-2),
+    "adopt": lambda: jadam.contrib.adopt(1e-2),
+    "ademamix_int8": lambda: jadam.contrib.ademamix(1e-2, mu_dtype="int8"),
+    "schedule_free": lambda: jadam.contrib.schedule_free_adamw(1e-2),
     "clipped_chain": lambda: optax.chain(optax.clip_by_global_norm(1.0),
                                          jadam.adam(1e-2)),
     "skip_nonfinite_int8": lambda: jadam.skip_nonfinite(
@@ -92,14 +92,14 @@ def _train(opt, steps, params=None, poison_at=None):
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
 def test_state_lives_in_host_memory_and_steps_as_without_offload(name):
   make = OPTIMIZERS[name]
-  opt = jadam.offload(make())
+  opt = jadam.sharding.offload(make())
   params = _params()
   eager = opt.init(params)
   assert _memory_kinds(eager) == {HOST}
   jitted = jax.jit(opt.init)(params)
   assert _memory_kinds(jitted) == {HOST}
   assert_bitwise(eager, jitted)
-  abstract = jadam.abstract_state(opt, params)
+  abstract = jadam.sharding.abstract_state(opt, params)
   assert {s.sharding.memory_kind for s in jax.tree.leaves(abstract)} == {HOST}
 
   poison = 2 if "skip" in name else None
@@ -114,7 +114,7 @@ def test_state_lives_in_host_memory_and_steps_as_without_offload(name):
 
 @needs_transfers
 def test_donated_state_is_consumed():
-  opt = jadam.offload(jadam.adam(1e-2, nu_dtype="int8"))
+  opt = jadam.sharding.offload(jadam.adam(1e-2, nu_dtype="int8"))
   params = _params()
   state = opt.init(params)
   step = jax.jit(lambda p, s, g: opt.update(g, s, p)[1], donate_argnums=(1,))
@@ -125,14 +125,14 @@ def test_donated_state_is_consumed():
 
 @needs_transfers
 def test_offloaded_state_checkpoints_and_resumes_bitwise(tmp_path):
-  opt = jadam.offload(jadam.adam(1e-2, mu_dtype=jnp.bfloat16,
+  opt = jadam.sharding.offload(jadam.adam(1e-2, mu_dtype=jnp.bfloat16,
                                  nu_dtype="int8"))
   params, state, _ = _train(opt, 3)
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(tmp_path / "ckpt", {"params": params, "state": state})
   checkpointer.wait_until_finished()
   target = {"params": jax.eval_shape(lambda: params),
-            "state": jadam.abstract_state(opt, _params())}
+            "state": jadam.sharding.abstract_state(opt, _params())}
   restored = checkpointer.restore(tmp_path / "ckpt", target)
   assert _memory_kinds(restored["state"]) == {HOST}
   assert_bitwise(restored["state"], state)
@@ -141,7 +141,7 @@ def test_offloaded_state_checkpoints_and_resumes_bitwise(tmp_path):
 
 def test_memory_kind_errors_are_clear():
   with pytest.raises(ValueError, match="memory_kind must be one of"):
-    jadam.offload(jadam.adam(1e-3), memory_kind="device")
+    jadam.sharding.offload(jadam.adam(1e-3), memory_kind="device")
 
   class Memory:
     kind = "device"
@@ -168,9 +168,9 @@ params = {"w": jax.device_put(jnp.arange(64 * 8, dtype=jnp.float32)
                               .reshape(64, 8) / 100,
                               NamedSharding(mesh, P()))}
 out = {}
-for name, inner in [("zero1_offload", lambda: jadam.offload(
-                        jadam.zero1(jadam.adam(1e-2, nu_dtype="int8"), mesh))),
-                    ("plain", lambda: jadam.zero1(
+for name, inner in [("zero1_offload", lambda: jadam.sharding.offload(
+                        jadam.sharding.zero1(jadam.adam(1e-2, nu_dtype="int8"), mesh))),
+                    ("plain", lambda: jadam.sharding.zero1(
                         jadam.adam(1e-2, nu_dtype="int8"), mesh))]:
   opt = inner()
   state = opt.init(params)
@@ -201,6 +201,6 @@ def test_zero1_each_device_offloads_its_own_share():
 @pytest.mark.skipif(_compiled_transfers_work(),
                     reason="this JAX transfers to host memory inside jit")
 def test_offload_refuses_a_jax_that_would_leave_the_state_on_device():
-  opt = jadam.offload(jadam.adam(1e-3))
+  opt = jadam.sharding.offload(jadam.adam(1e-3))
   with pytest.raises(NotImplementedError, match="does not move arrays"):
     opt.init(_params())

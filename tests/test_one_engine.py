@@ -56,7 +56,7 @@ def test_ademamix_keeps_adams_moments_exactly_as_adam_does(storage):
   (rounding streams and int8 scales included), skipped step included."""
   kw = STORAGES[storage]
   adam = jadam.skip_nonfinite(jadam.scale_by_adam(**kw))
-  ademamix = jadam.skip_nonfinite(jadam.scale_by_ademamix(**kw))
+  ademamix = jadam.skip_nonfinite(jadam.contrib.scale_by_ademamix(**kw))
   adam_state = _run(adam, poison_at=2).inner_state
   mix_state = _run(ademamix, poison_at=2).inner_state
   assert_bitwise(adam_state.mu, mix_state.m1)
@@ -73,8 +73,8 @@ def test_ademamix_keeps_adams_moments_exactly_as_adam_does(storage):
 
 
 VARIANTS = {
-    "adopt": jadam.scale_by_adopt,
-    "ademamix": jadam.scale_by_ademamix,
+    "adopt": jadam.contrib.scale_by_adopt,
+    "ademamix": jadam.contrib.scale_by_ademamix,
 }
 
 
@@ -136,7 +136,7 @@ def test_int8_scales_are_bounds_or_exact_maxima(name, field, exact):
 def test_schedule_free_base_skips_through_skip_nonfinite():
   """Schedule-free AdamW under skip_nonfinite: a non-finite gradient leaves
   the whole state (z, its base step's v codes and scales) as it was."""
-  tx = jadam.skip_nonfinite(jadam.schedule_free_adamw(1e-2, nu_dtype="int8"))
+  tx = jadam.skip_nonfinite(jadam.contrib.schedule_free_adamw(1e-2, nu_dtype="int8"))
   state = tx.init(PARAMS)
   update = jax.jit(tx.update)
   params = PARAMS

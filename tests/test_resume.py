@@ -80,7 +80,7 @@ CASES.update({
         jadam.adam(1e-3), jadam.stochastic_rounding(seed=7)),
         _params(jnp.bfloat16), _loss),
     "flat_fast_path": _flat_case,
-    "zero1_one_device": lambda: (jadam.zero1(
+    "zero1_one_device": lambda: (jadam.sharding.zero1(
         jadam.adam(0.05), jax.make_mesh((1,), ("data",))), _params(), _loss),
 })
 
@@ -118,7 +118,7 @@ def test_n_plus_n_steps_through_orbax_equal_2n_straight(case, tmp_path):
   # optimizer's own NamedTuple structure rather than orbax's dicts. Sharded
   # state needs concrete shardings in its target (see the next test).
   abstract_params = jax.eval_shape(lambda: params0)
-  abstract_state = (jadam.abstract_state if case.startswith("zero1")
+  abstract_state = (jadam.sharding.abstract_state if case.startswith("zero1")
                     else lambda opt, p: jax.eval_shape(opt.init, p))
   target = {"params": abstract_params,
             "opt_state": abstract_state(opt, abstract_params)}
@@ -192,8 +192,8 @@ def test_restore_in_a_fresh_process_continues_bitwise(tmp_path):
 
 def test_sharded_state_needs_jadam_abstract_state_as_target(tmp_path):
   # jax.eval_shape of a zero1 init gives shardings on an abstract mesh, which
-  # orbax cannot place; jadam.abstract_state gives the concrete ones.
-  opt = jadam.zero1(jadam.adam(0.05), jax.make_mesh((1,), ("data",)))
+  # orbax cannot place; jadam.sharding.abstract_state gives the concrete ones.
+  opt = jadam.sharding.zero1(jadam.adam(0.05), jax.make_mesh((1,), ("data",)))
   state = opt.init(_params())
   _save(tmp_path / "ckpt", state)
   checkpointer = ocp.StandardCheckpointer()
@@ -204,7 +204,7 @@ def test_sharded_state_needs_jadam_abstract_state_as_target(tmp_path):
     with pytest.raises(ValueError, match="AbstractMesh"):
       checkpointer.restore(tmp_path / "ckpt", shapes)
   restored = checkpointer.restore(
-      tmp_path / "ckpt", jadam.abstract_state(opt, _params()))
+      tmp_path / "ckpt", jadam.sharding.abstract_state(opt, _params()))
   assert_bitwise(restored, state)
   big = state[0].mu["big"]
   assert restored[0].mu["big"].sharding.is_equivalent_to(big.sharding,

@@ -20,7 +20,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import jadam
 from conftest import run_json_worker  # pylint: disable=g-bad-import-order
 from jadam import _fusion
-from jadam import _sharding
+from jadam.sharding import _placement
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 WORKER = ROOT / "tests" / "_sharding_worker.py"
@@ -126,23 +126,23 @@ def test_zero1_state_bytes_per_device_fall_as_one_over_n(mesh_results, fmt):
 
 def test_add_axis_picks_the_largest_free_dimension_that_divides():
   mesh = jax.sharding.AbstractMesh((8, 2), ("data", "model"))
-  assert _sharding.add_axis(P(), (16, 64), mesh, "data") == P(None, "data")
-  assert _sharding.add_axis(P(), (64, 16), mesh, "data") == P("data", None)
-  assert _sharding.add_axis(P(None, "model"), (16, 64), mesh, "data") == P(
+  assert _placement.add_axis(P(), (16, 64), mesh, "data") == P(None, "data")
+  assert _placement.add_axis(P(), (64, 16), mesh, "data") == P("data", None)
+  assert _placement.add_axis(P(None, "model"), (16, 64), mesh, "data") == P(
       "data", "model")
 
 
 def test_add_axis_leaves_dimensions_split_over_another_axis_alone():
   mesh = jax.sharding.AbstractMesh((8, 2), ("data", "model"))
-  assert _sharding.add_axis(P(None, "model"), (3, 32), mesh, "data") == P(
+  assert _placement.add_axis(P(None, "model"), (3, 32), mesh, "data") == P(
       None, "model")
 
 
 def test_add_axis_leaves_indivisible_and_scalar_leaves_whole():
   mesh = jax.sharding.AbstractMesh((8,), ("data",))
-  assert _sharding.add_axis(P(), (3, 5), mesh, "data") == P(None, None)
-  assert _sharding.add_axis(P(), (), mesh, "data") == P()
-  assert _sharding.add_axis(P("data"), (16,), mesh, "data") == P("data")
+  assert _placement.add_axis(P(), (3, 5), mesh, "data") == P(None, None)
+  assert _placement.add_axis(P(), (), mesh, "data") == P()
+  assert _placement.add_axis(P("data"), (16,), mesh, "data") == P("data")
 
 
 def test_single_device_init_is_unchanged_plain_zeros():
@@ -157,24 +157,24 @@ def test_init_from_shape_dtype_structs_allocates_zeros_on_their_sharding():
   params = {"w": jax.ShapeDtypeStruct((4,), jnp.float32, sharding=sharding)}
   state = jadam.adam(1e-3).init(params)
   assert state[0].nu["w"].sharding == sharding
-  assert jadam.state_shardings(jadam.adam(1e-3), params)[0].mu[
+  assert jadam.sharding.state_shardings(jadam.adam(1e-3), params)[0].mu[
       "w"].is_equivalent_to(sharding, 1)
 
 
 def test_zero1_rejects_an_axis_the_mesh_does_not_have():
   mesh = jax.make_mesh((1,), ("data",))
   with pytest.raises(ValueError, match="'batch' is not an axis"):
-    jadam.zero1(jadam.adam(1e-3), mesh, axis="batch")
+    jadam.sharding.zero1(jadam.adam(1e-3), mesh, axis="batch")
 
 
 def test_zero1_shardings_needs_parameters_on_a_mesh():
   with pytest.raises(ValueError, match="NamedSharding"):
-    jadam.zero1_shardings(jadam.adam(1e-3), {"w": jnp.ones(4)})
+    jadam.sharding.zero1_shardings(jadam.adam(1e-3), {"w": jnp.ones(4)})
 
 
 def test_bytes_per_device_counts_every_leaf():
   tree = {"a": jnp.zeros(4), "b": jnp.zeros((2, 2), jnp.bfloat16), "c": 3}
-  assert sum(jadam.bytes_per_device(tree).values()) == 16 + 8
+  assert sum(jadam.sharding.bytes_per_device(tree).values()) == 16 + 8
 
 
 def int8_results(mesh_results):
@@ -222,7 +222,7 @@ def test_flat_buffers_state_follows_and_trains_like_one_device(
                                        jax.sharding.AxisType.Explicit])
 def test_zero1_init_moves_off_mesh_parameters_state_onto_the_mesh(axis_type):
   mesh = jax.make_mesh((1,), ("data",), axis_types=(axis_type,))
-  tx = jadam.zero1(jadam.adam(1e-3), mesh)
+  tx = jadam.sharding.zero1(jadam.adam(1e-3), mesh)
   state = tx.init({"w": jnp.zeros((8, 4))})
   initial = state[0].mu["w"].sharding
   assert initial.is_equivalent_to(NamedSharding(mesh, P("data", None)), 2)
@@ -239,7 +239,7 @@ def test_zeros_tied_to_the_parameter_are_exact_for_every_value(dtype):
   values = jnp.array([0.0, -0.0, 1.5, -3.0, jnp.inf, -jnp.inf, jnp.nan])
   like = values.astype(dtype) if dtype != "bool" else values > 0
   for compile_it in (False, True):
-    make = lambda x: _sharding.zeros_tied_to(x, jnp.float32)
+    make = lambda x: _placement.zeros_tied_to(x, jnp.float32)
     zeros = (jax.jit(make) if compile_it else make)(like)
     assert zeros.dtype == jnp.float32 and zeros.shape == like.shape
     assert not jnp.any(jnp.signbit(zeros)) and not jnp.any(zeros != 0)
@@ -269,8 +269,8 @@ for kind in ("Auto", "Explicit"):
                      NamedSharding(mesh, spec))
   for name, make in [
       ("adam", lambda: jadam.adam(1e-2, mu_dtype="int8", nu_dtype="int8")),
-      ("adopt", lambda: jadam.adopt(1e-2, mu_dtype="int8", nu_dtype="int8")),
-      ("ademamix", lambda: jadam.ademamix(1e-2, mu_dtype="int8",
+      ("adopt", lambda: jadam.contrib.adopt(1e-2, mu_dtype="int8", nu_dtype="int8")),
+      ("ademamix", lambda: jadam.contrib.ademamix(1e-2, mu_dtype="int8",
                                           nu_dtype="int8"))]:
     tx = make()
     traces = []

@@ -18,8 +18,8 @@ OPTIMIZERS = {
     "adam": jadam.adam, "adamw": jadam.adamw, "nadam": jadam.nadam,
     "nadamw": jadam.nadamw, "amsgrad": jadam.amsgrad,
     "adamax": jadam.adamax, "adamaxw": jadam.adamaxw, "radam": jadam.radam,
-    "adopt": jadam.adopt, "ademamix": jadam.ademamix,
-    "schedule_free_adamw": jadam.schedule_free_adamw,
+    "adopt": jadam.contrib.adopt, "ademamix": jadam.contrib.ademamix,
+    "schedule_free_adamw": jadam.contrib.schedule_free_adamw,
 }
 FORMATS = {"float32": None, "bfloat16": jnp.bfloat16, "float16": jnp.float16,
            "int8": "int8"}
@@ -159,7 +159,7 @@ def test_describe_names_each_leafs_formats_and_the_bytes_per_parameter():
 
 def test_describe_reads_every_optimizer_inside_wrappers():
   tx = jadam.skip_nonfinite(optax.chain(
-      optax.clip(1.0), jadam.ademamix(1e-3, mu_dtype=jnp.bfloat16,
+      optax.clip(1.0), jadam.contrib.ademamix(1e-3, mu_dtype=jnp.bfloat16,
                                       nu_dtype=jnp.float16)))
   summary = jadam.describe(tx.init(PARAMS))
   assert [dict(r.formats) for r in summary.leaves] == [
@@ -193,9 +193,9 @@ OLD_CASES = {
     "adam": (jadam.adam, dict(mu_dtype="int8", nu_dtype="int8")),
     "amsgrad": (jadam.amsgrad, dict(mu_dtype="int8", nu_dtype="int8")),
     "adamax": (jadam.adamax, dict(mu_dtype="int8", nu_dtype="int8")),
-    "adopt": (jadam.adopt, dict(mu_dtype="int8", nu_dtype="int8")),
-    "ademamix": (jadam.ademamix, dict(mu_dtype="int8", nu_dtype="int8")),
-    "schedule_free_adamw": (jadam.schedule_free_adamw,
+    "adopt": (jadam.contrib.adopt, dict(mu_dtype="int8", nu_dtype="int8")),
+    "ademamix": (jadam.contrib.ademamix, dict(mu_dtype="int8", nu_dtype="int8")),
+    "schedule_free_adamw": (jadam.contrib.schedule_free_adamw,
                             dict(nu_dtype="int8")),
     "adam_bf16_mu_int8_nu": (jadam.adam, dict(mu_dtype=jnp.bfloat16,
                                               nu_dtype="int8")),

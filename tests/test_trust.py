@@ -15,9 +15,9 @@ from conftest import offload_supported
 OPTIMIZERS = {
     "adam": jadam.adam, "adamw": jadam.adamw, "nadam": jadam.nadam,
     "nadamw": jadam.nadamw, "amsgrad": jadam.amsgrad, "adamax": jadam.adamax,
-    "adamaxw": jadam.adamaxw, "radam": jadam.radam, "adopt": jadam.adopt,
-    "ademamix": jadam.ademamix,
-    "schedule_free_adamw": jadam.schedule_free_adamw,
+    "adamaxw": jadam.adamaxw, "radam": jadam.radam, "adopt": jadam.contrib.adopt,
+    "ademamix": jadam.contrib.ademamix,
+    "schedule_free_adamw": jadam.contrib.schedule_free_adamw,
 }
 SINGLE_MOMENT = {"schedule_free_adamw"}
 STORAGES = {
@@ -131,8 +131,8 @@ def test_telemetry_reads_every_optimizers_second_moment_decoded(
 def test_decode_moments_reads_ademamix_and_second_moment_states(nu_dtype):
   params = {"w": jnp.zeros(8192)}
   grads = {"w": jnp.full(8192, 0.5)}
-  for tx, first in ((jadam.scale_by_ademamix(nu_dtype=nu_dtype), True),
-                    (jadam.schedule_free_adamw(1e-3, nu_dtype=nu_dtype),
+  for tx, first in ((jadam.contrib.scale_by_ademamix(nu_dtype=nu_dtype), True),
+                    (jadam.contrib.schedule_free_adamw(1e-3, nu_dtype=nu_dtype),
                      False)):
     state = tx.init(params)
     _, state = tx.update(grads, state, params)
@@ -252,7 +252,7 @@ out = {}
 for kind in ("Auto", "Explicit"):
   mesh = jax.make_mesh((4,), ("data",),
                        axis_types=(getattr(jax.sharding.AxisType, kind),))
-  tx = jadam.zero1(jadam.adam(1e-3), mesh)
+  tx = jadam.sharding.zero1(jadam.adam(1e-3), mesh)
   body = lambda p: jax.tree.leaves(tx.init(p))[1]
   try:
     with jax.set_mesh(mesh):
@@ -266,7 +266,7 @@ for kind in ("Auto", "Explicit"):
 print(json.dumps(out))
 """)
   for kind, message in result.items():
-    assert message.startswith("ValueError: jadam.zero1 cannot run inside "
+    assert message.startswith("ValueError: jadam.sharding.zero1 cannot run inside "
                               "jax.shard_map"), (kind, message)
 
 
@@ -287,7 +287,7 @@ def test_skip_outside_offload_keeps_host_memory_and_resumes(tmp_path):
   back in device memory, and a run restored onto abstract_state failed with
   ``memory_space of all inputs passed to select_n must be the same``."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  tx = jadam.skip_nonfinite(jadam.offload(jadam.adam(1e-2, nu_dtype="int8")))
+  tx = jadam.skip_nonfinite(jadam.sharding.offload(jadam.adam(1e-2, nu_dtype="int8")))
   params = {"w": jnp.ones(8192), "b": jnp.ones(7)}
   step = jax.jit(lambda s, g: tx.update(g, s, params)[1])
   grads = [{"w": jnp.full(8192, v), "b": jnp.full(7, v)}
@@ -302,7 +302,7 @@ def test_skip_outside_offload_keeps_host_memory_and_resumes(tmp_path):
   checkpointer.save(tmp_path / "c", state)
   checkpointer.wait_until_finished()
   restored = checkpointer.restore(tmp_path / "c",
-                                  jadam.abstract_state(tx, params))
+                                  jadam.sharding.abstract_state(tx, params))
   for g in grads[2:]:
     state, restored = step(state, g), step(restored, g)
   assert _memory_kinds(restored) == kinds
@@ -314,7 +314,7 @@ def test_skip_outside_offload_keeps_host_memory_and_resumes(tmp_path):
 def test_skip_outside_offload_under_vmap():
   """Before: ``select_n`` refused a batched device predicate with host
   operands."""
-  tx = jadam.skip_nonfinite(jadam.offload(jadam.adam(1e-2)))
+  tx = jadam.skip_nonfinite(jadam.sharding.offload(jadam.adam(1e-2)))
   params = {"w": jnp.ones((2, 5))}
   state = jax.vmap(tx.init)(params)
   grads = {"w": jnp.ones((2, 5)).at[1, 0].set(jnp.nan)}
@@ -326,7 +326,7 @@ def test_skip_outside_offload_under_vmap():
 def test_telemetry_outside_offload_reads_host_moments():
   """Before: decoding int8 moments kept in host memory mixed host and
   device operands in one select."""
-  tx = jadam.with_telemetry(jadam.offload(jadam.adamw(1e-2, nu_dtype="int8")))
+  tx = jadam.with_telemetry(jadam.sharding.offload(jadam.adamw(1e-2, nu_dtype="int8")))
   params = {"w": jnp.zeros(8192)}
   _, state = jax.jit(tx.update)({"w": jnp.full(8192, 0.5)},
                                 tx.init(params), params)
@@ -340,11 +340,11 @@ def test_multisteps_outside_offload_is_refused_by_jax():
   chooses the inner state with jnp.where, which computes in device memory,
   so its two branches return the state in different memories. Put offload
   outside MultiSteps instead (that order is tested by the fuzzer)."""
-  tx = optax.MultiSteps(jadam.offload(jadam.adam(1e-2)), every_k_schedule=2)
+  tx = optax.MultiSteps(jadam.sharding.offload(jadam.adam(1e-2)), every_k_schedule=2)
   params = {"w": jnp.ones(3)}
   with pytest.raises(TypeError, match="cond branches"):
     jax.jit(tx.update)({"w": jnp.ones(3)}, tx.init(params), params)
-  outer = jadam.offload(optax.MultiSteps(jadam.adam(1e-2), every_k_schedule=2))
+  outer = jadam.sharding.offload(optax.MultiSteps(jadam.adam(1e-2), every_k_schedule=2))
   state = outer.init(params)
   _, new_state = jax.jit(outer.update)({"w": jnp.ones(3)}, state, params)
   assert _memory_kinds(new_state) == _memory_kinds(state)
@@ -354,7 +354,7 @@ def test_schedule_free_state_keeps_its_dtypes_under_inject_hyperparams():
   """Before: bfloat16 parameters with float32 injected hyperparameters made
   optax's schedule-free weight_sum and max_lr float32 after one step (a
   second compilation, and a state unlike its checkpoint)."""
-  tx = optax.inject_hyperparams(jadam.schedule_free_adamw,
+  tx = optax.inject_hyperparams(jadam.contrib.schedule_free_adamw,
                                 hyperparam_dtype=jnp.float32)(
                                     learning_rate=1e-2)
   params = {"w": jnp.ones(3, jnp.bfloat16)}
@@ -376,7 +376,7 @@ def test_bfloat16_injected_decay_names_hyperparam_dtype():
 def test_adopt_under_inject_hyperparams_with_static_clip_function():
   """ADOPT's clip_value_fn is a function of the step, which
   inject_hyperparams would take for a schedule: mark it static."""
-  tx = optax.inject_hyperparams(jadam.adopt, static_args=("clip_value_fn",))(
+  tx = optax.inject_hyperparams(jadam.contrib.adopt, static_args=("clip_value_fn",))(
       learning_rate=1e-2)
   params = {"w": jnp.ones(3)}
   updates, _ = jax.jit(tx.update)({"w": jnp.ones(3)}, tx.init(params), params)
@@ -387,7 +387,7 @@ def test_adopt_under_inject_hyperparams_with_static_clip_function():
 @pytest.mark.parametrize("mu_dtype", [None, jnp.bfloat16])
 def test_reverse_mode_through_offload_equals_without_it(mu_dtype):
   """Before: ``jax.grad`` of a loss after unrolled steps through
-  ``jadam.offload`` raised ``Expected cotangent type float32[4096] but got
+  ``jadam.sharding.offload`` raised ``Expected cotangent type float32[4096] but got
   float32<host>[4096]`` (JAX sent the cotangent of a host transfer to host
   memory); ``jax.jvp`` worked. Measured: d loss/d scale -115.47463 with and
   without offload (float32 moments)."""
@@ -395,7 +395,7 @@ def test_reverse_mode_through_offload_equals_without_it(mu_dtype):
 
   def loss(scale, p, offloaded):
     tx = jadam.adam(1e-2, mu_dtype=mu_dtype)
-    tx = jadam.offload(tx) if offloaded else tx
+    tx = jadam.sharding.offload(tx) if offloaded else tx
     state = tx.init(p)
     for _ in range(3):
       g = jax.grad(lambda q: jnp.sum(q["w"] ** 2))(p)

@@ -57,33 +57,33 @@ def _lockstep(ours, theirs, params, loss, steps=STEPS):
 # --------------------------------------------------------------------------
 
 CONTRIB = {
-    "adopt": (lambda: jadam.adopt(1e-2),
+    "adopt": (lambda: jadam.contrib.adopt(1e-2),
               lambda: optax.contrib.adopt(1e-2)),
-    "adopt_nesterov": (lambda: jadam.adopt(1e-2, nesterov=True),
+    "adopt_nesterov": (lambda: jadam.contrib.adopt(1e-2, nesterov=True),
                        lambda: optax.contrib.adopt(1e-2, nesterov=True)),
     "adopt_unclipped_b2": (
-        lambda: jadam.adopt(3e-3, b2=0.5, use_clipping=False),
+        lambda: jadam.contrib.adopt(3e-3, b2=0.5, use_clipping=False),
         lambda: optax.contrib.adopt(3e-3, b2=0.5, use_clipping=False)),
-    "ademamix": (lambda: jadam.ademamix(1e-2, b3=0.999),
+    "ademamix": (lambda: jadam.contrib.ademamix(1e-2, b3=0.999),
                  lambda: optax.contrib.ademamix(1e-2, b3=0.999)),
     "ademamix_decay": (
-        lambda: jadam.ademamix(1e-2, b3=0.999, weight_decay=0.01,
+        lambda: jadam.contrib.ademamix(1e-2, b3=0.999, weight_decay=0.01,
                                eps_root=1e-10),
         lambda: optax.contrib.ademamix(1e-2, b3=0.999, weight_decay=0.01,
                                        eps_root=1e-10)),
     # The paper warms α and β3 up; schedules are functions of the count.
     "ademamix_schedules": (
-        lambda: jadam.ademamix(1e-2, alpha=optax.linear_schedule(0., 5., 100),
+        lambda: jadam.contrib.ademamix(1e-2, alpha=optax.linear_schedule(0., 5., 100),
                                b3=optax.linear_schedule(0.9, 0.999, 100)),
         lambda: optax.contrib.ademamix(
             1e-2, alpha=optax.linear_schedule(0., 5., 100),
             b3=optax.linear_schedule(0.9, 0.999, 100))),
     "ademamix_paper_warmup": (
-        lambda: jadam.ademamix(1e-2, alpha=optax.linear_schedule(0., 5., 100),
-                               b3=jadam.ademamix_b3_schedule(0.9999, 100)),
+        lambda: jadam.contrib.ademamix(1e-2, alpha=optax.linear_schedule(0., 5., 100),
+                               b3=jadam.contrib.ademamix_b3_schedule(0.9999, 100)),
         lambda: optax.contrib.ademamix(
             1e-2, alpha=optax.linear_schedule(0., 5., 100),
-            b3=jadam.ademamix_b3_schedule(0.9999, 100))),
+            b3=jadam.contrib.ademamix_b3_schedule(0.9999, 100))),
 }
 
 
@@ -136,7 +136,7 @@ def test_state_is_optax_contrib_state_and_continues_it(variant):
 def test_ademamix_b3_schedule_grows_the_half_life_linearly():
   """The paper's f_β3, transcribed in float64: h(β) = ln ½ / ln β."""
   b3, b_start, warmup = 0.9999, 0.9, 500
-  schedule = jadam.ademamix_b3_schedule(b3, warmup, b_start)
+  schedule = jadam.contrib.ademamix_b3_schedule(b3, warmup, b_start)
   half_life = lambda beta: np.log(0.5) / np.log(beta)
   steps = np.arange(0, warmup + 20)
   got = np.array([float(schedule(t)) for t in steps])
@@ -153,7 +153,7 @@ def test_ademamix_b3_schedule_grows_the_half_life_linearly():
 
 
 def test_adopt_first_update_only_measures_the_second_moment():
-  tx = jadam.scale_by_adopt()
+  tx = jadam.contrib.scale_by_adopt()
   g = {"w": jnp.array([3.0, -4.0])}
   state = tx.init(g)
   out, state = tx.update(g, state)
@@ -181,12 +181,12 @@ def test_schedule_free_adamw_matches_optax_contrib(kwargs, problem):
   numbers, so they are compared through the iterates they produce.
   """
   params, loss = problem
-  ours = jadam.schedule_free_adamw(**kwargs)
+  ours = jadam.contrib.schedule_free_adamw(**kwargs)
   theirs = optax.contrib.schedule_free_adamw(**kwargs)
   worst = 0.0
   for _, y_ours, y_theirs, _, _, s_ours, s_theirs in _lockstep(
       ours, theirs, params, loss):
-    x_ours = jadam.schedule_free_eval_params(s_ours, y_ours)
+    x_ours = jadam.contrib.schedule_free_eval_params(s_ours, y_ours)
     x_theirs = optax.contrib.schedule_free_eval_params(s_theirs, y_theirs)
     worst = max(worst, relative_error(y_ours, y_theirs),
                 relative_error(s_ours.z, s_theirs.z),
@@ -195,15 +195,15 @@ def test_schedule_free_adamw_matches_optax_contrib(kwargs, problem):
 
 
 def test_schedule_free_base_step_stores_no_first_moment():
-  state = jadam.schedule_free_adamw().init({"w": jnp.ones(5)})
+  state = jadam.contrib.schedule_free_adamw().init({"w": jnp.ones(5)})
   base = state.base_optimizer_state[0]
-  assert isinstance(base, jadam.ScaleBySecondMomentState)
+  assert isinstance(base, jadam.contrib.ScaleBySecondMomentState)
   assert base._fields == ("count", "nu")
   # int8 storage keeps the same class and fields: the √v codes and their
   # block scales sit in one jadam.Int8Moment leaf where the float nu would.
-  int8 = jadam.schedule_free_adamw(nu_dtype="int8").init({"w": jnp.ones(8192)})
+  int8 = jadam.contrib.schedule_free_adamw(nu_dtype="int8").init({"w": jnp.ones(8192)})
   base = int8.base_optimizer_state[0]
-  assert isinstance(base, jadam.ScaleBySecondMomentState)
+  assert isinstance(base, jadam.contrib.ScaleBySecondMomentState)
   assert base._fields == ("count", "nu")
   assert isinstance(base.nu["w"], jadam.Int8Moment)
   assert base.nu["w"].codes.dtype == jnp.uint8
@@ -215,7 +215,7 @@ def test_schedule_free_state_is_optax_state_and_continues_it():
   # The same tree as optax.contrib.schedule_free_adamw's state: an optax
   # checkpoint continues under jadam.
   params, loss = PROBLEMS["quadratic"]()
-  ours = jadam.schedule_free_adamw(1e-2, warmup_steps=5)
+  ours = jadam.contrib.schedule_free_adamw(1e-2, warmup_steps=5)
   theirs = optax.contrib.schedule_free_adamw(1e-2, warmup_steps=5)
   assert (jax.tree.structure(ours.init(params))
           == jax.tree.structure(theirs.init(params)))
@@ -239,9 +239,9 @@ def test_schedule_free_state_is_optax_state_and_continues_it():
 def test_schedule_free_eval_params_finds_the_state_inside_a_chain():
   params, loss = PROBLEMS["quadratic"]()
   opt = optax.chain(optax.clip_by_global_norm(10.0),
-                    jadam.schedule_free_adamw(5e-2))
+                    jadam.contrib.schedule_free_adamw(5e-2))
   y, state = train(opt, params, loss, 100)
-  x = jadam.schedule_free_eval_params(state, y)
+  x = jadam.contrib.schedule_free_eval_params(state, y)
   sf_state = state[1]
   expected = jax.tree.map(lambda yi, zi: (yi - 0.1 * zi) / 0.9, y, sf_state.z)
   assert relative_error(x, expected) < 1e-6
@@ -252,7 +252,7 @@ def test_schedule_free_eval_params_finds_the_state_inside_a_chain():
 def test_schedule_free_eval_params_rejects_other_states():
   params = {"w": jnp.ones(2)}
   with pytest.raises(ValueError, match="exactly one schedule-free state"):
-    jadam.schedule_free_eval_params(jadam.adam(1e-3).init(params), params)
+    jadam.contrib.schedule_free_eval_params(jadam.adam(1e-3).init(params), params)
 
 
 # --------------------------------------------------------------------------
@@ -398,9 +398,9 @@ def test_cautious_masks_the_direction_and_leaves_the_moments_alone(alias):
 # --------------------------------------------------------------------------
 
 ELEMENTWISE = {
-    "adopt": lambda **kw: jadam.adopt(1e-2, **kw),
-    "ademamix": lambda **kw: jadam.ademamix(1e-2, b3=0.999, **kw),
-    "schedule_free_adamw": lambda **kw: jadam.schedule_free_adamw(
+    "adopt": lambda **kw: jadam.contrib.adopt(1e-2, **kw),
+    "ademamix": lambda **kw: jadam.contrib.ademamix(1e-2, b3=0.999, **kw),
+    "schedule_free_adamw": lambda **kw: jadam.contrib.schedule_free_adamw(
         1e-2, warmup_steps=10, **kw),
 }
 
@@ -460,9 +460,9 @@ def test_variant_with_compressed_second_moment_trains_like_float32(
 
 def test_variant_first_moments_can_be_int8():
   params, loss = PROBLEMS["quadratic"]()
-  full, _ = train(jadam.ademamix(1e-2, b3=0.999), params, loss, 200)
+  full, _ = train(jadam.contrib.ademamix(1e-2, b3=0.999), params, loss, 200)
   int8 = jadam.BlockwiseInt8(block_size=4, min_size=0)
-  small, state = train(jadam.ademamix(1e-2, b3=0.999, mu_dtype=int8,
+  small, state = train(jadam.contrib.ademamix(1e-2, b3=0.999, mu_dtype=int8,
                                       nu_dtype=int8), params, loss, 200)
   assert jnp.int8 in [leaf.dtype for leaf in jax.tree.leaves(state[0].m2)]
   assert loss(small) < 0.5 * loss(params)
@@ -496,19 +496,19 @@ def test_variants_study_example_trains_every_variant():
 
 
 @pytest.mark.parametrize("make,name", [
-    (lambda: jadam.ademamix(1e-3, b3=1.0), "b3"),
-    (lambda: jadam.ademamix(1e-3, alpha=-1.0), "alpha"),
-    (lambda: jadam.adopt(1e-3, b2=1.5), "b2"),
-    (lambda: jadam.schedule_free_adamw(1e-3, b1=0.0), "b1"),
+    (lambda: jadam.contrib.ademamix(1e-3, b3=1.0), "b3"),
+    (lambda: jadam.contrib.ademamix(1e-3, alpha=-1.0), "alpha"),
+    (lambda: jadam.contrib.adopt(1e-3, b2=1.5), "b2"),
+    (lambda: jadam.contrib.schedule_free_adamw(1e-3, b1=0.0), "b1"),
     (lambda: jadam.adam(1e-3, numerics="tensorflow"), "numerics"),
     (lambda: jadam.scale_by_adam(nesterov=True, numerics="keras"), "keras"),
     (lambda: jadam._transform._scale_by_rule(  # pylint: disable=protected-access
-        jadam.AdamRule(infinity_norm=True, numerics="keras"), None, None),
+        jadam.rule.AdamRule(infinity_norm=True, numerics="keras"), None, None),
      "keras"),
-    (lambda: jadam.adopt(1e-3, mu_dtype="int32"), "mu_dtype"),
-    (lambda: jadam.ademamix_b3_schedule(0.999, 100, b_start=0.9999),
+    (lambda: jadam.contrib.adopt(1e-3, mu_dtype="int32"), "mu_dtype"),
+    (lambda: jadam.contrib.ademamix_b3_schedule(0.999, 100, b_start=0.9999),
      "b_start"),
-    (lambda: jadam.ademamix_b3_schedule(0.999, 0), "warmup_steps"),
+    (lambda: jadam.contrib.ademamix_b3_schedule(0.999, 0), "warmup_steps"),
 ])
 def test_bad_hyperparameters_are_named(make, name):
   with pytest.raises(ValueError, match=name):
@@ -518,7 +518,7 @@ def test_bad_hyperparameters_are_named(make, name):
 def test_schedule_free_adamw_under_inject_hyperparams_and_jit():
   # b1 is a traced value there; construction must not call float() on it.
   params, loss = PROBLEMS["quadratic"]()
-  ours = optax.inject_hyperparams(jadam.schedule_free_adamw)(
+  ours = optax.inject_hyperparams(jadam.contrib.schedule_free_adamw)(
       learning_rate=1e-2, b1=0.9)
   theirs = optax.inject_hyperparams(optax.contrib.schedule_free_adamw)(
       learning_rate=1e-2, b1=0.9)
@@ -531,9 +531,9 @@ def test_schedule_free_adamw_takes_a_schedule_with_warmup():
   # The warmup ramps the schedule's value linearly from 0.
   schedule = optax.exponential_decay(1e-2, 10, 0.5)
   params, loss = PROBLEMS["quadratic"]()
-  warmed, _ = train(jadam.schedule_free_adamw(schedule, warmup_steps=5),
+  warmed, _ = train(jadam.contrib.schedule_free_adamw(schedule, warmup_steps=5),
                     params, loss, 30)
   ramped = lambda count: jnp.minimum(count / 5, 1.0) * schedule(count)
-  by_hand, _ = train(jadam.schedule_free_adamw(ramped), params, loss, 30)
+  by_hand, _ = train(jadam.contrib.schedule_free_adamw(ramped), params, loss, 30)
   assert relative_error(warmed, by_hand) < 1e-6
   assert loss(warmed) < loss(params)

@@ -2,7 +2,7 @@
 ``abstract_state`` put it, compiles its step once, and resumes bitwise.
 
 The wrappers: ``jadam.skip_nonfinite``, ``jadam.with_telemetry``,
-``jadam.offload``, ``jadam.zero1``, ``optax.MultiSteps``,
+``jadam.sharding.offload``, ``jadam.sharding.zero1``, ``optax.MultiSteps``,
 ``optax.inject_hyperparams`` and ``optax.chain`` (with clipping), around
 ``jadam.adam`` with bfloat16 first and int8 second moments, plus the stacks
 the docs show (tests/_wrapper_pairs_worker.py runs them on a simulated

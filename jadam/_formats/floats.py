@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 from jadam import _boxes
 from jadam import _rounding
-from jadam import _sharding
+from jadam.sharding import _placement
 from jadam import _validation
 
 Array = jax.Array
@@ -60,7 +60,7 @@ class FloatLeaf:
     return jnp.dtype(self.dtype).itemsize < 4
 
   def zeros(self, param: Any) -> Array:
-    return _sharding.zeros_placed_like(param, param.shape, self.dtype)
+    return _placement.zeros_placed_like(param, param.shape, self.dtype)
 
   def boxed(self, box: Any, stored: Array) -> Any:
     """``stored`` in the parameter's Flax box, if it has one."""

@@ -21,7 +21,7 @@ from jadam import _boxes
 from jadam import _compat
 from jadam import _rounding
 from jadam import _rule
-from jadam import _sharding
+from jadam.sharding import _placement
 from jadam._formats import _codes
 from jadam._formats import floats
 
@@ -194,8 +194,8 @@ class Int8Leaf:
 
   def zeros(self, param: Any) -> Int8Moment:
     return Int8Moment(
-        _sharding.zeros_placed_like(param, param.shape, self.code_dtype),
-        _sharding.zeros_placed_like(param, (self.n_blocks,), jnp.float32,
+        _placement.zeros_placed_like(param, param.shape, self.code_dtype),
+        _placement.zeros_placed_like(param, (self.n_blocks,), jnp.float32,
                                     block=self.block))
 
   def boxed(self, box: Any, moment: Int8Moment) -> Int8Moment:
@@ -203,7 +203,7 @@ class Int8Leaf:
     in a box whose axis names fit a vector of blocks."""
     shape = tuple(_boxes.open_box(box).shape)
     return Int8Moment(_boxes.close_like(box, moment.codes), _boxes.box_scales(
-        box, moment.scales, _sharding.scales_follow_rows(shape, self.block)))
+        box, moment.scales, _placement.scales_follow_rows(shape, self.block)))
 
   def matches(self, stored: Any) -> bool:
     return (isinstance(stored, Int8Moment)
@@ -224,7 +224,7 @@ class Int8Leaf:
 
     def decode(codes, scales):
       return _read(codes, scales, view, self, dtype).reshape(codes.shape)
-    explicit = _sharding.explicit_shardings(codes)
+    explicit = _placement.explicit_shardings(codes)
     if explicit is not None:
       # As in :func:`step`: on Explicit mesh axes the blocks are cut inside
       # ``auto_axes``, and the values come back split like the codes.
@@ -262,7 +262,7 @@ def _not_differentiable_jvp(primals, tangents):
       "wrong derivative. Store the moments as float32, bfloat16 or float16 "
       "(their rounding is differentiated as the identity), or accept the "
       "approximate derivative through the block scales with "
-      "mu_dtype/nu_dtype=jadam.storage.BlockwiseInt8("
+      "mu_dtype/nu_dtype=jadam.BlockwiseInt8("
       "approximate_derivative=True) (its measured error is in "
       "docs/reliability.md).")
 

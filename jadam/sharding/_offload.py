@@ -18,7 +18,7 @@ import numpy as np
 import optax
 
 from jadam import _compat
-from jadam import _sharding
+from jadam.sharding import _placement
 
 # The memory kinds a state can be offloaded to. "pinned_host" is the one
 # JAX moves to and from inside a compiled function (jax.memory.Space.Host).
@@ -34,7 +34,7 @@ def _check_backend(memory_kind: str, devices: Any) -> None:
     kinds = _memory_kinds(device)
     if memory_kind not in kinds:
       raise ValueError(
-          f"jadam.offload: device {device} ({device.platform}) has no "
+          f"jadam.sharding.offload: device {device} ({device.platform}) has no "
           f"memory kind {memory_kind!r}; its memories are {kinds}. "
           f"Offloading needs a backend with host memory spaces (CPU, GPU, "
           f"TPU in current JAX releases); leave the state on the device "
@@ -55,7 +55,7 @@ def _check_compiled_transfers() -> None:
     kind = _to_host(np.zeros((), np.float32)).sharding.memory_kind
   if kind != "pinned_host":
     raise NotImplementedError(
-        f"jadam.offload: JAX {jax.__version__} on {jax.default_backend()} "
+        f"jadam.sharding.offload: JAX {jax.__version__} on {jax.default_backend()} "
         f"does not move arrays to host memory inside jax.jit (a compiled "
         f"transfer to pinned_host returned {kind!r} memory), so the state "
         f"would stay on the device. Use a newer JAX (0.10 works on CPU).")
@@ -91,7 +91,7 @@ def offload(tx: optax.GradientTransformation,
   :func:`jadam.skip_nonfinite`'s in-pass skip still reaches the moments),
   and moves the new state back, all inside the caller's ``jit``: the
   transfers are part of the compiled step. Shardings are kept, so under
-  :func:`jadam.zero1` each device offloads its own 1/N.
+  :func:`jadam.sharding.zero1` each device offloads its own 1/N.
 
   What crosses the host link per step is the state twice (down and up):
   16 bytes per parameter with float32 moments, 8 with bfloat16 and about
@@ -115,7 +115,7 @@ def offload(tx: optax.GradientTransformation,
 
   Example:
     >>> import jax, jax.numpy as jnp, jadam
-    >>> tx = jadam.offload(jadam.adam(1e-3, nu_dtype="int8"))
+    >>> tx = jadam.sharding.offload(jadam.adam(1e-3, nu_dtype="int8"))
     >>> state = tx.init({"w": jnp.zeros(8)})
     >>> state[0].mu["w"].sharding.memory_kind
     'pinned_host'
@@ -130,7 +130,7 @@ def offload(tx: optax.GradientTransformation,
     _check_compiled_transfers()
     # Loose scalars of wrappers inside (optax.MultiSteps's counters) are
     # placed first, so they land in host memory where the step returns them.
-    state = _sharding.place_scalars(tx.init(params), params)
+    state = _placement.place_scalars(tx.init(params), params)
     return _move(state, memory_kind, to_host=True)
 
   def update_fn(updates, state, params=None, **extra_args):

@@ -1,0 +1,219 @@
+"""Schedule-free AdamW (Defazio et al., NeurIPS 2024): Adam without
+momentum, run inside optax's schedule-free interpolation and averaging;
+evaluate the model at :func:`schedule_free_eval_params`. The base step is a
+per-array step handed to the engine (:mod:`jadam._engine`), storing only v.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Union
+
+import jax
+import jax.numpy as jnp
+import optax
+from optax import contrib as optax_contrib
+
+from jadam import _alias
+from jadam import _engine
+from jadam import _rule
+from jadam.sharding import _placement
+from jadam import _transform
+from jadam import _validation
+
+Array = jax.Array
+ArrayLike = jax.typing.ArrayLike
+ScalarOrSchedule = Union[float, jax.Array, optax.Schedule]
+
+
+# The state optax's schedule-free AdamW keeps for its base step
+# (``optax.scale_by_rms(bias_correction=True)``'s: count and nu), so that its
+# checkpoints restore into jadam; optax does not export the class, so it is
+# taken from that transformation's init, traced abstractly (nothing runs on
+# a backend at import: jadam.enable_cpu_fusion must come first).
+ScaleBySecondMomentState = type(jax.eval_shape(
+    optax.scale_by_rms(bias_correction=True).init, ()))
+
+
+def _scale_by_adam_without_momentum(
+    b2: ArrayLike, eps: ArrayLike,
+    nu_dtype: Optional[Any]) -> optax.GradientTransformation:
+  """Adam with β1 = 0, storing only v: the base step of schedule-free AdamW.
+
+  With β1 = 0, m_t = g_t and m̂_t = g_t, so m need not be kept; v is still
+  stepped by the Adam rule, fed a zero m_{t-1}. The direction is g_t times
+  the reciprocal of the denominator, rounded as optax's base step
+  (``optax.scale_by_rms``) rounds it, rather than one division.
+  """
+  rule = _rule.AdamRule(0.0, b2, eps)
+  _transform.check_rule(rule)
+
+  def leaf_rule(state, t, skip):
+    adam = _rule.leaf_rule(rule, t, skip)
+
+    def step(g, moments, s):
+      (nu,) = moments
+      _, (_, new_nu) = adam.step(g, (jnp.zeros_like(g), nu), s)
+      v_hat = new_nu / s["corrections"].nu.astype(new_nu.dtype)
+      return (1 / _rule.denominator(v_hat, s["rule"])) * g, (new_nu,)
+
+    def bounds(g_max, old, s):
+      return adam.bounds((None,) + tuple(g_max), (None,) + tuple(old), s)[1:]
+
+    return _rule.LeafRule(step, (True,), bounds, scalars=adam.scalars)
+
+  return _engine.transformation(
+      ScaleBySecondMomentState, (_engine.Moment("nu", second=True),),
+      _transform.formats(None, nu_dtype)[1:], leaf_rule)
+
+
+ScheduleFreeState = optax_contrib.ScheduleFreeState
+
+
+def schedule_free_adamw(
+    learning_rate: ScalarOrSchedule = 0.0025,
+    warmup_steps: Optional[int] = None,
+    b1: ArrayLike = 0.9,
+    b2: ArrayLike = 0.999,
+    eps: ArrayLike = 1e-8,
+    weight_decay: ScalarOrSchedule = 0.0,
+    weight_lr_power: ArrayLike = 2.0,
+    state_dtype: Optional[Any] = None,
+    *,
+    mask: _alias.MaskOrFn = None,
+    nu_dtype: Optional[Any] = None,
+) -> optax.GradientTransformationExtraArgs:
+  """Schedule-free AdamW (Defazio et al., 2024); keywords as optax's.
+
+  Adam without momentum (β1 = 0) takes the base steps on a sequence z; the
+  gradient is evaluated at ``y = (1 − β1)·z + β1·x``, where x is a running
+  average of z weighted by ``max_lr^weight_lr_power``. No decaying learning
+  rate schedule is needed (a warmup is). The parameters the optimizer updates
+  are y: **evaluate and save the model at x**, given by
+  :func:`schedule_free_eval_params`.
+
+  The interpolation and averaging are ``optax.contrib.schedule_free``; the
+  base step is jadam's Adam rule storing only v.
+
+  Args:
+    learning_rate: peak step size, a float or a schedule (no decay needed).
+    warmup_steps: if given, a linear warmup from 0 over this many steps.
+    b1: interpolation weight β1 of x in y, in (0, 1) (it replaces momentum).
+    b2, eps: as in :func:`jadam.scale_by_adam`.
+    weight_decay: λ, >= 0, applied at y as ``−lr·λ·y`` (the authors' form).
+    weight_lr_power: averaging weight of each step is ``max_lr`` to this power.
+    state_dtype: storage dtype of z (None: the parameters').
+    mask: where the decay applies, as in :func:`jadam.adamw`.
+    nu_dtype: storage of v, as in :func:`jadam.scale_by_adam`.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` whose state is an
+    ``optax.contrib.ScheduleFreeState``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, jadam
+    >>> opt = jadam.contrib.schedule_free_adamw(1e-2, warmup_steps=10)
+    >>> params = {"w": jnp.ones(2)}
+    >>> state = opt.init(params)
+    >>> grads = jax.grad(lambda p: jnp.sum(p["w"] ** 2))(params)
+    >>> updates, state = opt.update(grads, state, params)
+    >>> params = optax.apply_updates(params, updates)
+    >>> eval_params = jadam.contrib.schedule_free_eval_params(state, params)
+
+  References:
+    Defazio, Yang, Mehta, Mishchenko, Khaled & Cutkosky, "The Road Less
+    Scheduled", NeurIPS 2024 (arXiv:2405.15682).
+  """
+  _validation.check_learning_rate(learning_rate)
+  _validation.check_decay("b1", b1)
+  concrete_b1 = _validation.concrete(b1)  # None when traced (inject + jit)
+  if concrete_b1 is not None and float(concrete_b1) <= 0.0:
+    raise ValueError(f"b1 must be in (0, 1) for schedule-free AdamW (x is "
+                     f"recovered from y by dividing by b1), got {b1!r}.")
+  _validation.check_nonnegative("weight_decay", weight_decay,
+                                schedule=True)
+  _validation.check_nonnegative("weight_lr_power", weight_lr_power)
+  if warmup_steps is not None:
+    learning_rate = _with_linear_warmup(learning_rate, warmup_steps)
+  base = optax.chain(
+      _scale_by_adam_without_momentum(b2, eps, nu_dtype),
+      optax.add_decayed_weights(weight_decay, mask),
+      optax.scale_by_learning_rate(learning_rate))
+  # Its averaging weights and step count are made by optax's init.
+  return _placement.placing_scalars(_dtypes_kept(optax_contrib.schedule_free(
+      base, learning_rate=learning_rate, b1=b1,
+      weight_lr_power=weight_lr_power, state_dtype=state_dtype)))
+
+
+def _dtypes_kept(tx: optax.GradientTransformation
+                 ) -> optax.GradientTransformationExtraArgs:
+  """``tx`` whose ``update`` returns every state array in the dtype ``init``
+  gave it.
+
+  optax's schedule-free wrapper makes its averaging weights in the
+  parameters' dtype and updates them with the learning rate's: a float32
+  learning rate injected by ``optax.inject_hyperparams`` turned bfloat16
+  weights into float32 after one step, a new signature for the jitted step
+  (it compiled again) and a state that no longer matched its checkpoint.
+  """
+  tx = optax.with_extra_args_support(tx)
+
+  def update_fn(updates, state, params=None, **extra_args):
+    updates, new_state = tx.update(updates, state, params, **extra_args)
+    return updates, jax.tree.map(
+        lambda new, old: new.astype(old.dtype) if hasattr(old, "dtype")
+        else new, new_state, state)
+  return optax.GradientTransformationExtraArgs(tx.init, update_fn)
+
+
+def _with_linear_warmup(learning_rate: ScalarOrSchedule,
+                        warmup_steps: int) -> optax.Schedule:
+  """``learning_rate`` ramped up linearly from 0 over ``warmup_steps``.
+
+  A constant becomes optax's ``warmup_constant_schedule`` (bitwise what
+  optax's schedule-free AdamW uses); a schedule is multiplied by the same
+  ramp, so that a float or a schedule are both accepted as documented.
+  """
+  if not callable(learning_rate):
+    return optax.warmup_constant_schedule(
+        init_value=0.0, peak_value=learning_rate, warmup_steps=warmup_steps)
+  ramp = optax.linear_schedule(0.0, 1.0, warmup_steps)
+  return lambda count: ramp(count) * learning_rate(count)
+
+
+def schedule_free_eval_params(state: optax.OptState, params: Any) -> Any:
+  """The parameters to evaluate (and save) a schedule-free model at: x.
+
+  Training updates y; x is recovered as ``(y − (1 − β1)·z) / β1``. ``state``
+  may be the schedule-free state itself or any optimizer state that holds
+  exactly one (for example inside ``optax.chain`` or
+  ``optax.inject_hyperparams``).
+
+  Args:
+    state: the optimizer state.
+    params: the current (training) parameters y.
+
+  Returns:
+    x, with the structure of ``params``.
+
+  Raises:
+    ValueError: if ``state`` holds no schedule-free state, or several.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, jadam
+    >>> opt = optax.chain(optax.clip_by_global_norm(1.0),
+    ...                   jadam.contrib.schedule_free_adamw(1e-2))
+    >>> params = {"w": jnp.ones(2)}
+    >>> x = jadam.contrib.schedule_free_eval_params(opt.init(params), params)
+
+  References:
+    Defazio et al., "The Road Less Scheduled", NeurIPS 2024.
+  """
+  is_sf = lambda node: isinstance(node, ScheduleFreeState)
+  found = [node for node in jax.tree.leaves(state, is_leaf=is_sf)
+           if is_sf(node)]
+  if len(found) != 1:
+    raise ValueError(
+        f"schedule_free_eval_params needs an optimizer state holding exactly "
+        f"one schedule-free state (from jadam.contrib.schedule_free_adamw); found "
+        f"{len(found)}.")
+  return optax_contrib.schedule_free_eval_params(found[0], params)
