@@ -99,9 +99,11 @@ def transformation(
 
   def init_fn(params):
     trees = init_moments(params, moments, formats)
-    zero = jnp.zeros([], jnp.int32)
+    # A zero of its own per counter: one buffer in two places cannot be
+    # donated to a jitted step.
+    zero = lambda: jnp.zeros([], jnp.int32)
     return _placement.place_scalars(state_class(
-        count=zero, **{name: zero for name in counters},
+        count=zero(), **{name: zero() for name in counters},
         **{m.field: tree for m, tree in zip(moments, trees)}), params)
 
   def update_fn(updates, state, params=None, **extra_args):

@@ -5,8 +5,8 @@ and writes the parameter and both moments: 28 bytes per float32 parameter if
 every array is touched once. XLA:CPU emits one loop per array it writes. By
 default the parameter loop then reads the *new* moments that the two moment
 loops have just written, 40 bytes per parameter in three passes, and this is
-what keeps ``optax.adam`` and a naive flat Adam at about 1.5x the copy
-bandwidth floor.
+what keeps ``optax.adam`` and a naive flat Adam well above the copy
+bandwidth floor (docs/performance.md).
 
 XLA has a multi-output fusion pass for the CPU that merges *sibling* loops,
 loops that read the same arrays, into one loop with several outputs. It is
@@ -100,8 +100,7 @@ def cpu_fusion_active() -> bool:
 
 # Leaves smaller than this keep the plain form: their three loops run out of
 # cache, so one pass saves little time, while the second copy of the rule
-# costs compile time on trees of thousands of leaves (measured on
-# many_2000x8k: 23.5 s instead of 13 s to compile, the same step time).
+# costs compile time on trees of thousands of leaves (docs/performance.md).
 MIN_SIZE = 1 << 16
 
 
@@ -146,3 +145,93 @@ def separate(tree: Any, tag: int) -> tuple[Any, Any]:
     return tree, 0
   tree, one = alias((tree, jnp.uint32(1)), tag)
   return tree, one - 1
+
+
+# ---------------------------------------------------------------------------
+# Block maxima of a gradient, in the form XLA:CPU reduces fast (int8 scales).
+
+
+def blocks(flat: Array, block: int) -> list[Array]:
+  """``flat`` as (blocks, block) arrays: the whole blocks, then the shorter
+  last block if any, so that nothing is padded (a copy)."""
+  n = flat.shape[0]
+  whole = n - n % block
+  parts = [flat[:whole].reshape(-1, block)] if whole else []
+  if whole < n:
+    parts.append(flat[whole:].reshape(1, -1))
+  return parts
+
+
+def concat(parts: list[Array]) -> Array:
+  return parts[0] if len(parts) == 1 else jnp.concatenate(parts)
+
+
+# Gradients larger than this (whose square would exceed MAX_SCALE, 2^126)
+# are left out of the block maxima behind the int8 scale bounds: such an
+# element's v is +inf (a code of its own, a zero step, as with float32
+# moments), and the scale stays that of its block-mates.
+LARGEST_G = 2.0**63
+
+
+def block_max_abs(flat: Array, block: int) -> Array:
+  """The largest |x| <= ``LARGEST_G`` of each block of ``block`` elements of
+  ``flat`` (non-finite and overflowing values left out).
+
+  XLA:CPU reduces a plain float32 array fast (YNNPACK), but first writes out
+  any elementwise function of it, a float32 copy of the whole gradient. So
+  the maxima are taken as max(x) and -min(x) of the gradient itself, and
+  only if some block holds a non-finite value are they recomputed with the
+  non-finite values left out, a tile at a time (under ``lax.cond``, which a
+  healthy step does not pay for). Complex values are reduced by modulus
+  (the max and min of a complex array would order by real part).
+  """
+  if jnp.iscomplexobj(flat):
+    flat = jnp.abs(flat)
+
+  def finite_max(part):
+    magnitude = jnp.abs(part)
+    part = jnp.where(magnitude <= LARGEST_G, magnitude, 0)  # NaN: False
+    return jnp.max(part, axis=-1).astype(jnp.float32)
+
+  if flat.ndim > 1 and flat.size <= FALLBACK_TILE:
+    # A block view (see _block_view): blocks are the last axis, and the
+    # other axes keep the parameter's sharding.
+    return finite_max(flat).reshape(-1)
+  view = flat
+  flat = flat.reshape(-1)
+  parts = blocks(flat, block)
+
+  def tiled_finite_max(part):
+    rows = max(1, FALLBACK_TILE // part.shape[1])
+    n_loop = part.shape[0] // rows
+    if n_loop <= 1:
+      return finite_max(part)
+    out = jnp.zeros(part.shape[:1], jnp.float32)
+    def body(i, out):
+      tile = jax.lax.dynamic_slice_in_dim(part, i * rows, rows)
+      return jax.lax.dynamic_update_slice_in_dim(out, finite_max(tile),
+                                                 i * rows, 0)
+    out = jax.lax.fori_loop(0, n_loop, body, out)
+    if n_loop * rows < part.shape[0]:
+      out = out.at[n_loop * rows:].set(finite_max(part[n_loop * rows:]))
+    return out
+
+  if flat.shape[0] <= FALLBACK_TILE:
+    # A small leaf is in cache: the elementwise |x| costs nothing, and no
+    # branch is needed (a branch per leaf costs compile time, and under
+    # vmap, see _transform.walk, it would run both sides).
+    return concat([finite_max(p) for p in parts])
+  if view.ndim > 1:
+    # The healthy path on the block view, so that the reduction keeps the
+    # parameter's sharding; the rare fallback below works on the flat leaf.
+    fast = jnp.maximum(jnp.max(view, axis=-1),
+                       -jnp.min(view, axis=-1)).astype(jnp.float32).reshape(-1)
+  else:
+    fast = concat([jnp.maximum(jnp.max(p, axis=1), -jnp.min(p, axis=1))
+                    .astype(jnp.float32) for p in parts])
+  return jax.lax.cond(jnp.all(fast <= LARGEST_G), lambda: fast,
+                      lambda: concat([tiled_finite_max(p) for p in parts]))
+
+
+# Elements per tile of the block maxima of a gradient with non-finite values.
+FALLBACK_TILE = 1 << 18

@@ -63,9 +63,8 @@ def _check_axis_name(wrapper: str, axes: Optional[tuple]) -> None:
 
 def _across(partial: Array, leaf: Any, axes: Optional[tuple],
             collective) -> Array:
-  """A per-leaf partial reduction (of this device's shard) completed over
-  the manual axes ``leaf`` is split over; replicated copies are counted
-  once."""
+  """A per-leaf partial reduction of this device's shard, completed over
+  the manual axes ``leaf`` is split over (replicated copies count once)."""
   if not axes:
     return partial
   names = tuple(a for a in axes if a in _compat.varying_axes(leaf))

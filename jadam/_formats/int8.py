@@ -19,6 +19,7 @@ import jax.numpy as jnp
 
 from jadam import _boxes
 from jadam import _compat
+from jadam import _fusion
 from jadam import _rounding
 from jadam import _rule
 from jadam.sharding import _placement
@@ -352,92 +353,6 @@ def step(g: Array, stored: tuple, t: Array, seed: tuple, offset: Any,
           tuple(new_scales))
 
 
-def _blocks(flat: Array, block: int) -> list[Array]:
-  """``flat`` as (blocks, block) arrays: the whole blocks, then the shorter
-  last block if any, so that nothing is padded (a copy)."""
-  n = flat.shape[0]
-  whole = n - n % block
-  parts = [flat[:whole].reshape(-1, block)] if whole else []
-  if whole < n:
-    parts.append(flat[whole:].reshape(1, -1))
-  return parts
-
-
-def _concat(parts: list[Array]) -> Array:
-  return parts[0] if len(parts) == 1 else jnp.concatenate(parts)
-
-
-# Gradients larger than this (whose square would exceed MAX_SCALE, 2^126)
-# are left out of the block maxima behind the int8 scale bounds: such an
-# element's v is +inf (a code of its own, a zero step, as with float32
-# moments), and the scale stays that of its block-mates.
-LARGEST_G = 2.0**63
-
-
-def _block_max_abs(flat: Array, block: int) -> Array:
-  """The largest |x| <= ``LARGEST_G`` of each block of ``block`` elements of
-  ``flat`` (non-finite and overflowing values left out).
-
-  XLA:CPU reduces a plain float32 array fast (YNNPACK), but first writes out
-  any elementwise function of it, a float32 copy of the whole gradient. So
-  the maxima are taken as max(x) and -min(x) of the gradient itself, and
-  only if some block holds a non-finite value are they recomputed with the
-  non-finite values left out, a tile at a time (under ``lax.cond``, which a
-  healthy step does not pay for). Complex values are reduced by modulus
-  (the max and min of a complex array would order by real part).
-  """
-  if jnp.iscomplexobj(flat):
-    flat = jnp.abs(flat)
-
-  def finite_max(part):
-    magnitude = jnp.abs(part)
-    part = jnp.where(magnitude <= LARGEST_G, magnitude, 0)  # NaN: False
-    return jnp.max(part, axis=-1).astype(jnp.float32)
-
-  if flat.ndim > 1 and flat.size <= FALLBACK_TILE:
-    # A block view (see _block_view): blocks are the last axis, and the
-    # other axes keep the parameter's sharding.
-    return finite_max(flat).reshape(-1)
-  view = flat
-  flat = flat.reshape(-1)
-  parts = _blocks(flat, block)
-
-  def tiled_finite_max(part):
-    rows = max(1, FALLBACK_TILE // part.shape[1])
-    n_loop = part.shape[0] // rows
-    if n_loop <= 1:
-      return finite_max(part)
-    out = jnp.zeros(part.shape[:1], jnp.float32)
-    def body(i, out):
-      tile = jax.lax.dynamic_slice_in_dim(part, i * rows, rows)
-      return jax.lax.dynamic_update_slice_in_dim(out, finite_max(tile),
-                                                 i * rows, 0)
-    out = jax.lax.fori_loop(0, n_loop, body, out)
-    if n_loop * rows < part.shape[0]:
-      out = out.at[n_loop * rows:].set(finite_max(part[n_loop * rows:]))
-    return out
-
-  if flat.shape[0] <= FALLBACK_TILE:
-    # A small leaf is in cache: the elementwise |x| costs nothing, and no
-    # branch is needed (a branch per leaf costs compile time, and under
-    # vmap, see _transform.walk, it would run both sides).
-    return _concat([finite_max(p) for p in parts])
-  if view.ndim > 1:
-    # The healthy path on the block view, so that the reduction keeps the
-    # parameter's sharding; the rare fallback below works on the flat leaf.
-    fast = jnp.maximum(jnp.max(view, axis=-1),
-                       -jnp.min(view, axis=-1)).astype(jnp.float32).reshape(-1)
-  else:
-    fast = _concat([jnp.maximum(jnp.max(p, axis=1), -jnp.min(p, axis=1))
-                    .astype(jnp.float32) for p in parts])
-  return jax.lax.cond(jnp.all(fast <= LARGEST_G), lambda: fast,
-                      lambda: _concat([tiled_finite_max(p) for p in parts]))
-
-
-# Elements per tile of the block maxima of a gradient with non-finite values.
-FALLBACK_TILE = 1 << 18
-
-
 def _scale_bounds(flat_g: Array, scales: tuple, blocks: list, formats: tuple,
                   leaf: _rule.LeafRule) -> tuple:
   """The new block scales of the int8 moments for which ``leaf.bounds``
@@ -446,14 +361,14 @@ def _scale_bounds(flat_g: Array, scales: tuple, blocks: list, formats: tuple,
   [smallest normal float32, :data:`jadam._codes.MAX_SCALE`], and the old
   scales where a step is skipped.
 
-  G leaves out gradients above ``LARGEST_G`` (2^63, whose square would
+  G leaves out gradients above ``_fusion.LARGEST_G`` (2^63, whose square would
   exceed 2^126): their v is +inf, stored as its own code, so they do not
   inflate their block's scale.
   """
   if leaf.bounds is None or all(block is None for block in blocks):
     return tuple(None for _ in blocks)
   smallest = min(block for block in blocks if block is not None)
-  g_max = {smallest: _block_max_abs(flat_g, smallest)}
+  g_max = {smallest: _fusion.block_max_abs(flat_g, smallest)}
   for block in set(blocks) - {smallest, None}:
     g_max[block] = jnp.max(_codes.to_blocks(g_max[smallest],
                                             block // smallest), axis=1)
@@ -485,8 +400,8 @@ def _exact_scales(value: Array, block: int) -> Array:
   if magnitude.ndim > 1:  # a block view: blocks are the last axis
     top = jnp.max(magnitude, axis=-1).reshape(-1)
   else:
-    top = _concat([jnp.max(part, axis=1)
-                   for part in _blocks(magnitude, block)])
+    top = _fusion.concat([jnp.max(part, axis=1)
+                   for part in _fusion.blocks(magnitude, block)])
   return jnp.clip(top, jnp.finfo(jnp.float32).tiny, _codes.MAX_SCALE)
 
 
