@@ -120,6 +120,12 @@ def _path_str(path: Sequence[Any]) -> str:
   return _compat.keystr(tuple(path)) or "<root>"
 
 
+def _listed(names: list[str], most: int = 3) -> str:
+  shown = ", ".join(names[:most])
+  return shown + (f" and {len(names) - most} more" if len(names) > most
+                  else "")
+
+
 def check_same_tree(updates: Any, reference: Any, *, what: str,
                     is_leaf: Optional[Callable[[Any], bool]] = None) -> None:
   """Raise a ValueError naming the first key path where the trees differ.
@@ -134,12 +140,22 @@ def check_same_tree(updates: Any, reference: Any, *, what: str,
   """
   g_paths = _compat.flatten_with_path(updates)[0]
   r_paths = _compat.flatten_with_path(reference, is_leaf=is_leaf)[0]
-  for (gp, g), (rp, r) in zip(g_paths, r_paths):
-    if gp != rp:
-      raise ValueError(
-          f"The gradient tree does not match the {what}: the gradients have "
-          f"a leaf at {_path_str(gp)} where the state has one at "
-          f"{_path_str(rp)}. Pass gradients with the parameters' structure.")
+  g_names = [_path_str(p) for p, _ in g_paths]
+  r_names = [_path_str(p) for p, _ in r_paths]
+  missing = [n for n in r_names if n not in set(g_names)]
+  extra = [n for n in g_names if n not in set(r_names)]
+  if missing or extra:
+    parts = []
+    if missing:
+      parts.append(f"the gradients have no leaf at {_listed(missing)}, where "
+                   f"the {what} has one")
+    if extra:
+      parts.append(f"only the gradients have a leaf at {_listed(extra)}")
+    raise ValueError(
+        f"The gradient tree does not match the {what}: {'; '.join(parts)} "
+        f"({len(g_paths)} gradient leaves, {len(r_paths)} in the state). "
+        "Pass gradients with the parameters' structure.")
+  for (gp, g), (_, r) in zip(g_paths, r_paths):
     g_shape = np.shape(g)
     r = getattr(r, "codes", r)  # an int8 moment has its codes' shape
     r_shape = getattr(r, "shape", None)
@@ -148,14 +164,6 @@ def check_same_tree(updates: Any, reference: Any, *, what: str,
       raise ValueError(
           f"The gradient at {_path_str(gp)} has shape {tuple(g_shape)} but "
           f"the {what} there has shape {tuple(r_shape)}.")
-  if len(g_paths) != len(r_paths):
-    longer, name = ((g_paths, "gradients") if len(g_paths) > len(r_paths)
-                    else (r_paths, what))
-    first_extra = longer[min(len(g_paths), len(r_paths))][0]
-    raise ValueError(
-        f"The gradient tree does not match the {what}: only the {name} have "
-        f"a leaf at {_path_str(first_extra)} ({len(g_paths)} gradient leaves, "
-        f"{len(r_paths)} in the state).")
   g_def = jax.tree.structure(updates)
   try:
     g_def.flatten_up_to(reference)

@@ -42,14 +42,26 @@ def test_schedules_and_traced_values_are_accepted():
   jax.jit(lambda lr: jadam.adam(lr).init(jnp.ones(2)))(jnp.asarray(1e-3))
 
 
-def test_gradient_tree_mismatch_names_the_key_path():
+def test_gradient_tree_mismatch_names_the_missing_and_the_extra_leaf():
   opt = jadam.scale_by_adam()
-  state = opt.init({"encoder": {"w": jnp.ones(2)}, "decoder": jnp.ones(3)})
-  with pytest.raises(ValueError, match=r"\['encoder'\]\['b'\]"):
-    opt.update({"encoder": {"b": jnp.ones(2)}, "decoder": jnp.ones(3)}, state)
-  with pytest.raises(ValueError, match="only the gradients have a leaf at"):
-    opt.update({"encoder": {"w": jnp.ones(2)}, "decoder": jnp.ones(3),
-                "extra": jnp.ones(1)}, state)
+  params = {"encoder": {"w": jnp.ones(2), "b": jnp.ones(2)},
+            "decoder": jnp.ones(3)}
+  state = opt.init(params)
+  with pytest.raises(ValueError) as error:  # ['encoder']['b'] missing
+    opt.update({"encoder": {"w": jnp.ones(2)}, "decoder": jnp.ones(3)}, state)
+  assert ("the gradients have no leaf at ['encoder']['b'], where the "
+          "optimizer state has one (2 gradient leaves, 3 in the state)"
+          in str(error.value))
+  with pytest.raises(ValueError) as error:
+    opt.update({**params, "extra": jnp.ones(1)}, state)
+  assert "only the gradients have a leaf at ['extra'] (4 gradient" in str(
+      error.value)
+  with pytest.raises(ValueError) as error:  # renamed: one of each
+    opt.update({"encoder": {"w": jnp.ones(2), "bias": jnp.ones(2)},
+                "decoder": jnp.ones(3)}, state)
+  assert ("no leaf at ['encoder']['b'], where the optimizer state has one; "
+          "only the gradients have a leaf at ['encoder']['bias']"
+          in str(error.value))
 
 
 def test_gradient_shape_mismatch_names_the_key_path():
