@@ -227,3 +227,19 @@ def test_flax_linen_example_learns_digits(capsys):
   assert "Epoch 2, Loss:" in out
   assert history["loss"][1] < history["loss"][0]
   assert history["test_accuracy"][-1] > 0.85
+
+
+def test_nnx_optimizer_step_counts_skipped_steps_and_the_state_does_not():
+  """nnx.Optimizer's own step counts every update; under skip_nonfinite the
+  optimizer state's count and skipped counter say what happened
+  (docs/reliability.md)."""
+  model = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
+  optimizer = nnx.Optimizer(model, jadam.skip_nonfinite(jadam.adam(1e-2)),
+                            wrt=nnx.Param)
+  x = jnp.ones((4, 3))
+  for scale in (1.0, jnp.nan, 1.0):
+    grads = nnx.grad(lambda m, s=scale: jnp.mean(m(x) * s))(model)
+    optimizer.update(model, grads)
+  assert int(optimizer.step[...]) == 3
+  assert int(optimizer.opt_state.inner_state[0].count[...]) == 2
+  assert int(optimizer.opt_state.skipped[...]) == 1
