@@ -152,7 +152,7 @@ def test_memory_kind_errors_are_clear():
     def addressable_memories(self):
       return [Memory()]
 
-  from jadam import _offload  # pylint: disable=g-import-not-at-top
+  from jadam.sharding import _offload  # pylint: disable=g-import-not-at-top
   with pytest.raises(ValueError, match="has no memory kind 'pinned_host'"):
     _offload._check_backend(HOST, [Device()])
 
