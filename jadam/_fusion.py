@@ -37,6 +37,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+Array = jax.Array
+
 # The XLA backend option that switches on CPU multi-output fusion. It is a
 # key of the ``xla_backend_extra_options`` map, which per-compilation
 # ``compiler_options`` cannot set: it has to come from ``XLA_FLAGS``.
@@ -219,7 +221,7 @@ def block_max_abs(flat: Array, block: int) -> Array:
   if flat.shape[0] <= FALLBACK_TILE:
     # A small leaf is in cache: the elementwise |x| costs nothing, and no
     # branch is needed (a branch per leaf costs compile time, and under
-    # vmap, see _transform.walk, it would run both sides).
+    # vmap, see jadam._engine.walk, it would run both sides).
     return concat([finite_max(p) for p in parts])
   if view.ndim > 1:
     # The healthy path on the block view, so that the reduction keeps the

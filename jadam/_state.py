@@ -22,7 +22,6 @@ from jadam import _engine
 from jadam import _formats
 from jadam import _rule
 from jadam._formats import _codes
-from jadam._formats import floats
 from jadam._formats import int8
 
 Array = jax.Array

@@ -37,7 +37,7 @@ import optax
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 import jadam
-from jadam.sharding import _placement
+from jadam.sharding import _zero1
 
 STEPS = 4
 LR = 1e-2
@@ -170,7 +170,7 @@ def expected_spec(param, mesh, zero1_axis):
   with the ZeRO-1 axis added (``add_axis``) under ZeRO-1."""
   if zero1_axis is None:
     return param.sharding.spec
-  return _placement.add_axis(param.sharding.spec, param.shape, mesh,
+  return _zero1.add_axis(param.sharding.spec, param.shape, mesh,
                             zero1_axis)
 
 
@@ -179,7 +179,7 @@ def placement(state, params, mesh, zero1_axis) -> list[str]:
 
   * A state array of its parameter's shape has the parameter's sharding, or
     under ZeRO-1 the parameter's with the data axis added to the largest
-    free dimension it divides (``jadam.sharding.add_axis``).
+    free dimension it divides (``jadam.sharding._zero1.add_axis``).
   * Any other state array of a parameter (int8 block scales) is split over
     no mesh axis the parameter's state is not split over.
   * Arrays of no parameter (counts, telemetry) are replicated, scalars

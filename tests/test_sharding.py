@@ -21,6 +21,7 @@ import jadam
 from conftest import run_json_worker  # pylint: disable=g-bad-import-order
 from jadam import _fusion
 from jadam.sharding import _placement
+from jadam.sharding import _zero1
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 WORKER = ROOT / "tests" / "_sharding_worker.py"
@@ -126,23 +127,23 @@ def test_zero1_state_bytes_per_device_fall_as_one_over_n(mesh_results, fmt):
 
 def test_add_axis_picks_the_largest_free_dimension_that_divides():
   mesh = jax.sharding.AbstractMesh((8, 2), ("data", "model"))
-  assert _placement.add_axis(P(), (16, 64), mesh, "data") == P(None, "data")
-  assert _placement.add_axis(P(), (64, 16), mesh, "data") == P("data", None)
-  assert _placement.add_axis(P(None, "model"), (16, 64), mesh, "data") == P(
+  assert _zero1.add_axis(P(), (16, 64), mesh, "data") == P(None, "data")
+  assert _zero1.add_axis(P(), (64, 16), mesh, "data") == P("data", None)
+  assert _zero1.add_axis(P(None, "model"), (16, 64), mesh, "data") == P(
       "data", "model")
 
 
 def test_add_axis_leaves_dimensions_split_over_another_axis_alone():
   mesh = jax.sharding.AbstractMesh((8, 2), ("data", "model"))
-  assert _placement.add_axis(P(None, "model"), (3, 32), mesh, "data") == P(
+  assert _zero1.add_axis(P(None, "model"), (3, 32), mesh, "data") == P(
       None, "model")
 
 
 def test_add_axis_leaves_indivisible_and_scalar_leaves_whole():
   mesh = jax.sharding.AbstractMesh((8,), ("data",))
-  assert _placement.add_axis(P(), (3, 5), mesh, "data") == P(None, None)
-  assert _placement.add_axis(P(), (), mesh, "data") == P()
-  assert _placement.add_axis(P("data"), (16,), mesh, "data") == P("data")
+  assert _zero1.add_axis(P(), (3, 5), mesh, "data") == P(None, None)
+  assert _zero1.add_axis(P(), (), mesh, "data") == P()
+  assert _zero1.add_axis(P("data"), (16,), mesh, "data") == P("data")
 
 
 def test_single_device_init_is_unchanged_plain_zeros():

@@ -51,7 +51,6 @@ scales, where precision does.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Optional
 

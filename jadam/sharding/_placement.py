@@ -26,7 +26,7 @@ only decides *placement*:
 from __future__ import annotations
 
 import math
-from typing import Any, Hashable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import jax
 import jax.numpy as jnp

@@ -10,11 +10,9 @@ shardings.
 
 from __future__ import annotations
 
-import math
 from typing import Any, Hashable, Sequence
 
 import jax
-import jax.numpy as jnp
 import optax
 
 from jadam import _compat
