@@ -1,7 +1,6 @@
-"""Complete optimizers: a jadam scaling, optional weight decay, and the step.
+"""Complete optimizers: a jadam scaling, optional weight decay, the step.
 
-Each alias keeps the keyword names and defaults of its optax namesake, so
-``optax.adam`` → ``jadam.adam`` is a one-word change.
+Keyword names and defaults are optax's: ``optax.adam`` → ``jadam.adam``.
 """
 
 from __future__ import annotations
@@ -26,7 +25,7 @@ def optimizer(scaling: optax.GradientTransformation,
                weight_decay: Optional[ScalarOrSchedule] = None,
                mask: MaskOrFn = None,
                numerics: str = "optax") -> optax.GradientTransformationExtraArgs:
-  """``scaling``, then decoupled weight decay if given, then ``−learning_rate``."""
+  """``scaling``, then decoupled weight decay if given, then ``−α``."""
   _validation.check_learning_rate(learning_rate)
   parts = [scaling]
   if weight_decay is not None:
@@ -44,10 +43,9 @@ def optimizer(scaling: optax.GradientTransformation,
 def _keras_decay_then_step(
     learning_rate: ScalarOrSchedule, weight_decay: ScalarOrSchedule,
     mask: MaskOrFn) -> optax.GradientTransformation:
-  """``θ ← θ − θ·λ·α``, then ``θ ← θ − α·d``, rounded as keras.optimizers.AdamW.
+  """``θ ← θ − θ·λ·α``, then ``θ ← θ − α·d``, as keras.optimizers.AdamW.
 
-  The sum is the usual ``−α·(d + λ·θ)``; applying the decay to θ first, as
-  Keras does, rounds differently, and the difference grows along a run.
+  Same sum as ``−α·(d + λ·θ)``, but Keras's order rounds differently.
   """
   decay = optax.add_decayed_weights(weight_decay, mask)
 
@@ -92,8 +90,8 @@ def adam(
   Args:
     learning_rate: α, a float, a jax scalar or an optax schedule.
     b1, b2, eps, eps_root, mu_dtype, nu_dtype, nesterov, cautious, numerics:
-      see :func:`jadam.scale_by_adam`. ``numerics="keras"`` with ``eps=1e-7``
-      reproduces ``keras.optimizers.Adam``.
+      as in ``jadam.scale_by_adam``; ``numerics="keras"`` with ``eps=1e-7``
+      matches ``keras.optimizers.Adam``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -102,11 +100,10 @@ def adam(
     >>> import jax, jax.numpy as jnp, optax, jadam
     >>> params = {"w": jnp.array([1.0, -2.0])}
     >>> opt = jadam.adam(learning_rate=0.1)
-    >>> state = opt.init(params)
     >>> grads = jax.grad(lambda p: jnp.sum(p["w"] ** 2))(params)
-    >>> updates, state = opt.update(grads, state, params)
-    >>> optax.apply_updates(params, updates)["w"]
-    Array([ 0.9, -1.9], dtype=float32)
+    >>> updates, _ = opt.update(grads, opt.init(params), params)
+    >>> [round(float(w), 4) for w in optax.apply_updates(params, updates)["w"]]
+    [0.9, -1.9]
 
   References:
     Kingma & Ba, "Adam: A Method for Stochastic Optimization", ICLR 2015.
@@ -135,20 +132,17 @@ def adamw(
 ) -> optax.GradientTransformationExtraArgs:
   """Adam with decoupled weight decay (Loshchilov & Hutter, 2019).
 
-  The update is ``−α·(m̂/(√v̂ + ε) + λ·θ)``: the decay is not passed through
-  the moments, unlike L2 regularisation added to the loss.
+  The update is ``−α·(m̂/(√v̂ + ε) + λ·θ)``: unlike an L2 term in the loss,
+  the decay bypasses the moments.
 
   Args:
-    learning_rate: α, a float, a jax scalar or an optax schedule.
-    b1, b2, eps, eps_root, mu_dtype, nu_dtype, nesterov, cautious, numerics:
-      see :func:`jadam.scale_by_adam`. ``numerics="keras"`` with
-      ``eps=1e-7`` reproduces ``keras.optimizers.AdamW``, including its
-      order of rounding: ``θ ← θ − θ·λ·α`` first, then the Adam step.
-      The cautious mask applies to the Adam direction, not to the decay.
-    weight_decay: λ, >= 0 (a float or a schedule).
-    mask: a pytree of booleans with the parameters' structure, or a callable
-      from parameters to one; True where decay applies (for example not on
-      biases and norm scales).
+    learning_rate, b1, b2, eps, eps_root, mu_dtype, nu_dtype, nesterov,
+      cautious: as in ``adam``; the cautious mask leaves the decay alone.
+    weight_decay: λ >= 0, a float or a schedule.
+    mask: booleans with the parameters' structure (or a callable returning
+      them), True where decay applies (not on biases, say).
+    numerics: as in ``adam``; ``"keras"`` with ``eps=1e-7`` matches
+      ``keras.optimizers.AdamW``, rounding included (decay first, then step).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -181,13 +175,11 @@ def nadam(
     nu_dtype: Optional[Any] = None,
     cautious: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
-  """Adam with Nesterov momentum: :func:`adam` with ``nesterov=True``.
+  """Adam with Nesterov momentum: ``adam`` with ``nesterov=True``.
 
   Args:
-    learning_rate, b1, b2, eps, eps_root, mu_dtype, nu_dtype, cautious: see
-      :func:`adam`.
-    nesterov: accepted, as optax's ``nadam`` accepts it; ``False`` gives
-      plain Adam.
+    learning_rate, b1, b2, eps, eps_root, mu_dtype, nu_dtype, cautious,
+      nesterov: as in ``adam``; ``nesterov=False`` gives plain Adam.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -217,13 +209,11 @@ def nadamw(
     nu_dtype: Optional[Any] = None,
     cautious: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
-  """NAdam with decoupled weight decay: :func:`adamw` with ``nesterov=True``.
+  """NAdam with decoupled weight decay: ``adamw`` with ``nesterov=True``.
 
   Args:
     learning_rate, b1, b2, eps, eps_root, mu_dtype, weight_decay, mask,
-      nu_dtype, cautious: see :func:`adamw`.
-    nesterov: accepted, as optax's ``nadamw`` accepts it; ``False`` gives
-      plain AdamW.
+      nu_dtype, cautious: as in ``adamw``; ``nesterov=False`` gives AdamW.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -233,7 +223,8 @@ def nadamw(
     >>> opt = jadam.nadamw(1e-3, weight_decay=0.01)
 
   References:
-    Dozat (2016); Loshchilov & Hutter (2019).
+    Dozat, "Incorporating Nesterov Momentum into Adam", 2016; Loshchilov &
+    Hutter, "Decoupled Weight Decay Regularization", ICLR 2019.
   """
   return adamw(learning_rate, b1, b2, eps, eps_root, mu_dtype, weight_decay,
                mask, nesterov=nesterov, nu_dtype=nu_dtype, cautious=cautious)
@@ -256,11 +247,10 @@ def amsgrad(
   """AMSGrad: Adam dividing by the running maximum of v̂.
 
   Args:
-    learning_rate, b1, b2, eps, eps_root, mu_dtype, nu_dtype, cautious: see
-      :func:`adam`.
-    bias_correction_mu, bias_correction_nu: see
-      :func:`jadam.scale_by_amsgrad`.
-    numerics: see :func:`jadam.scale_by_amsgrad`; ``"keras"`` reproduces
+    learning_rate, b1, b2, eps, eps_root, mu_dtype, nu_dtype, cautious: as
+      in ``adam``.
+    bias_correction_mu, bias_correction_nu, numerics: as in
+      ``jadam.scale_by_amsgrad``; ``numerics="keras"`` matches
       ``keras.optimizers.Adam(amsgrad=True)``.
 
   Returns:
@@ -293,7 +283,7 @@ def adamax(
   """AdaMax: Adam with the infinity norm in place of v.
 
   Args:
-    learning_rate, b1, b2, eps, mu_dtype, nu_dtype, cautious: see :func:`adam`.
+    learning_rate, b1, b2, eps, mu_dtype, nu_dtype, cautious: as in ``adam``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -303,7 +293,8 @@ def adamax(
     >>> opt = jadam.adamax(2e-3)
 
   References:
-    Kingma & Ba (2015), Section 7.1.
+    Kingma & Ba, "Adam: A Method for Stochastic Optimization", ICLR 2015,
+    Section 7.1.
   """
   return optimizer(
       _transform.scale_by_adamax(b1, b2, eps, mu_dtype=mu_dtype,
@@ -326,9 +317,9 @@ def adamaxw(
   """AdaMax with decoupled weight decay.
 
   Args:
-    learning_rate, b1, b2, eps, mu_dtype, nu_dtype, cautious: see
-      :func:`adamax`.
-    weight_decay, mask: see :func:`adamw`.
+    learning_rate, b1, b2, eps, mu_dtype, nu_dtype, cautious: as in
+      ``adamax``.
+    weight_decay, mask: as in ``adamw``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -338,7 +329,8 @@ def adamaxw(
     >>> opt = jadam.adamaxw(2e-3, weight_decay=0.01)
 
   References:
-    Kingma & Ba (2015); Loshchilov & Hutter (2019).
+    Kingma & Ba, "Adam", ICLR 2015, Section 7.1; Loshchilov & Hutter,
+    "Decoupled Weight Decay Regularization", ICLR 2019.
   """
   return optimizer(
       _transform.scale_by_adamax(b1, b2, eps, mu_dtype=mu_dtype,
@@ -363,8 +355,8 @@ def radam(
 
   Args:
     learning_rate, b1, b2, eps, eps_root, nesterov, mu_dtype, nu_dtype,
-      cautious: see :func:`adam`.
-    threshold: see :func:`jadam.scale_by_radam`.
+      cautious: as in ``adam``.
+    threshold: as in ``jadam.scale_by_radam``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.

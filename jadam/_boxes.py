@@ -1,24 +1,11 @@
-"""Flax's metadata boxes, seen through.
+"""Flax's metadata boxes (Linen's ``AxisMetadata``, NNX's ``Variable``).
 
-Flax wraps parameters in boxes that carry metadata beside the array: Linen's
-``flax.core.meta.AxisMetadata`` (``nn.Partitioned``,
-``nn.LogicallyPartitioned``: sharding axis names) and NNX's ``nnx.Variable``
-(``nnx.Param`` with ``sharding_names`` / ``out_sharding``). Both are pytree
-nodes with one child, the array, and the metadata in their auxiliary data, so
-``jax.tree.map`` over boxed parameters gives boxed results with the
-parameter's metadata. That is right for every state array of the parameter's
-shape (moments, int8 codes) and wrong for the int8 block scales, a vector of
-one entry per block: a 2-D parameter's axis names given to a 1-D vector make
-``nn.get_partition_spec``, ``nnx.Optimizer`` and ``jax.jit``'s
-``out_shardings`` fail.
-
-So jadam treats a box as transparent metadata: state of the parameter's
-shape keeps the parameter's box; block scales get a box whose axis names fit
-them (:func:`box_scales`, by the rule of
-:func:`jadam.sharding._placement.scales_follow_rows`), or none for box types whose
-metadata jadam does not know. Flax is never imported here: a box can only
-exist if Flax's module already is, so the classes are looked up in
-``sys.modules``.
+A box is a pytree node holding one array, with axis names as metadata. State
+of the parameter's shape keeps its box; int8 block scales, a vector, get one
+with names that fit (``box_scales``): a 2-D parameter's names on a 1-D vector
+break Flax's partition specs and jit's ``out_shardings``. Flax is never
+imported: a box exists only if Flax is loaded, so its classes are looked up
+in ``sys.modules``.
 """
 
 from __future__ import annotations
@@ -33,10 +20,8 @@ import jax
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class AxisNames:
-  """jadam's own box: an array with the axis names of its dimensions
-  (mesh axes or logical names). :func:`jadam.sharding.state_specs` boxes the
-  parameters in it to follow each name into the state, as Flax's boxes are
-  followed."""
+  """jadam's own box: an array with its dimensions' axis names, which
+  ``jadam.sharding.state_specs`` follows into the state as Flax's."""
 
   value: Any
   names: tuple = dataclasses.field(metadata={"static": True})
@@ -54,8 +39,7 @@ def _box_types() -> tuple[type, ...]:
 
 
 def is_box(x: Any) -> bool:
-  """Whether ``x`` is a Flax metadata box (Linen ``AxisMetadata`` or an NNX
-  ``Variable``)."""
+  """Whether ``x`` is a box (``AxisNames`` or a Flax one)."""
   return isinstance(x, _box_types())
 
 
@@ -71,8 +55,7 @@ def open_box(x: Any) -> Any:
 
 
 def close_like(box: Any, value: Any) -> Any:
-  """``value`` in a box with ``box``'s type and metadata (``value`` itself if
-  ``box`` is not a box, or ``value`` is None)."""
+  """``value`` in a box like ``box`` (bare if ``box`` is not a box)."""
   if value is None or not is_box(box):
     return value
   return jax.tree.structure(box).unflatten([value])
@@ -84,14 +67,8 @@ def strip(tree: Any) -> Any:
 
 
 def restore(boxed: Any, plain: Any) -> Any:
-  """``plain`` (the structure of ``strip(boxed)``) put back into ``boxed``'s
-  boxes.
-
-  Per-parameter trees (gradients, moments, block scales) share the
-  parameters' containers, but the scales' boxes carry axis names of their
-  own, so jadam matches such trees with their boxes stripped and puts each
-  result back into the boxes of the tree it came from.
-  """
+  """``plain`` (shaped like ``strip(boxed)``) put back into ``boxed``'s boxes:
+  trees are matched bare, as the scales' boxes differ from the parameters'."""
   return jax.tree.map(close_like, boxed, plain, is_leaf=is_box)
 
 
@@ -101,19 +78,11 @@ def _fitted_names(names: Any, keep_leading: bool) -> tuple:
 
 
 def box_scales(box: Any, scales: Optional[Any], keep_leading: bool) -> Any:
-  """Block ``scales`` of the parameter in ``box``, boxed with metadata that
-  fits a vector of blocks.
+  """Block ``scales`` of the parameter in ``box``, in a box of its type.
 
-  The axis names become one name: the parameter's leading axis name where
-  ``keep_leading`` (the blocks follow its rows), else None (replicated).
-  Linen's ``Partitioned`` and ``LogicallyPartitioned`` and NNX variables
-  keep their type and other metadata; boxes of other kinds are dropped, the
-  scales returned bare.
-
-  Args:
-    box: the parameter as given to ``init`` (a box, or a bare array).
-    scales: its block scales, or None when the moment is not int8.
-    keep_leading: whether the scales split like the parameter's leading axis.
+  The axis names become one: the leading one if ``keep_leading`` (the blocks
+  follow the rows), else None. Unknown box types give bare scales; ``scales``
+  is None when the moment is not int8.
   """
   if scales is None or not is_box(box):
     return scales

@@ -1,17 +1,9 @@
 """The one engine: ``init`` and ``update`` of every optimizer of the package.
 
-An optimizer is a per-array step (:class:`jadam._rule.LeafRule`) and a
-declaration of its moments (:class:`Moment`: which fields of its state, which
-are second moments); :func:`transformation` builds the optax transformation
-around them. The engine owns everything that is not the arithmetic: storage
-formats (:mod:`jadam._formats`), the skip decision (:mod:`jadam._skip`), the
-tree walk and its checks, the random streams of stochastic rounding, and the
-CPU single-pass form (:mod:`jadam._fusion`).
-
-States are optax's own classes whatever the storage: an int8 moment is a
-leaf (:class:`jadam.Int8Moment`) inside them, never a class of its own.
-State that is not a moment (skip counters, telemetry, hyperparameters) lives
-in wrapper elements of the chain, not in these states.
+An optimizer is a per-array step (``_rule.LeafRule``) and its declared
+moments (``Moment``). The engine owns all but the arithmetic: storage
+formats, the skip, the tree walk and its checks, rounding streams and the CPU
+single pass. States are optax's classes, int8 moments ``Int8Moment`` leaves.
 """
 
 from __future__ import annotations
@@ -38,13 +30,9 @@ Array = jax.Array
 
 
 class Moment(NamedTuple):
-  """One moment an optimizer keeps per parameter.
-
-  Attributes:
-    field: its field in the optimizer's state class.
-    second: a moment of |g|² (real for complex parameters; float16 and int8
-      keep √v).
-    monotone: a running maximum that rounding must not lower (AMSGrad's).
+  """One moment an optimizer keeps per parameter: its state ``field``,
+  whether it is a ``second`` moment (of |g|², real; √v in float16 and int8)
+  and whether it is a ``monotone`` running maximum rounding must not lower.
   """
 
   field: str
@@ -52,8 +40,7 @@ class Moment(NamedTuple):
   monotone: bool = False
 
 
-# Each state class the engine makes, and the moments it holds: what
-# ``decode_moments``, ``describe``, telemetry and conversion read.
+# Each engine state class and its moments, for readers such as describe.
 _DECLARED: dict[type, tuple[Moment, ...]] = {}
 
 
@@ -79,28 +66,18 @@ def transformation(
 ) -> optax.GradientTransformationExtraArgs:
   """An optax transformation stepping ``moments`` with a per-array rule.
 
-  Args:
-    state_class: the state's class (optax's own): fields ``count``, the
-      moments' fields and ``counters``'.
-    moments: the moments, in the order ``rule``'s step takes them.
-    formats: per moment, its storage format (:func:`jadam._formats.as_format`).
-    rule: ``rule(state, t, skip)``: this call's
-      :class:`jadam._rule.LeafRule` (``t`` the new step number, ``skip`` the
-      skip decision or None).
-    counters: other int32 counters of the state: field name to
-      ``update(state, skip)`` giving its new value (zero at init).
-
-  Returns:
-    An ``optax.GradientTransformationExtraArgs`` whose ``update`` takes the
-    extra argument ``jadam_skip`` (:mod:`jadam._skip`) and ignores others.
+  ``state_class`` (optax's) has fields ``count``, the moments' (in the order
+  ``rule``'s step takes them) and the ``counters``' (field -> ``fn(state,
+  skip)``, the new int32 value; zero at init). ``formats``: per moment, from
+  ``_formats.as_format``. ``rule(state, t, skip)``: this call's
+  ``LeafRule``. The ``update`` takes the extra argument ``jadam_skip``.
   """
   declare(state_class, moments)
   counters = counters or {}
 
   def init_fn(params):
     trees = init_moments(params, moments, formats)
-    # A zero of its own per counter: one buffer in two places cannot be
-    # donated to a jitted step.
+    # One zero per counter: a buffer in two places cannot be donated.
     zero = lambda: jnp.zeros([], jnp.int32)
     return _placement.place_scalars(state_class(
         count=zero(), **{name: zero() for name in counters},
@@ -128,8 +105,7 @@ def _as_array(param: Any) -> Any:
 def init_moments(params: Any, moments: Sequence[Moment],
                  formats: Sequence[Any]) -> list[Any]:
   """Zero moments of ``params``, one tree per moment, each leaf in its
-  format's layout and in its parameter's Flax box (block scales in a box of
-  their own, :mod:`jadam._boxes`)."""
+  format's layout and its parameter's Flax box."""
   def one(entry, fmt, moment):
     if entry is None:
       return None
@@ -147,22 +123,8 @@ def walk(leaf: _rule.LeafRule, updates: Any, t: Array,
          stored_trees: Sequence[Any], formats: Sequence[Any],
          moments: Sequence[Moment], params: Any = None
          ) -> tuple[Any, list[Any]]:
-  """The one tree walk of the package: check the gradients and the state,
-  and step each leaf's moments (:func:`step_leaf`).
-
-  Args:
-    leaf: the optimizer's step on one array.
-    updates: the gradients.
-    t: the step number (int32, from 1); it seeds stochastic rounding.
-    stored_trees: one tree per moment, in ``leaf``'s order.
-    formats: per moment, its storage format.
-    moments: per moment, its declaration.
-    params: the parameters, if ``update`` was given them.
-
-  Returns:
-    ``(directions, new_stored_trees)``; where the step is skipped, every
-    stored moment comes back bitwise as it was.
-  """
+  """The package's one tree walk: check the gradients and the state, then
+  ``step_leaf`` each leaf. Returns ``(directions, new_stored_trees)``."""
   plain = _boxes.strip(updates)
   plain_trees = [_boxes.strip(tree) for tree in stored_trees]
   _validation.check_same_tree(plain, plain_trees[0], what="optimizer state",
@@ -196,7 +158,7 @@ def walk(leaf: _rule.LeafRule, updates: Any, t: Array,
     direction, values, new_scales = step(g, stored, t, scales, position,
                                          leaf_formats[index])
     if leaf.skip is not None and any(s is not None for s in scales):
-      # Re-encoding unchanged int8 moments need not give the same codes.
+      # Re-encoding unchanged int8 moments may not give the same codes.
       values = tuple(_rule.hold(leaf.skip, v, x)
                      for v, x in zip(values, stored))
       new_scales = tuple(_rule.hold(leaf.skip, s, x)
@@ -224,17 +186,9 @@ def _param_leaves(treedef: Any, params: Any) -> Optional[list[Any]]:
 def _check_stored(updates: Any, index: int, g: Array,
                   param_leaves: Optional[list[Any]], formats: Sequence[Any],
                   moments: Sequence[Moment], stored: list[Any]) -> tuple:
-  """Each moment's leaf format for gradient leaf ``index``, after checking
-  that the state holds each moment in it.
-
-  A format that follows the parameter (``mu_dtype=None``) is resolved from
-  the parameter's dtype when ``update`` is given the parameters, else from
-  the stored moment itself.
-
-  Raises:
-    ValueError: naming the key path, the format found and the format
-      configured, for a state made by a differently configured optimizer.
-  """
+  """Each moment's leaf format for gradient leaf ``index``; a ValueError if
+  the state holds it otherwise. ``mu_dtype=None`` follows the parameter's
+  dtype if ``update`` has it, else the stored moment's."""
   out = []
   for fmt, moment, x in zip(formats, moments, stored):
     if param_leaves is not None:
@@ -242,7 +196,6 @@ def _check_stored(updates: Any, index: int, g: Array,
                           second=moment.second)
     elif (isinstance(fmt, floats.Float) and fmt.dtype is None
           and not isinstance(x, int8.Int8Moment)):
-      # The parameter's dtype, as init recorded it in the stored moment.
       leaf = _formats.found(x, tuple(g.shape), second=moment.second)
     else:
       leaf = fmt.for_leaf(tuple(g.shape), g.dtype, second=moment.second)
@@ -260,15 +213,12 @@ def _check_stored(updates: Any, index: int, g: Array,
 
 
 def _positions(n: int, t: Array) -> list[Array]:
-  """The leaves' positions 0 … n−1 as values computed at run time, so that
-  the compiler cannot fold them into the leaves' loops.
+  """The leaves' positions 0 … n−1 (rounding seeds), computed at run time.
 
-  Each position seeds its leaf's rounding stream. As a constant it would be
-  fused into the leaf's loops and make the loops of leaves of one shape
-  distinct code, which XLA then compiles once per leaf instead of once per
-  shape. Picked out of one vector by a reduction, each position reaches the
-  loops as a parameter. (``t >> 31`` is 0 for every step count, which the
-  compiler cannot know.)
+  A constant seed would be fused into its leaf's loops, making leaves of one
+  shape distinct code that XLA compiles once per leaf; picked out of one
+  vector, each reaches the loops as a parameter. ``t >> 31`` is always 0,
+  which the compiler cannot know.
   """
   index = jax.lax.iota(jnp.uint32, n)
   vector = index + (t >> 31).astype(jnp.uint32)
@@ -276,15 +226,9 @@ def _positions(n: int, t: Array) -> list[Array]:
 
 
 def _shared_leaf_step(leaf: _rule.LeafRule, tracing: bool):
-  """:func:`step_leaf` for ``leaf`` as one jitted function for the whole
-  walk, so that leaves of one shape, dtype and format are traced and
-  lowered once (the int8 and stochastic-rounding code is long to trace;
-  under an outer ``jit`` the call is inlined by XLA, nothing changes in the
-  compiled step). The rule's per-call values are passed as arguments
-  (:func:`jadam._rule.split_scalars`).
-
-  Called eagerly (``tracing`` False), the leaves are stepped op by op, so
-  that an eager update rounds as optax's eager update does.
+  """``step_leaf`` as one jitted function for the whole walk, so leaves of
+  one shape, dtype and format are traced once (inlined under an outer jit).
+  Eagerly it runs op by op, rounding as optax's eager update does.
   """
   if not tracing:
     return lambda g, stored, t, scales, position, formats: step_leaf(
@@ -294,8 +238,7 @@ def _shared_leaf_step(leaf: _rule.LeafRule, tracing: bool):
       lambda g, stored, t, scales, arrays, stream, formats: step_leaf(
           g, stored, t, rebuild(arrays), stream, scales, formats),
       static_argnums=6)
-  # The leaf's position goes in as a traced argument (its stream), so that
-  # leaves of one shape still share one trace.
+  # The position is traced, so leaves of one shape share one trace.
   return lambda g, stored, t, scales, position, formats: jitted(
       g, stored, t, scales, arrays, position, formats)
 
@@ -303,28 +246,13 @@ def _shared_leaf_step(leaf: _rule.LeafRule, tracing: bool):
 def step_leaf(g: Array, stored: tuple, t: Array, leaf: _rule.LeafRule,
               stream: Any, scales: tuple, formats: tuple
               ) -> tuple[Array, tuple, tuple]:
-  """Load one leaf's moments, take one step of ``leaf``, store them again.
+  """Load one leaf's moments, step ``leaf``, store them again.
 
-  Args:
-    g: the gradient of this leaf.
-    stored: its moments (float arrays, or int8 codes), in ``leaf``'s order.
-    t: the step number (int32, from 1).
-    leaf: the optimizer's step on one array.
-    stream: the leaf's position in its tree (an int, or a traced uint32
-      scalar so that leaves of one shape share their compiled code).
-      Stochastic rounding draws element ``i`` of a leaf from position ``i``
-      of a stream seeded by ``t`` and ``stream``: a run is reproducible
-      without a key in the state, and leaves of equal shape round
-      independently. Inside ``jax.shard_map`` a shard split over manual
-      axes draws from position ``shard·n + i`` (``n`` its size, ``shard``
-      its index over those axes): the shards' bits are disjoint, and for a
-      leaf split along its leading axis they are the whole array's.
-    scales: per moment, its int8 block scales (None for a float moment).
-    formats: per moment, its leaf format.
-
-  Returns:
-    ``(direction, stored, scales)``: the direction in the gradient's dtype,
-    the moments and scales in their formats.
+  ``stream`` is the leaf's position in its tree: element i draws its
+  rounding bits from position i of a stream seeded by ``t`` and ``stream``
+  (``shard·n + i`` in a ``shard_map`` shard), so runs reproduce without a
+  key in the state and leaves round independently. ``scales``: per moment,
+  int8 block scales or None. Returns ``(direction, stored, scales)``.
   """
   if g.size and any(isinstance(f, int8.Int8Leaf) for f in formats):
     return _step_int8(g, stored, t, leaf, stream, scales, formats)
@@ -338,21 +266,17 @@ def step_leaf(g: Array, stored: tuple, t: Array, leaf: _rule.LeafRule,
     return leaf.direction(direction, g.astype(dtype)), new
 
   direction, new = step(g, stored)
-  # The rounding seed is traced only where something is rounded: on trees of
-  # thousands of float32 leaves its integer ops would cost compile time.
+  # Seed only where something is rounded: its ops cost compile time.
   narrow = any(f.rounds for f in formats)
   seed = _rounding.leaf_seed(t, stream) if narrow else None
   offset = _rounding.shard_offset(g) if narrow else 0
   streams = _rounding.streams(None if seed is None
                               else _rounding.bits(g.shape, seed, offset))
   if _fusion.single_pass(g.size) and not leaf.cautious:
-    # The direction again, from the same inputs rather than from ``new``, so
-    # that the parameter loop reads what the moment loops read and XLA:CPU
-    # merges them into one pass (see _fusion). A cautious direction needs a
-    # mean over the whole array first, so it cannot be merged.
+    # The direction again from the inputs, not ``new``, so XLA:CPU merges
+    # the loops into one pass (_fusion); a cautious mean cannot be merged.
     direction, _ = step(*_fusion.alias((g, stored)))
     if narrow:
-      # Each rounded moment from inputs of its own (see own_inputs).
       parts = []
       for k in range(len(stored)):
         (g_k, stored_k), streams_k = _rounding.own_inputs(
@@ -367,14 +291,11 @@ def step_leaf(g: Array, stored: tuple, t: Array, leaf: _rule.LeafRule,
 
 def _step_int8(g: Array, stored: tuple, t: Array, leaf: _rule.LeafRule,
                stream: Any, scales: tuple, formats: tuple):
-  """:func:`step_leaf` of a leaf with int8 moments (:func:`int8.step`),
-  guarded against differentiation unless the format allows it, and inside
-  ``auto_axes`` on Explicit mesh axes."""
+  """``step_leaf`` with int8 moments: not differentiable unless the format
+  allows it, and inside ``auto_axes`` on Explicit mesh axes."""
   seed = _rounding.leaf_seed(t, stream)
   offset = _rounding.shard_offset(g)
-  # The rule's per-call values travel as arguments: a value traced outside
-  # ``auto_axes`` (below) is not valid inside it. Python numbers stay
-  # static, so that they round as in the plain path.
+  # Per-call values as arguments: one traced outside auto_axes is invalid.
   arrays, rebuild = _rule.split_scalars(leaf)
   if not all(f.approximate_derivative for f in formats
              if isinstance(f, int8.Int8Leaf)):
@@ -387,10 +308,8 @@ def _step_int8(g: Array, stored: tuple, t: Array, leaf: _rule.LeafRule,
 
   explicit = _placement.explicit_shardings((g, stored, scales))
   if explicit is not None:
-    # Cutting an array split over Explicit mesh axes into blocks would need
-    # its sharding spelled out at every reshape; inside ``auto_axes`` the
-    # compiler places the blocks, as on Auto meshes, and the results come
-    # back with the inputs' shardings.
+    # Blocks of an Explicit-sharded array would need a sharding at every
+    # reshape; inside auto_axes the compiler places them.
     step = _compat.auto_axes(step, out_sharding=explicit)
   return step(g, stored, t, seed, scales, arrays)
 

@@ -1,28 +1,10 @@
 """The fast path: parameters kept in one contiguous buffer per dtype.
 
-Adam is memory bound and its work is elementwise, so the cost of a step on a
-tree of many leaves is mostly per-leaf overhead: one loop nest (and one piece
-of compiled code) per leaf and per moment. :class:`FlatView` removes that
-overhead without touching the arithmetic: the parameters live in one 1-D
-buffer per dtype (per group), the model reads its leaves back as static
-slices of that buffer inside ``jit``, and differentiating the loss with
-respect to the buffer gives the gradient in the same flat layout. Any jadam
-optimizer (or optax chain) then runs unchanged on a pytree with one leaf per
-buffer, so its numerics are those of the tree path, element for element.
-
-Layout::
-
-    tree                         flat (a dict, one 1-D buffer per key)
-    {"w": f32[256, 64],    ->    {"float32": f32[256·64 + 64 + 8],
-     "b": f32[64],                "bfloat16": bf16[32]}
-     "s": bf16[32],
-     "x": f32[8]}
-
-Decoupled weight-decay masks are per leaf, while a flat buffer is one leaf
-for optax. Building the view with ``groups=mask`` keeps decayed and
-non-decayed leaves in separate buffers, and :meth:`FlatView.mask` turns the
-same per-leaf mask into the per-buffer mask that ``jadam.adamw(mask=...)``
-and ``optax.masked`` expect.
+A step on many small leaves costs mostly per-leaf overhead (one loop nest
+per leaf and moment). ``FlatView`` packs the parameters into one 1-D buffer
+per dtype (and group); the model reads its leaves back as static slices, so
+the gradient comes out flat too, and any optimizer runs unchanged on the
+buffers with the tree path's numerics, element for element.
 """
 
 from __future__ import annotations
@@ -90,29 +72,20 @@ def _buffer_key(dtype: np.dtype, label: Hashable) -> str:
 class FlatView:
   """A fixed layout packing a pytree of arrays into one buffer per dtype.
 
-  The view is made once from the parameters (or their shapes) and is static
-  Python data: use it inside ``jax.jit`` freely. :meth:`ravel` and
-  :meth:`unravel` are exact inverses (no arithmetic, no dtype change), so an
-  optimizer stepping the flat buffers takes exactly the steps it would take
-  on the tree, in one fused loop per buffer instead of one per leaf.
+  Static Python data, usable inside ``jax.jit``; ``ravel`` and ``unravel``
+  are exact inverses (no arithmetic, no dtype change).
 
   Args:
-    tree: the parameters: a pytree of arrays, ``jax.ShapeDtypeStruct`` or
-      scalars. Leaves must be floating point or complex (trainable).
-    groups: optional per-leaf labels (a pytree with ``tree``'s structure, or
-      a callable from ``tree`` to one), for example a weight-decay mask.
-      Leaves with different labels go to different buffers, so that anything
-      constant per label (decay masks, per-group learning rates via
-      ``optax.partition``) stays expressible on the flat tree.
+    tree: the parameters (arrays, ``jax.ShapeDtypeStruct`` or scalars), all
+      floating point or complex, else a TypeError.
+    groups: optional per-leaf labels with ``tree``'s structure (or a callable
+      giving them), such as a weight-decay mask: each label gets its own
+      buffers, so masks and ``optax.partition`` still apply.
 
   Attributes:
     keys: buffer keys in order, ``"float32"`` or ``"float32/<label>"``.
     sizes: number of elements of each buffer, by key.
     size: total number of elements.
-
-  Raises:
-    TypeError: if a leaf is not floating point or complex.
-    ValueError: if ``groups`` does not match ``tree``'s structure.
 
   Example:
     >>> import jax, jax.numpy as jnp, jadam
@@ -159,11 +132,10 @@ class FlatView:
     return f"FlatView({len(self._slots)} leaves -> {buffers})"
 
   def ravel(self, tree: PyTree) -> dict[str, Array]:
-    """Pack a tree laid out like the view's into its flat buffers.
+    """Pack a tree with the view's structure and shapes into its buffers.
 
     Args:
-      tree: parameters, gradients, or anything with the view's structure,
-        shapes and dtypes.
+      tree: parameters, gradients or the like.
 
     Returns:
       A dict from buffer key to a 1-D array.
@@ -180,13 +152,8 @@ class FlatView:
   def unravel(self, flat: dict[str, Array]) -> PyTree:
     """The tree whose leaves are static slices of ``flat``'s buffers.
 
-    Under ``jit`` the slices are views that XLA fuses into their consumers;
-    the gradient of a function of the tree with respect to ``flat`` is
-    assembled by one concatenation per buffer.
-
     Args:
-      flat: a dict of 1-D buffers as made by :meth:`ravel` (or any
-        same-shaped dict: updates, moments ``state.mu``...).
+      flat: 1-D buffers as made by ``ravel`` (or updates, ``state.mu``...).
 
     Returns:
       The tree, with the structure the view was built from.
@@ -198,30 +165,23 @@ class FlatView:
         raise ValueError(f"buffer {key!r} has shape {buffer.shape}, the view "
                          f"expects ({self.sizes[key]},)")
       sizes = [slot.size for slot in self._slots if slot.key == key]
-      # lax.split (rather than one slice per leaf) so that the transpose, the
-      # gradient with respect to the buffer, is a single concatenation.
+      # lax.split, not a slice per leaf: its transpose is one concatenation.
       pieces[key] = iter(jax.lax.split(buffer, sizes))
     leaves = [next(pieces[slot.key]).reshape(slot.shape)
               for slot in self._slots]
     return self._treedef.unflatten(leaves)
 
   def mask(self, mask: LabelTree) -> dict[str, bool]:
-    """A per-leaf boolean mask as a mask over the flat buffers.
-
-    Use it wherever optax takes a mask, for example
-    ``jadam.adamw(lr, weight_decay=wd, mask=view.mask(decay_mask))``.
+    """A per-leaf boolean mask as a mask over the buffers, for optax.
 
     Args:
-      mask: a pytree of booleans with the structure of the tree the view was
-        built from, or a callable from that tree (given as
-        ``jax.ShapeDtypeStruct`` leaves) to one.
+      mask: booleans with the view's tree structure, or a callable of its
+        ``jax.ShapeDtypeStruct`` tree. A buffer holding leaves on both sides
+        is a ValueError: build the view with ``groups=mask``.
 
     Returns:
-      A dict from buffer key to bool.
-
-    Raises:
-      ValueError: if a buffer holds both masked and unmasked leaves; build
-        the view with ``groups=mask`` so that they are stored apart.
+      A dict from buffer key to bool, as in
+      ``jadam.adamw(lr, mask=view.mask(decay_mask))``.
     """
     values = _labels(mask, self._treedef.unflatten(
         [jax.ShapeDtypeStruct(s.shape, s.dtype) for s in self._slots]),

@@ -1,34 +1,17 @@
-"""The Adam rule on one array, and nothing else.
+"""The Adam rule on one array: the only place Adam's arithmetic lives.
 
-This module is the single home of Adam's arithmetic. Everything else in jadam
-(the pytree transformation, the aliases, the flat fast path, compressed moment
-storage, sharded state) decides *where* the arrays live and *how* they are
-stored, then calls :func:`adam_step` on plain arrays in the compute dtype.
+Kingma & Ba (2015), "Adam: A Method for Stochastic Optimization",
+Algorithm 1; the code marks each line it implements::
 
-Notation follows Kingma & Ba (2015), "Adam: A Method for Stochastic
-Optimization", Algorithm 1::
-
-    m_t = β1·m_{t-1} + (1 − β1)·g_t           # line 7: first moment
-    v_t = β2·v_{t-1} + (1 − β2)·g_t²          # line 8: second moment
-    m̂_t = m_t / (1 − β1^t)                    # line 9: bias correction
+    m_t = β1·m_{t-1} + (1 − β1)·g_t           # line 7
+    v_t = β2·v_{t-1} + (1 − β2)·g_t²          # line 8
+    m̂_t = m_t / (1 − β1^t)                    # line 9
     v̂_t = v_t / (1 − β2^t)                    # line 10
     θ_t = θ_{t-1} − α·m̂_t / (√v̂_t + ε)        # line 11
 
-:func:`adam_step` returns the direction ``m̂_t / (√(v̂_t + ε_root) + ε)``;
-multiplying by ``−α`` is left to ``optax.scale_by_learning_rate`` so that
-schedules, clipping and weight decay compose around it.
-
-The family members are flags on :class:`AdamRule`:
-
-* ``nesterov``: NAdam, Dozat (2016): the first moment looks one step ahead.
-* ``amsgrad``: Reddi et al. (2018): divide by the running maximum of v̂.
-* ``infinity_norm``: AdaMax, Kingma & Ba (2015) Algorithm 2: u_t replaces v_t.
-* ``rectify_threshold``: RAdam, Liu et al. (2020): variance rectification.
-* ``cautious``: Liang et al. (2024): drop the components of the step whose
-  sign disagrees with g_t, and rescale by the fraction kept.
-* ``numerics="keras"``: the same algorithm with ``keras.optimizers.Adam``'s
-  rounding: ε added to √v_t (not √v̂_t) and bias correction folded into the
-  step size, so that a model ported from Keras trains identically.
+``adam_step`` returns the direction m̂_t / (√(v̂_t + ε_root) + ε); the −α is
+left to ``optax.scale_by_learning_rate`` so that schedules, clipping and
+weight decay compose around it. Variants are ``AdamRule`` flags.
 """
 
 from __future__ import annotations
@@ -46,29 +29,25 @@ ArrayLike = jax.typing.ArrayLike
 
 
 class AdamRule(NamedTuple):
-  """Hyperparameters and flags that select one member of the Adam family.
+  """Hyperparameters and flags selecting one member of the Adam family.
 
   Attributes:
     b1: β1, decay of the first moment.
-    b2: β2, decay of the second moment (of the infinity norm for AdaMax).
+    b2: β2, decay of the second moment (of u_t for AdaMax).
     eps: ε, added to the denominator.
-    eps_root: added to v̂ inside the square root (keeps the derivative of the
-      update finite when v̂ is zero, for meta-learning).
-    nesterov: use Nesterov momentum (NAdam).
-    amsgrad: divide by the running maximum of v̂ (AMSGrad).
-    infinity_norm: replace v_t by u_t = max(β2·u_{t-1}, |g_t| + ε) (AdaMax).
-    rectify_threshold: if not None, apply RAdam's variance rectification and
-      fall back to momentum SGD while ρ_t is below this threshold.
-    cautious: zero the components of the direction whose sign disagrees with
-      the gradient and divide the rest by the fraction kept (per array).
-    numerics: ``"optax"`` (Algorithm 1 as written, as optax computes it) or
-      ``"keras"`` (as ``keras.optimizers.Adam`` computes it; see
-      :func:`_keras_step`).
-    bias_correction_mu: divide m_t by 1 − β1^t (line 9); False uses m_t.
-    bias_correction_nu: divide v_t by 1 − β2^t (line 10); False uses v_t.
-
-  A static record: what changes per call (the step number, the skip
-  decision, the bias corrections) travels beside it.
+    eps_root: added to v̂ under the root (finite meta-gradients at v̂ = 0).
+    nesterov: NAdam's look-ahead first moment (Dozat, 2016).
+    amsgrad: divide by the running maximum of v̂ (Reddi et al., 2018).
+    infinity_norm: AdaMax, u_t = max(β2·u_{t-1}, |g_t| + ε) replaces v_t
+      (Kingma & Ba, 2015, Algorithm 2).
+    rectify_threshold: RAdam's rectification (Liu et al., 2020): momentum
+      steps while ρ_t is below it; None turns it off.
+    cautious: keep the components agreeing in sign with g_t, rescaled by
+      the fraction kept (Liang et al., 2024).
+    numerics: ``"optax"`` (Algorithm 1 as written) or ``"keras"`` (as
+      ``keras.optimizers.Adam`` rounds it, so ported models match).
+    bias_correction_mu: divide m_t by 1 − β1^t (line 9).
+    bias_correction_nu: divide v_t by 1 − β2^t (line 10).
   """
 
   b1: ArrayLike = 0.9
@@ -87,8 +66,7 @@ class AdamRule(NamedTuple):
 
 NUMERICS = ("optax", "keras")
 
-# Floor on the fraction of components a cautious step keeps, so that a step
-# where (almost) every sign disagrees is not blown up by 1/0.
+# Floor of a cautious step's kept fraction: no 1/0 when every sign disagrees.
 CAUTIOUS_MIN_KEPT = 1e-3
 
 
@@ -96,9 +74,9 @@ class Moments(NamedTuple):
   """The per-array optimizer memory, in the compute dtype.
 
   Attributes:
-    mu: m, the first moment (same dtype as the gradient, complex included).
+    mu: m, the first moment (the gradient's dtype, complex included).
     nu: v, the second moment of |g| (real), or u for AdaMax.
-    nu_max: max over time of v̂ (AMSGrad only, otherwise None).
+    nu_max: AMSGrad's running maximum of v̂, else None.
   """
 
   mu: Array
@@ -107,7 +85,7 @@ class Moments(NamedTuple):
 
 
 def abs_sq(g: Array) -> Array:
-  """|g|², real for complex g (the second moment of a complex parameter)."""
+  """|g|², real for complex g."""
   if jnp.iscomplexobj(g):
     return jnp.real(g * jnp.conj(g))
   return g * g
@@ -115,19 +93,15 @@ def abs_sq(g: Array) -> Array:
 
 def ema(new: Array, old: Array, decay: ArrayLike,
         skip: Optional[Array] = None) -> Array:
-  """Exponential moving average ``decay·old + (1 − decay)·new``.
-
-  Where the traced bool ``skip`` is True the result is ``old`` exactly (for a
-  skipped step; ``new`` may then be anything, NaN included).
-  """
+  """``decay·old + (1 − decay)·new``; exactly ``old`` where ``skip`` (then
+  ``new`` may be anything, NaN included)."""
   return hold(skip, (1 - decay) * new + decay * old, old)
 
 
 def hold(skip: Optional[Array], new: Optional[Array],
          old: Optional[Array]) -> Optional[Array]:
-  """``old`` where ``skip`` (a skipped step), else ``new``. Selecting where
-  each new value is computed, rather than between whole arrays afterwards,
-  keeps a skipped step inside the step's own pass."""
+  """``old`` where ``skip``, else ``new``: selecting where each value is
+  computed keeps a skipped step inside the step's own pass."""
   if skip is None or new is None:
     return new
   return jnp.where(skip, old, new)
@@ -135,30 +109,15 @@ def hold(skip: Optional[Array], new: Optional[Array],
 
 @functools.partial(jax.jit, inline=True)
 def bias_correction(decay: ArrayLike, t: Array) -> Array:
-  """``1 − decay^t``: the mass an EMA started at zero has gathered by step t.
-
-  Compiled as one function (inlined under an outer ``jit``), as optax does,
-  so that an update run eagerly rounds exactly as the same update under
-  ``jax.jit``; op by op, ``decay^t`` and the subtraction round differently.
-  """
+  """``1 − decay^t``, jitted (inlined under an outer jit) as optax does, so
+  that an eager update rounds as a jitted one; op by op it would not."""
   return 1 - decay**t
 
 
 class Corrections(NamedTuple):
-  """The bias corrections of one update, computed once for every leaf.
-
-  optax computes ``1 − β^t`` once per update and divides every leaf by that
-  one scalar. XLA simplifies a division by a scalar shared between several
-  leaves differently from one computed inside each leaf's step (there it
-  turns ``m / (1 − β1^t)`` into a multiply by the reciprocal, and rounds
-  otherwise), so sharing the scalar as optax does is what keeps jadam's
-  jitted update bitwise equal to optax's on trees of several leaves.
-
-  Attributes:
-    mu: ``1 − β1^t``.
-    nu: ``1 − β2^t``.
-    mu_next: ``1 − β1^(t+1)`` (Nesterov's look-ahead), or None.
-  """
+  """``1 − β1^t``, ``1 − β2^t`` (and Nesterov's ``1 − β1^(t+1)``), shared
+  by every leaf as in optax: XLA turns a division by a scalar computed per
+  leaf into a multiply by its reciprocal, which rounds differently."""
 
   mu: Array
   nu: Array
@@ -167,8 +126,7 @@ class Corrections(NamedTuple):
 
 def corrections(b1: ArrayLike, b2: ArrayLike, t: Array,
                 nesterov: bool = False) -> Corrections:
-  """The :class:`Corrections` of step ``t`` (``t + 1`` saturating as ``t``
-  does, for Nesterov)."""
+  """Step ``t``'s ``Corrections`` (Nesterov's t + 1 saturates as t does)."""
   mu_next = None
   if nesterov:
     t_next = jnp.where(t < jnp.iinfo(jnp.int32).max, t + 1, t)
@@ -177,35 +135,19 @@ def corrections(b1: ArrayLike, b2: ArrayLike, t: Array,
 
 
 class LeafRule(NamedTuple):
-  """One optimizer's step on one array, as the engine (:mod:`jadam._engine`)
-  needs it: every optimizer of the package is one of these, and the engine
-  owns storage formats, the in-pass skip, the CPU single-pass form, sharding
-  and the random streams.
+  """One optimizer's step on one array, as the engine (``_engine``) runs it.
 
   Attributes:
-    step: ``step(g, moments, scalars) -> (direction, new_moments)``: ``g``
-      and the moments (a tuple, in the order of ``real``) in the compute
-      dtype, and ``scalars`` as below; the raw direction (the engine applies
-      the cautious mask and zeroes it on a skipped step). Where
-      ``scalars["skip"]`` is True the new moments must equal the old ones
-      bitwise (:func:`ema` and :func:`hold` take ``skip``).
-    real: for each moment, whether it is a moment of |g|² (real for complex
-      parameters, kept as √v in float16 and int8).
-    bounds: None, or ``bounds(g_max, old_scales, scalars) -> tuple``: for
-      each int8 moment, an upper bound of its new block maxima from
-      ``g_max`` (the block's largest finite |g|, None for a moment that is
-      not int8) and the block's old scales; None in the result where the
-      recurrence gives no close bound (the engine then takes the new
-      values' exact maxima).
-    cautious: apply :func:`caution` to the direction.
-    scalars: a dict of this call's values that ``step`` and ``bounds`` read
-      (the step number ``"t"``, the skip decision ``"skip"``, traced
-      hyperparameters, ...). ``step`` and ``bounds`` take them from their
-      argument, never from a closure: the engine hands them through
-      transformations such as ``jax.sharding.auto_axes``, inside which a
-      value traced outside is not valid.
-    monotone: for each moment, whether it is a running maximum that rounding
-      must not lower (AMSGrad's).
+    step: ``(g, moments, scalars) -> (direction, moments)``, compute dtype;
+      bitwise the old moments where ``scalars["skip"]`` (use ``hold``).
+    real: per moment, a moment of |g|² (real; √v in float16 and int8).
+    bounds: None, or ``(g_max, old_scales, scalars)`` -> per int8 moment a
+      bound of its new block maxima (None: take the exact maxima).
+    cautious: apply ``caution`` to the direction.
+    scalars: this call's values (``"t"``, ``"skip"``, ...), read from the
+      argument, never a closure: one traced outside ``auto_axes`` is
+      invalid inside it.
+    monotone: per moment, a running maximum rounding must not lower.
   """
 
   step: Callable[[Array, tuple, dict], tuple[Array, tuple]]
@@ -221,22 +163,16 @@ class LeafRule(NamedTuple):
     return (self.scalars or {}).get("skip")
 
   def direction(self, raw: Array, g: Array) -> Array:
-    """The step's direction from ``step``'s: masked if cautious, zero on a
-    skipped step."""
+    """``step``'s direction, masked if cautious, zero on a skipped step."""
     if self.cautious:
       raw = caution(raw, g)
     return _skip.zero_if(self.skip, raw)
 
 
 def split_scalars(leaf: LeafRule) -> tuple[list, Callable[[list], LeafRule]]:
-  """``leaf``'s traced per-call values, and a function that rebuilds
-  ``leaf`` from new ones.
-
-  For handing ``leaf`` through a transformation (``jax.jit``,
-  ``jax.sharding.auto_axes``) inside which values traced outside are not
-  valid: pass the arrays as arguments and rebuild inside. Python numbers
-  stay static, so that they round as they would without the boundary.
-  """
+  """``leaf``'s traced scalars, and a function rebuilding ``leaf`` from new
+  ones: to pass them as arguments through ``jax.jit`` or ``auto_axes``.
+  Python numbers stay static, so they round as without the boundary."""
   values, treedef = jax.tree.flatten(leaf.scalars)
   traced = [isinstance(x, jax.Array) for x in values]
 
@@ -251,8 +187,7 @@ def split_scalars(leaf: LeafRule) -> tuple[list, Callable[[list], LeafRule]]:
 
 def leaf_rule(rule: AdamRule, t: Array, skip: Optional[Array] = None
               ) -> LeafRule:
-  """The Adam family's :class:`LeafRule`: moments ``(m, v)``, or
-  ``(m, v, max v̂)`` for AMSGrad, stepped by :func:`adam_step`'s rule."""
+  """The Adam family's ``LeafRule``: moments (m, v), or (m, v, max v̂)."""
   n = 3 if rule.amsgrad else 2
   shared = None
   if rule.numerics != "keras":
@@ -275,32 +210,12 @@ def leaf_rule(rule: AdamRule, t: Array, skip: Optional[Array] = None
 
 def scale_bounds(rule: AdamRule, t: Array, g_max: tuple, old: tuple,
                  shared: Optional["Corrections"] = None) -> tuple:
-  """Upper bounds of the new block maxima of the Adam family's moments, from
-  S, a block's old bound (itself above the old moment), and G, its largest
-  finite |g|, by the rule's own recurrences (and decay factors, rounded as
-  the rule rounds them, so that no rounding puts a bound below its moment):
-
-  * m = β1·m + (1 − β1)·g, so |m| <= β1·S_m + (1 − β1)·G (Keras' form
-    m + (g − m)(1 − β1) is the same number).
-  * v = β2·v + (1 − β2)·|g|², so v <= β2·S_v + (1 − β2)·G².
-  * AdaMax: u = max(β2·u, |g| + ε) <= max(β2·S_u, G + ε).
-  * AMSGrad: max v̂ <= max(S_max, (β2·S_v + (1 − β2)·G²) / (1 − β2^t))
-    (Keras keeps the maximum of v itself, without the division).
-
-  By induction every stored value stays within its bound, and a bound is an
-  average of past block maxima of the gradient (or of its square), which
-  decays as the moment does.
-
-  Args:
-    rule: the Adam variant.
-    t: the step number.
-    g_max: per moment, G (float32 per block), or None if it is not int8.
-    old: per moment, its old block scales.
-    shared: this update's :class:`Corrections`, if computed once.
-
-  Returns:
-    Per moment, the bound (None where ``g_max`` is None).
-  """
+  """Upper bounds of the int8 moments' new block maxima (None where
+  ``g_max`` is), from a block's old bound S and largest finite |g|, G, by
+  the rule's own recurrences and rounding so none falls below its moment:
+  |m| <= β1·S_m + (1 − β1)·G (either form of m), v <= β2·S_v + (1 − β2)·G²,
+  AdaMax u <= max(β2·S_u, G + ε), AMSGrad max v̂ <= max(S_max, the v bound
+  / (1 − β2^t)) (Keras: undivided)."""
   out = []
   for k, G in enumerate(g_max):
     if G is None:
@@ -331,19 +246,17 @@ def adam_step(
     g: Array, moments: Moments, t: Array, rule: AdamRule,
     skip: Optional[Array] = None,
 ) -> tuple[Array, Moments]:
-  """One step of Algorithm 1 on one array.
+  """One step of Algorithm 1 (Kingma & Ba, 2015) on one array.
 
   Args:
-    g: the gradient g_t, already in the compute dtype (float32 or wider).
-    moments: m_{t-1}, v_{t-1} (and max v̂ for AMSGrad) in the compute dtype.
-    t: the step number, counting from 1 for the first update (int32 scalar).
+    g: the gradient g_t, in the compute dtype (float32 or wider).
+    moments: m_{t-1}, v_{t-1} (and max v̂ for AMSGrad), compute dtype.
+    t: the step number, 1 at the first update (int32 scalar).
     rule: hyperparameters and variant flags.
-    skip: None, or a bool that skips the step where True: the moments come
-      back bitwise unchanged and the direction is zero, selected element by
-      element where each is computed.
+    skip: None, or a bool: where True, zero direction, moments unchanged.
 
   Returns:
-    ``(direction, new_moments)``: the direction is to be scaled by ``−α``.
+    ``(direction, new_moments)``; the update is ``−α·direction``.
   """
   direction, new = _step(g, moments, t, rule, skip)
   if rule.cautious:
@@ -354,21 +267,20 @@ def adam_step(
 def _step(g: Array, moments: Moments, t: Array, rule: AdamRule,
           skip: Optional[Array] = None,
           shared: Optional["Corrections"] = None) -> tuple[Array, Moments]:
-  """:func:`adam_step` for one rule, without the cautious mask."""
+  """``adam_step`` without the cautious mask."""
   if rule.numerics == "keras":
     return _keras_step(g, moments, t, rule, skip)
   b1, b2, eps = rule.b1, rule.b2, rule.eps
   c = _corrections(rule, t, shared)
   m = ema(g, moments.mu, b1, skip)                                # line 7
   if rule.infinity_norm:
-    # Algorithm 2: u_t = max(β2·u_{t-1}, |g_t|), with ε inside as optax does,
-    # so that u_t > 0 and no separate ε is needed in the denominator.
+    # Algorithm 2, with ε inside the max as optax does: u_t > 0.
     v = hold(skip, jnp.maximum(jnp.abs(g) + eps, b2 * moments.nu),
               moments.nu)
   else:
     v = ema(abs_sq(g), moments.nu, b2, skip)                      # line 8
   if rule.nesterov:
-    # Dozat (2016): β1·m̂_{t+1} + (1 − β1)·ĝ_t, with t+1 saturating like t.
+    # Dozat (2016): β1·m̂_{t+1} + (1 − β1)·ĝ_t.
     m_hat = (b1 * (m / c.mu_next.astype(m.dtype))
              + (1 - b1) * (g / c.mu.astype(g.dtype)))
   elif rule.bias_correction_mu:
@@ -393,7 +305,7 @@ def _step(g: Array, moments: Moments, t: Array, rule: AdamRule,
 
 def _corrections(rule: AdamRule, t: Array,
                  shared: Optional[Corrections]) -> Corrections:
-  """The update's ``shared`` :class:`Corrections`, or step ``t``'s own."""
+  """The update's ``shared`` corrections, or step ``t``'s own."""
   if shared is not None:
     return shared
   return corrections(rule.b1, rule.b2, t, rule.nesterov)
@@ -401,12 +313,9 @@ def _corrections(rule: AdamRule, t: Array,
 
 def _rectify(m_hat: Array, denominator_: Array, t: Array, b2: ArrayLike,
              threshold: ArrayLike) -> Array:
-  """RAdam (Liu et al., 2020, Algorithm 2): ``r_t·m̂_t / denominator`` once
-  ρ_t is large (in that order of rounding, optax's).
-
-  While the approximated length of the SMA ρ_t is below ``threshold`` the
-  variance of v̂ is intractable and the step is plain momentum, m̂_t.
-  """
+  """RAdam (Liu et al., 2020, Algorithm 2): ``r_t·m̂_t / denominator``,
+  rounded in optax's order; plain momentum m̂_t while the SMA length ρ_t is
+  below ``threshold`` (the variance of v̂ is then intractable)."""
   rho_inf = 2 / (1 - b2) - 1
   b2_t = b2**t
   rho = rho_inf - 2 * t * b2_t / (1 - b2_t)
@@ -417,14 +326,9 @@ def _rectify(m_hat: Array, denominator_: Array, t: Array, b2: ArrayLike,
 
 
 def caution(direction: Array, g: Array) -> Array:
-  """Cautious step (Liang et al., 2024): keep what agrees in sign with g_t.
-
-  A component moves only if the step goes downhill on the current gradient
-  (``direction·g > 0``; the parameter moves by ``−α·direction``). The kept
-  components are divided by the fraction kept, computed over the whole array,
-  as the authors' reference code does, so the step's overall size is roughly
-  preserved; the fraction is floored at ``CAUTIOUS_MIN_KEPT``.
-  """
+  """Cautious step (Liang et al., 2024): keep the components going downhill
+  on g_t (``direction·g > 0``), divided by the fraction kept over the whole
+  array, as the authors' code does, to keep the step's size."""
   if jnp.iscomplexobj(direction):
     agree = jnp.real(direction * jnp.conj(g)) > 0
   else:
@@ -436,20 +340,10 @@ def caution(direction: Array, g: Array) -> Array:
 
 def _keras_step(g: Array, moments: Moments, t: Array, rule: AdamRule,
                 skip: Optional[Array]) -> tuple[Array, Moments]:
-  """Algorithm 1 as ``keras.optimizers.Adam`` (Keras 3) computes it.
-
-  Kingma & Ba (2015, end of Section 2) note that lines 9-11 may be rewritten
-  with the bias corrections folded into the step size; Keras does that, so its
-  ε is the paper's ε̂ and is added to √v_t rather than √v̂_t:
-
-      α_t = α·√(1 − β2^t) / (1 − β1^t)
-      θ_t = θ_{t-1} − α_t·m_t / (√v_t + ε̂)
-
-  Keras also updates moments as ``m += (g − m)·(1 − β1)``, raises β to a float
-  power, and for AMSGrad keeps the running maximum of the uncorrected v_t.
-  Matching all of this, not just the formula, is what makes a ported model
-  follow the same trajectory.
-  """
+  """Algorithm 1 as ``keras.optimizers.Adam`` (Keras 3) rounds it, so that a
+  ported model follows the same trajectory: bias corrections folded into the
+  step size (Kingma & Ba, end of Section 2), ε̂ added to √v_t, ``m += (g −
+  m)·(1 − β1)``, β to a float power, AMSGrad's maximum of the raw v_t."""
   b1, b2 = rule.b1, rule.b2
   m = hold(skip, moments.mu + (g - moments.mu) * (1 - b1),
            moments.mu)                                            # line 7

@@ -1,17 +1,10 @@
 """The skip decision: made by a wrapper, taken inside the moments' own pass.
 
-:func:`jadam.skip_nonfinite` decides per call whether to skip the step and
-passes the decision down as the extra ``update`` argument ``jadam_skip``
-(optax's extra-args protocol: ``optax.chain``, ``inject_hyperparams``,
-``MultiSteps``, ``partition``, ``masked`` forward it). An engine update that
-receives it selects every new moment against the old one where it is
-computed (zero direction, count and moments bitwise unchanged), rather than
-a select over whole arrays afterwards, which would make XLA copy donated
-moments; and it records that it did, so that the wrapper selects only the
-states no update took care of.
-
-One word throughout: ``skip``, a bool scalar, True where the step is
-skipped.
+``skip_nonfinite`` passes it down as the extra ``update`` argument
+``jadam_skip`` (optax's extra-args protocol). An engine update selects each
+new moment against the old one where it is computed, since a select over
+whole arrays afterwards makes XLA copy donated moments, and records that it
+did, so the wrapper selects only the states no update took care of.
 """
 
 from __future__ import annotations
@@ -26,38 +19,27 @@ import optax
 Array = jax.Array
 ArrayLike = jax.typing.ArrayLike
 
-# The extra ``update`` argument; namespaced so that it cannot collide with
-# another transformation's extra argument.
-SKIP = "jadam_skip"
-# Its spelling before 0.2, with the opposite polarity (True took the step).
+SKIP = "jadam_skip"  # namespaced: no clash with others' extra arguments
+# The spelling before 0.2, with the opposite polarity (True took the step).
 _OLD = "jadam_step_if"
 
 
 class Decision:
-  """One call's skip decision, passed to ``update`` as ``jadam_skip=``.
+  """One ``update`` call's ``skip`` (a bool scalar), and which states took it.
 
-  :func:`jadam.skip_nonfinite` makes a fresh one in each ``update`` call.
-  An update that takes the decision in its own pass records the state it
-  was given and the state it returned; the wrapper then leaves those states
-  alone. The record lives only as long as this object, one ``update`` call;
-  it is not part of the pytree, so across a ``jax.jit`` boundary only
-  ``skip`` travels and the wrapper selects every state, which is always
-  correct.
-
-  Attributes:
-    skip: a bool scalar (traced or not): skip the step where True.
+  The record is not part of the pytree: across a ``jax.jit`` boundary only
+  ``skip`` travels, and the wrapper selects every state, still correct.
   """
 
   __slots__ = ("skip", "_taken")
 
   def __init__(self, skip: ArrayLike):
     self.skip = skip
-    # (given state, returned state) of every update that took the decision.
+    # (given, returned) states of every update that took the decision.
     self._taken: list[tuple[Any, Any]] = []
 
   def record(self, given: Any, returned: Any) -> None:
-    """Note that an update given ``given`` took the decision and returned
-    ``returned``."""
+    """Note that an update took the decision."""
     self._taken.append((given, returned))
 
   def returned(self, node: Any) -> bool:
@@ -65,9 +47,7 @@ class Decision:
     return any(node is r for _, r in self._taken)
 
   def taken(self, new: Any, old: Any) -> bool:
-    """Whether an update given exactly ``old`` took the decision and
-    returned exactly ``new``: then ``new`` is ``old`` bitwise where ``skip``
-    is True, and needs no select."""
+    """Whether an update given ``old`` returned ``new`` (no select needed)."""
     return any(new is r and old is g for g, r in self._taken)
 
 
@@ -77,17 +57,9 @@ jax.tree_util.register_pytree_node(
 
 def read(extra_args: dict[str, Any], count: Array
          ) -> tuple[Optional[Decision], Optional[Array], Array]:
-  """The skip decision among ``update``'s extra arguments, and the count.
-
-  Returns:
-    ``(decision, skip, t)``: the :class:`Decision` passed (None when a plain
-    bool or nothing was passed), the bool scalar ``skip`` (None when nothing
-    was passed), and the incremented ``count`` (``count`` itself where the
-    step is skipped).
-
-  Raises:
-    TypeError: if the value is not a bool scalar.
-  """
+  """``(decision, skip, t)`` from ``update``'s extra arguments: the
+  ``Decision`` (or None), the bool ``skip`` (None if not passed) and the new
+  count (unchanged where skipped). A TypeError unless a bool scalar."""
   value = extra_args.get(SKIP)
   invert = False
   if value is None and extra_args.get(_OLD) is not None:
@@ -109,7 +81,7 @@ def read(extra_args: dict[str, Any], count: Array
 
 
 def record(decision: Optional[Decision], given: Any, returned: Any) -> None:
-  """:meth:`Decision.record` when a decision was passed."""
+  """``Decision.record`` when a decision was passed."""
   if decision is not None:
     decision.record(given, returned)
 

@@ -1,9 +1,7 @@
-"""Reading optimizer states: decode their moments, describe what they store,
-convert them between storage formats (and from earlier releases' layout).
+"""Reading optimizer states: decode, describe and convert their moments.
 
-Everything here reads the engine's declaration of each state class's moments
-(:func:`jadam._engine.moments_of`) and the stored leaves themselves, so it
-works for every optimizer and format, alone or inside any optax wrapper.
+Everything reads the engine's declared moments (``_engine.moments_of``) and
+the stored leaves, so it works for every optimizer, format and optax wrapper.
 """
 
 from __future__ import annotations
@@ -42,7 +40,7 @@ def _is_entry(x: Any) -> bool:
 
 
 def decode_tree(tree: Any, dtype: Any, *, second: bool) -> Any:
-  """A tree of stored moments decoded to ``dtype``, in the moments' boxes."""
+  """Stored moments decoded to ``dtype``, in the moments' boxes."""
   def one(entry):
     box = entry.codes if isinstance(entry, int8.Int8Moment) else entry
     plain = _boxes.strip(entry)
@@ -51,25 +49,17 @@ def decode_tree(tree: Any, dtype: Any, *, second: bool) -> Any:
 
 
 def decode_moments(state: Any, dtype: Any = jnp.float32) -> _rule.Moments:
-  """The moments of a jadam optimizer's state, as arrays whatever their
-  storage.
-
-  int8 moments are decoded with their block scales, float16 second moments
-  squared back from √v, and everything cast to ``dtype`` (complex moments
-  stay complex). Use it to log or inspect moments.
+  """The moments of a jadam state as ``dtype`` arrays, whatever the storage
+  (int8 decoded with its scales, float16 √v squared; complex stays complex).
 
   Args:
-    state: the state of any of jadam's ``scale_by_*`` transformations
-      (``optax.ScaleByAdamState``, ``ScaleByAmsgradState``, AdEMAMix's, the
-      second-moment state of schedule-free AdamW), found inside a chain's
-      state first (for example ``state[0]`` of ``jadam.adam``'s).
+    state: a jadam ``scale_by_*`` state (``state[0]`` of ``jadam.adam``'s).
     dtype: float dtype of the result.
 
   Returns:
-    ``Moments(mu, nu, nu_max)`` of trees with the parameters' structure:
-    ``mu`` is the first moment (AdEMAMix's fast EMA ``m1``; None for a state
-    without one), ``nu`` the second moment v, ``nu_max`` AMSGrad's running
-    maximum (None otherwise).
+    ``Moments(mu, nu, nu_max)``, trees shaped like the parameters: ``mu``
+    the first moment (AdEMAMix's ``m1``; None if absent), ``nu`` v,
+    ``nu_max`` AMSGrad's running maximum (else None).
 
   Example:
     >>> import jax.numpy as jnp, jadam
@@ -84,7 +74,7 @@ def decode_moments(state: Any, dtype: Any = jnp.float32) -> _rule.Moments:
 
 
 def moment_states(state: Any) -> list[tuple[str, Any]]:
-  """Every state of the engine inside ``state``, with its key path."""
+  """Every engine state inside ``state``, with its key path."""
   is_node = lambda x: _engine.moments_of(x) is not None
   found = _compat.flatten_with_path(state, is_leaf=is_node)[0]
   return [(_compat.keystr(tuple(path)), node) for path, node in found
@@ -93,15 +83,8 @@ def moment_states(state: Any) -> list[tuple[str, Any]]:
 
 @dataclasses.dataclass(frozen=True)
 class LeafSummary:
-  """What a state stores for one parameter.
-
-  Attributes:
-    path: the parameter's key path (prefixed by the state's path in the
-      whole optimizer state when there are several).
-    shape: the parameter's shape.
-    formats: per moment field, the format it is stored in.
-    nbytes: bytes of all its moments.
-  """
+  """One parameter's row: key path (prefixed by its state's path when there
+  are several states), shape, per moment field its format, and bytes."""
 
   path: str
   shape: tuple[int, ...]
@@ -111,10 +94,10 @@ class LeafSummary:
 
 @dataclasses.dataclass(frozen=True)
 class StateSummary:
-  """:func:`describe`'s answer: a row per parameter and the totals.
+  """``describe``'s answer: a row per parameter and the totals.
 
   Attributes:
-    leaves: a :class:`LeafSummary` per parameter and moment state.
+    leaves: a ``LeafSummary`` per parameter and moment state.
     n_params: parameters (elements) the moments are kept for.
     state_bytes: bytes of the whole state (every array in it).
   """
@@ -143,18 +126,15 @@ class StateSummary:
 
 
 def describe(state: Any) -> StateSummary:
-  """What an optimizer state stores, per parameter: the format of each
-  moment and its bytes, and the whole state's bytes per parameter.
-
-  With ``nu_dtype="int8"`` only leaves of at least ``min_size`` elements are
-  int8; this says which. Print the result for a table.
+  """Each moment's format and bytes per parameter (with ``nu_dtype="int8"``,
+  which leaves are int8), and the whole state's bytes per parameter.
 
   Args:
-    state: the state of any jadam optimizer, alone or inside optax wrappers
-      (or ``jax.ShapeDtypeStruct``s, as from ``jax.eval_shape``).
+    state: any jadam optimizer's state, in any optax wrapper (arrays or
+      ``jax.ShapeDtypeStruct``s).
 
   Returns:
-    A :class:`StateSummary`.
+    A ``StateSummary``.
 
   Example:
     >>> import jax.numpy as jnp, jadam
@@ -190,18 +170,13 @@ def describe(state: Any) -> StateSummary:
 
 
 def convert_state(state: Any, optimizer: Any, params: Any) -> Any:
-  """``state`` as ``optimizer`` keeps it: each moment decoded and stored
-  again in ``optimizer``'s formats, everything else copied.
-
-  Use it to resume a run with other storage (float32 moments to int8, say),
-  or to load a checkpoint of jadam before 0.2, whose int8 states were
-  classes of their own (``QuantizedAdamState`` and others, with a ``scales``
-  field): restore it without a target (orbax or ``flax.serialization``
-  give nested dicts) and convert that. Moments are rounded to nearest.
+  """``state`` re-stored in ``optimizer``'s formats, moments rounded to
+  nearest and the rest copied: to resume with other storage (float32 to
+  int8, say), or to load a pre-0.2 checkpoint (``QuantizedAdamState`` and
+  its kin) restored without a target.
 
   Args:
-    state: a state of the same optimizer structure (any storage), or its raw
-      restored form (dicts and lists from a checkpoint without a target).
+    state: a state of the same structure, or its raw restored dicts.
     optimizer: the optax transformation to continue with.
     params: the parameters (arrays, with their shardings).
 
@@ -279,9 +254,8 @@ def _convert_moment_state(target: Any, source: Any) -> Any:
 
 
 def _old_scales(source: Any, name: str, old_tree: Any) -> Any:
-  """The block scales of moment ``name`` in a state of jadam before 0.2
-  (a ``scales`` field: by moment name, or the bare tree of a state with one
-  moment), or None."""
+  """Moment ``name``'s block scales in a pre-0.2 state's ``scales`` field (by
+  name, or the bare tree of a one-moment state), or None."""
   scales = _get(source, "scales", -1)
   if scales is None:
     return None
@@ -297,8 +271,8 @@ def _old_scales(source: Any, name: str, old_tree: Any) -> Any:
 
 
 def _up_to(new: Any, old: Any) -> list[Any]:
-  """``old``'s entries at the positions of ``new``'s moment leaves, found by
-  key path (raw checkpoints hold dicts where the state has tuples)."""
+  """``old``'s entries at ``new``'s moment leaves, by key path (raw
+  checkpoints hold dicts where the state has tuples)."""
   paths = _compat.flatten_with_path(new, is_leaf=_formats.is_moment_leaf)[0]
   out = []
   for path, _ in paths:

@@ -1,10 +1,7 @@
-"""The Adam family as optax transformations: flag choices over the engine.
+"""The Adam family's ``scale_by_*``: ``AdamRule`` flags over the engine.
 
-Each public function here is a choice of :class:`jadam._rule.AdamRule` flags
-handed to :func:`jadam._engine.transformation`; the states are optax's own
-classes (an int8 moment is a :class:`jadam.Int8Moment` leaf inside them), so
-tree structures match optax's, ``isinstance`` holds, and float checkpoints
-move between the two libraries.
+States are optax's own classes (an int8 moment is an ``Int8Moment`` leaf),
+so tree structures match optax's and float checkpoints move between them.
 """
 
 from __future__ import annotations
@@ -37,8 +34,8 @@ def check_rule(rule: _rule.AdamRule) -> None:
   _validation.check_nonnegative("eps_root", rule.eps_root)
   if rule.rectify_threshold is not None:
     _validation.check_nonnegative("threshold", rule.rectify_threshold)
-  if rule.numerics not in ("optax", "keras"):
-    raise ValueError(f"numerics must be one of ('optax', 'keras'), got "
+  if rule.numerics not in _rule.NUMERICS:
+    raise ValueError(f"numerics must be one of {_rule.NUMERICS}, got "
                      f"{rule.numerics!r}.")
   if rule.numerics == "keras" and rule.nesterov:
     raise ValueError(
@@ -58,16 +55,14 @@ def check_rule(rule: _rule.AdamRule) -> None:
 
 
 def formats(mu_dtype: Any, nu_dtype: Any, n: int = 2) -> tuple:
-  """The storage formats of ``(m, v)``, or of ``(m, v, max v̂)`` (``n=3``,
-  kept like v)."""
+  """The storage formats of (m, v), or of (m, v, max v̂) for ``n=3``."""
   nu = _formats.as_format("nu_dtype", nu_dtype)
   return (_formats.as_format("mu_dtype", mu_dtype), nu, nu)[:n]
 
 
 def _scale_by_rule(rule: _rule.AdamRule, mu_dtype: Any,
                    nu_dtype: Any) -> optax.GradientTransformationExtraArgs:
-  """The engine's transformation of the Adam-family ``rule``, with state
-  ``ScaleByAdamState`` (``ScaleByAmsgradState`` for AMSGrad)."""
+  """The engine's transformation of ``rule``, with optax's state class."""
   check_rule(rule)
   if rule.amsgrad:
     return _engine.transformation(
@@ -92,48 +87,39 @@ def scale_by_adam(
 ) -> optax.GradientTransformationExtraArgs:
   """Rescale gradients by Adam's bias-corrected moments.
 
-  The transformation returns ``m̂_t / (√(v̂_t + eps_root) + eps)``; chain it
-  with ``optax.scale_by_learning_rate`` (or use :func:`jadam.adam`) to get the
-  parameter update.
+  Returns the direction ``m̂_t / (√(v̂_t + eps_root) + eps)``; chain it with
+  ``optax.scale_by_learning_rate`` (or use ``jadam.adam``).
 
   Args:
     b1: decay of the first moment, in [0, 1).
     b2: decay of the second moment, in [0, 1).
     eps: added to the denominator, >= 0.
     eps_root: added to v̂ inside the square root, >= 0.
-    mu_dtype: storage dtype of the first moment (None: the parameter's).
-    nu_dtype: storage dtype of the second moment (None: the parameter's).
-      Arithmetic always runs in float32 or wider whatever the storage.
-    nesterov: use Nesterov momentum (NAdam, Dozat 2016).
-    cautious: zero the components whose sign disagrees with the current
-      gradient and rescale the rest by the fraction kept, per parameter array
-      (Cautious Adam, Liang et al. 2024).
-    numerics: ``"optax"`` (default) computes Algorithm 1 as written, equal to
-      ``optax.adam``; ``"keras"`` computes it as ``keras.optimizers.Adam``
-      does (ε added to √v_t, bias correction folded into the step size), so
-      that models ported from Keras train identically. Note Keras's default
-      ε is 1e-7.
+    mu_dtype: storage of the first moment (None: the parameter's dtype).
+    nu_dtype: storage of the second moment (None: the parameter's dtype);
+      the arithmetic runs in float32 or wider whatever the storage.
+    nesterov: Nesterov momentum (NAdam, Dozat 2016).
+    cautious: drop the components whose sign disagrees with the gradient,
+      rescaling the rest, per array (Cautious Adam, Liang et al. 2024).
+    numerics: ``"optax"`` (equal to ``optax.adam``) or ``"keras"`` (as
+      ``keras.optimizers.Adam`` rounds it; Keras' default ε is 1e-7).
 
   Returns:
-    An ``optax.GradientTransformationExtraArgs`` with state
-    :class:`ScaleByAdamState` (optax's, for every storage format). Its
-    ``update`` accepts the extra argument ``jadam_skip``, a bool scalar:
-    where it is True the step is skipped (zero direction, count and moments
-    bitwise unchanged) inside the same fused pass;
-    :func:`jadam.skip_nonfinite` passes it. Other extra arguments, meant for
-    other members of a chain, are ignored.
+    A ``GradientTransformationExtraArgs`` with state ``ScaleByAdamState``.
+    ``update`` accepts ``jadam_skip``, a bool scalar: where True the step is
+    skipped (zero direction, count and moments unchanged) in the same pass.
 
   Raises:
-    ValueError: at construction, naming the argument that is out of range.
+    ValueError: at construction, for an argument out of range.
 
   Example:
     >>> import jax.numpy as jnp, optax, jadam
-    >>> tx = optax.chain(jadam.scale_by_adam(), optax.scale_by_learning_rate(1e-3))
-    >>> params = {"w": jnp.ones(3)}
-    >>> state = tx.init(params)
+    >>> tx = optax.chain(jadam.scale_by_adam(),
+    ...                  optax.scale_by_learning_rate(1e-3))
+    >>> state = tx.init({"w": jnp.ones(3)})
     >>> updates, state = tx.update({"w": jnp.array([1., -2., 0.])}, state)
     >>> updates["w"]
-    Array([-0.001,  0.001,  0.   ], dtype=float32)
+    Array([-0.00099999,  0.00099999, -0.        ], dtype=float32)
 
   References:
     Kingma & Ba, "Adam: A Method for Stochastic Optimization", ICLR 2015.
@@ -161,18 +147,15 @@ def scale_by_amsgrad(
 
   Args:
     b1, b2, eps, eps_root, mu_dtype, nu_dtype, cautious: as in
-      :func:`scale_by_adam`; ``nu_dtype`` also sets the storage of the
-      running maximum.
-    bias_correction_mu: divide m_t by 1 − β1^t (as optax's argument).
-    bias_correction_nu: divide v_t by 1 − β2^t before the running maximum.
-    numerics: as in :func:`scale_by_adam`; with ``"keras"`` the running
-      maximum is of the uncorrected v_t, as in
-      ``keras.optimizers.Adam(amsgrad=True)``.
+      ``scale_by_adam``; ``nu_dtype`` also stores the running maximum.
+    bias_correction_mu: divide m_t by 1 − β1^t.
+    bias_correction_nu: divide v_t by 1 − β2^t before the maximum.
+    numerics: as in ``scale_by_adam``; ``"keras"`` takes the maximum of the
+      uncorrected v_t, as ``keras.optimizers.Adam(amsgrad=True)`` does.
 
   Returns:
-    An ``optax.GradientTransformationExtraArgs`` with state
-    :class:`ScaleByAmsgradState`; ``update`` accepts ``jadam_skip`` as in
-    :func:`scale_by_adam`.
+    A ``GradientTransformationExtraArgs`` with state ``ScaleByAmsgradState``
+    (``jadam_skip`` as in ``scale_by_adam``).
 
   Example:
     >>> import jadam
@@ -200,12 +183,11 @@ def scale_by_adamax(
   """AdaMax: Adam with the infinity norm u_t = max(β2·u_{t-1}, |g_t| + ε).
 
   Args:
-    b1, b2, eps, mu_dtype, nu_dtype, cautious: as in :func:`scale_by_adam`.
+    b1, b2, eps, mu_dtype, nu_dtype, cautious: as in ``scale_by_adam``.
 
   Returns:
-    An ``optax.GradientTransformationExtraArgs`` with state
-    :class:`ScaleByAdamState` whose ``nu`` holds u; ``update`` accepts
-    ``jadam_skip`` as in :func:`scale_by_adam`.
+    A ``GradientTransformationExtraArgs`` with state ``ScaleByAdamState``,
+    whose ``nu`` holds u (``jadam_skip`` as in ``scale_by_adam``).
 
   Example:
     >>> import jadam
@@ -235,13 +217,12 @@ def scale_by_radam(
 
   Args:
     b1, b2, eps, eps_root, nesterov, mu_dtype, nu_dtype, cautious: as in
-      :func:`scale_by_adam`.
+      ``scale_by_adam``.
     threshold: while the SMA length ρ_t is below it, take momentum steps.
 
   Returns:
-    An ``optax.GradientTransformationExtraArgs`` with state
-    :class:`ScaleByAdamState`; ``update`` accepts ``jadam_skip`` as in
-    :func:`scale_by_adam`.
+    A ``GradientTransformationExtraArgs`` with state ``ScaleByAdamState``
+    (``jadam_skip`` as in ``scale_by_adam``).
 
   Example:
     >>> import jadam

@@ -1,9 +1,7 @@
 """Checks that turn bad input into a clear error instead of a wrong answer.
 
-Hyperparameters are checked when a transformation is built, gradients when it
-is updated. Values that are traced (for example hyperparameters injected by
-``optax.inject_hyperparams`` inside ``jax.jit``) cannot be inspected and are
-let through; everything concrete is checked.
+Hyperparameters are checked at construction, gradients at ``update``; traced
+values (hyperparameters injected under jit) cannot be, and are let through.
 """
 
 from __future__ import annotations
@@ -31,9 +29,8 @@ def _scalar(name: str, value: Any) -> Optional[float]:
   array = concrete(value)
   if array is None:
     return None
-  # jnp's dtype tree, not NumPy's: ml_dtypes such as bfloat16 are floating
-  # there (optax.inject_hyperparams casts hyperparameters to the parameters'
-  # dtype), but not np.number.
+  # jnp's dtype tree, where bfloat16 (which inject_hyperparams may cast
+  # hyperparameters to) is floating; it is not an np.number.
   real = (jnp.issubdtype(array.dtype, jnp.floating)
           or jnp.issubdtype(array.dtype, jnp.integer))
   if array.ndim != 0 or not real:
@@ -56,12 +53,10 @@ def check_decay(name: str, value: Any) -> None:
 
 def check_nonnegative(name: str, value: Any, *, schedule: bool = False
                       ) -> None:
-  """Terms such as eps, eps_root and weight decay must be >= 0 and finite.
+  """eps, weight decay and the like must be finite and >= 0.
 
-  ``schedule``: the argument may be a schedule (a callable of the step
-  count), as a learning rate or a weight decay may. Where only a constant
-  makes sense (eps, eps_root, thresholds), a callable is an error here
-  rather than a ``TypeError`` deep inside the first update.
+  A callable passes only with ``schedule``; elsewhere it fails here rather
+  than as a ``TypeError`` deep inside the first update.
   """
   if callable(value):
     if schedule:
@@ -81,23 +76,17 @@ def check_learning_rate(value: Any) -> None:
   check_nonnegative("learning_rate", value, schedule=True)
 
 
-# Storage formats a moment may take. The compute dtype is always float32 or
-# wider; these only change how the moment is kept between steps.
+# How a moment may be stored between steps; it is computed in float32 or wider.
 FLOAT_STORAGE = ("float32", "bfloat16", "float16", "float64")
-# Complex storage (optax's mu_dtype=jnp.complex64 for complex parameters):
-# a complex moment of a complex parameter; for a real parameter, or for the
-# real second moment, its real counterpart (float32 for complex64).
+# Complex storage (optax's mu_dtype=jnp.complex64): real parameters and the
+# second moment get the real counterpart (float32 for complex64).
 COMPLEX_STORAGE = ("complex64", "complex128")
 
 
 def canonical_storage(name: str, dtype: Any,
                       extra: Sequence[str] = ()) -> Optional[str]:
-  """Canonical name of a moment storage dtype, or None for "like the param".
-
-  Raises:
-    ValueError: naming the argument, for anything that is not a float dtype
-      or one of the ``extra`` string formats (such as ``"int8"``).
-  """
+  """Canonical name of a moment storage dtype, None for "like the param";
+  a ValueError for anything but a float dtype or an ``extra`` format."""
   if dtype is None:
     return None
   if isinstance(dtype, str) and dtype in extra:
@@ -128,22 +117,16 @@ def _listed(names: list[str], most: int = 3) -> str:
 
 def check_same_tree(updates: Any, reference: Any, *, what: str,
                     is_leaf: Optional[Callable[[Any], bool]] = None) -> None:
-  """Raise a ValueError naming the first key path where the trees differ.
-
-  Args:
-    updates: the gradients given to ``update``.
-    reference: a tree from the optimizer state with the parameters' structure
-      (for example the first moments).
-    what: how to name the reference in the message.
-    is_leaf: marks compound nodes of ``reference`` that stand for one leaf
-      (such as quantized moments).
-  """
+  """Raise a ValueError naming the first key path where the gradients and
+  ``reference`` (a state tree shaped like the parameters, called ``what`` in
+  the message) differ; ``is_leaf`` marks compound leaves (int8 moments)."""
   g_paths = _compat.flatten_with_path(updates)[0]
   r_paths = _compat.flatten_with_path(reference, is_leaf=is_leaf)[0]
   g_names = [_path_str(p) for p, _ in g_paths]
   r_names = [_path_str(p) for p, _ in r_paths]
-  missing = [n for n in r_names if n not in set(g_names)]
-  extra = [n for n in g_names if n not in set(r_names)]
+  g_set, r_set = set(g_names), set(r_names)
+  missing = [n for n in r_names if n not in g_set]
+  extra = [n for n in g_names if n not in r_set]
   if missing or extra:
     parts = []
     if missing:
@@ -187,23 +170,14 @@ def check_float_leaves(updates: Any) -> None:
 def check_moment_kinds(updates: Any, grads: Sequence[Any],
                        columns: Sequence[Sequence[Any]],
                        real: Sequence[bool]) -> None:
-  """Raise a TypeError naming the first leaf whose gradient cannot be
-  stepped with the moments its parameter was given at ``init``.
+  """Raise a TypeError naming the first gradient its moments cannot take.
 
-  * Integer (or boolean) parameters get moments of their own dtype, as in
-    optax: a float gradient for one would be truncated to 0 every step, so
-    every step would be a first step. Such a leaf is recognised by all its
-    moments sharing one integer dtype (int8 moment codes are int8 for m and
-    uint8 for v, never one dtype).
-  * A complex gradient for a real parameter would lose its imaginary part
-    in the real first moment.
-
-  Args:
-    updates: the gradients (for key paths in the message).
-    grads: their leaves.
-    columns: per moment, its stored leaves in the same order.
-    real: per moment, whether it is a moment of |g|² (real for complex
-      parameters too).
+  An integer parameter has integer moments (as in optax), which would
+  truncate a float gradient to 0 every step; it shows as all moments sharing
+  one integer dtype (int8 codes are int8 for m, uint8 for v). A complex
+  gradient of a real parameter would lose its imaginary part in m.
+  ``columns`` holds each moment's stored leaves, ``real`` whether it is a
+  moment of |g|².
   """
   for index, g in enumerate(grads):
     stored = [column[index] for column in columns]
@@ -230,9 +204,8 @@ def check_moment_kinds(updates: Any, grads: Sequence[Any],
 
 
 def check_parameter_kinds(updates: Any, params: Any) -> None:
-  """As :func:`check_moment_kinds`, from the parameters themselves: for
-  optimizers whose only moment is real (v), which cannot tell a complex
-  parameter from a real one."""
+  """``check_moment_kinds`` from the parameters themselves, for optimizers
+  whose only moment (v) is real either way."""
   grads = jax.tree.leaves(updates)
   leaves = jax.tree.leaves(params)
   if len(leaves) != len(grads):

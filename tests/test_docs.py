@@ -107,3 +107,30 @@ def test_study_script_writes_figure_table_and_control(study, tmp_path, capsys):
     assert float(row.group(1)) < 2.0 and float(row.group(2)) > 50.0, row[0]
   assert "jadam Adam vs optax Adam: curves agree to 1e-5 for the first 2" in out
   assert "optax Adam, θ0 + 1 ulp vs optax Adam" in out
+
+
+# --- The examples in the docstrings -----------------------------------------
+
+def _docstring_examples():
+  import doctest
+  import importlib
+  import pkgutil
+  finder = doctest.DocTestFinder()
+  for info in pkgutil.walk_packages(jadam.__path__, "jadam."):
+    module = importlib.import_module(info.name)
+    for test in finder.find(module):
+      if test.examples and test.name.startswith(info.name):
+        yield test
+
+
+@pytest.mark.parametrize("test", list(_docstring_examples()),
+                         ids=lambda test: test.name)
+def test_docstring_example_runs_and_prints_what_it_says(test):
+  import doctest
+  import jax
+  if test.name.endswith("_offload.offload") and jax.__version_info__ < (0,
+                                                                       10):
+    pytest.skip("offload needs JAX 0.10 on the CPU (see docs/memory.md)")
+  runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
+  result = runner.run(test, out=lambda text: print(text, end=""))
+  assert result.failed == 0, test.name

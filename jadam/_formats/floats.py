@@ -1,16 +1,8 @@
-"""Float storage of a moment: float32/float64 as is, bfloat16 and float16
-rounded stochastically, float16 second moments as √v.
+"""Float storage of a moment; the rule itself runs in float32 or wider.
 
-The rule (:mod:`jadam._rule`) runs in float32 or wider; a narrow format only
-changes how a moment is kept between steps. Rounding it to nearest would stall
-it: a second moment multiplied by β2 = 0.999 rounds back to its old bfloat16
-value every step and never decays, and gradients below the spacing of the
-stored first moment never enter it. Stochastic rounding (unbiased, seeded by
-the step and the element, :mod:`jadam._rounding`) keeps both in expectation.
-float16 cannot hold v = g² (it underflows below |g| ≈ 2.4e-4 and overflows
-above |g| = 256), so a float16 second moment keeps √v, which has the range of
-g itself. bfloat16, float16 and int8 have no complex numbers: a complex first
-moment stored in them stays in the compute dtype (complex64 or wider).
+bfloat16 and float16 round stochastically (to nearest, v·β2 rounds back to
+v); float16 keeps √v, as g² under- or overflows for |g| < 2.4e-4 or > 256.
+A complex first moment keeps the compute dtype (no narrow complex formats).
 """
 
 from __future__ import annotations
@@ -28,13 +20,14 @@ from jadam import _validation
 
 Array = jax.Array
 
+
 def compute_dtype(dtype: Any) -> jnp.dtype:
   """The dtype the rule runs in: the parameter's, but never below float32."""
   return jnp.promote_types(dtype, jnp.float32)
 
 
 def real_dtype(dtype: Any) -> jnp.dtype:
-  """float32 for complex64 etc.: |g|² moments of complex parameters are real."""
+  """float32 for complex64 etc.: |g|² moments are real."""
   return jnp.finfo(dtype).dtype
 
 
@@ -44,26 +37,19 @@ def inexact(dtype: Any) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class FloatLeaf:
-  """One moment of one parameter kept as a float array of its shape.
-
-  Attributes:
-    dtype: the stored dtype's name.
-    root: the array holds √v (a float16 second moment).
-  """
+  """A moment as a float array of ``dtype`` (a name), √v if ``root``."""
 
   dtype: str
   root: bool = False
 
   @property
   def rounds(self) -> bool:
-    """Whether storing needs random bits (a narrow float format)."""
     return jnp.dtype(self.dtype).itemsize < 4
 
   def zeros(self, param: Any) -> Array:
     return _placement.zeros_placed_like(param, param.shape, self.dtype)
 
   def boxed(self, box: Any, stored: Array) -> Any:
-    """``stored`` in the parameter's Flax box, if it has one."""
     return _boxes.close_like(box, stored)
 
   def matches(self, stored: Any) -> bool:
@@ -76,13 +62,11 @@ class FloatLeaf:
     return f"{self.dtype} √v" if self.root else self.dtype
 
   def load(self, stored: Array, dtype: Any) -> Array:
-    """The stored moment in the compute ``dtype``."""
     value = stored.astype(dtype)
     return value * value if self.root else value
 
   def store(self, value: Array, bits: Optional[Array]) -> Array:
-    """``value`` (compute dtype) in this format, rounded stochastically with
-    the top 16 of the uint32 ``bits`` where the format is narrow."""
+    """``value`` in this format, rounded with the top 16 of ``bits``."""
     if self.root:
       value = jnp.sqrt(value)
     if self.rounds:
@@ -99,9 +83,11 @@ def _size(shape: tuple[int, ...]) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class Float:
-  """A float storage format: ``jadam.Float(jnp.bfloat16)`` is what
-  ``mu_dtype=jnp.bfloat16`` means; ``Float()`` (``None``) keeps the
-  parameter's dtype, as optax does.
+  """A float storage format for one moment.
+
+  ``jadam.Float(jnp.bfloat16)`` is what ``mu_dtype=jnp.bfloat16`` means;
+  ``Float()`` keeps the parameter's dtype, as optax does. bfloat16 and
+  float16 are rounded stochastically; a float16 second moment keeps √v.
 
   Attributes:
     dtype: a float or complex dtype name, or None for the parameter's.
@@ -115,14 +101,11 @@ class Float:
 
   def for_leaf(self, shape: tuple[int, ...], dtype: Any, *,
                second: bool) -> FloatLeaf:
-    """What this format stores for a parameter of ``shape`` and ``dtype``
-    (``second``: the moment is of |g|², real for complex parameters)."""
     del shape
     dtype = jnp.dtype(dtype)
     if not inexact(dtype):
-      # Integer and boolean leaves (step counters, frozen buffers) get zeros
-      # of their own dtype, as optax gives them; a gradient for them is an
-      # error at update, naming the key path.
+      # Integer leaves get zeros of their own dtype, as in optax; a gradient
+      # for them is an error at update.
       return FloatLeaf(dtype.name)
     if self.dtype is None:
       stored = real_dtype(dtype) if second else dtype
@@ -145,6 +128,5 @@ class Float:
 
 
 def canonical(name: str, dtype: Any) -> str:
-  """The canonical name of a float storage dtype (ValueError naming the
-  argument for anything else)."""
+  """The canonical name of a storage dtype (ValueError naming ``name``)."""
   return _validation.canonical_storage(name, dtype, extra=("int8",))

@@ -1,12 +1,5 @@
-"""Block-wise int8 storage of a moment (Dettmers et al., ICLR 2022).
-
-A quantized moment is one :class:`Int8Moment` leaf in the optimizer state:
-int8 codes (first moments) or uint8 codes holding √v (second moments) of the
-parameter's shape, and one float32 scale per block of ``block`` consecutive
-elements. The code maps are in :mod:`jadam._formats._codes`; this module
-chooses the blocks, places the scales and runs the step of a leaf with int8
-moments (:func:`step`).
-"""
+"""Block-wise int8 storage (Dettmers et al., ICLR 2022): the format, its
+blocks and the step of a leaf with int8 moments; code maps in ``_codes``."""
 
 from __future__ import annotations
 
@@ -30,22 +23,15 @@ Array = jax.Array
 
 
 class Int8Moment(NamedTuple):
-  """A moment stored as block-wise int8 codes: one leaf of an optimizer
-  state where a float moment would be one array.
+  """A moment stored as block-wise int8 codes: one leaf of a state.
 
-  A NamedTuple, so that ``jax``, orbax, ``flax.serialization`` and pickle
-  round-trip it with its type. Code that maps a function over a state's
-  moments together with the parameters treats it as one leaf:
-  ``jax.tree.map(f, params, state.mu, is_leaf=lambda x: isinstance(x,
-  jadam.Int8Moment))``.
+  A NamedTuple, so JAX, orbax, ``flax.serialization`` and pickle round-trip
+  it; map over it with ``is_leaf=lambda x: isinstance(x, jadam.Int8Moment)``.
 
   Attributes:
-    codes: int8 (a first moment) or uint8 (a second moment, holding √v),
-      of the parameter's shape; in the parameter's Flax box, if any.
-    scales: float32, ``(n_blocks,)``: each block's scale (an upper bound
-      of its largest finite |value|); split like the parameter's leading
-      axis where no block spans two of its rows, else replicated
-      (:func:`jadam.sharding.scales_follow_rows`).
+    codes: int8 (m) or uint8 (√v), the parameter's shape and Flax box.
+    scales: float32 ``(n_blocks,)``, upper bounds of the blocks' largest
+      finite |value|, split like the rows where no block spans two.
   """
 
   codes: Any
@@ -54,50 +40,29 @@ class Int8Moment(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class BlockwiseInt8:
-  """The ``"int8"`` storage format, with its knobs.
+  """Block-wise int8 storage of a moment: the ``"int8"`` format.
 
-  Pass an instance as ``mu_dtype`` / ``nu_dtype`` of any jadam optimizer;
-  the string ``"int8"`` means ``BlockwiseInt8()``.
-
-  A quantized moment is one :class:`Int8Moment` leaf in the optimizer
-  state: codes of the parameter's shape and float32 block scales of shape
-  ``(n_blocks,)``. Blocks are runs of
-  ``block_size`` consecutive elements of the flattened parameter, the last
-  one possibly shorter. A block never spans two rows of a parameter whose
-  rows (its last axis) are shorter than ``block_size``, with ``row_blocks``:
-  each row then gets blocks of the largest power of two dividing its length
-  (at least 32 elements).
-
-  Rows of an embedding table are seen at very different rates (token
-  frequencies are Zipf-distributed), and a block shared by a frequent and a
-  rare row takes its scale from the frequent one, pushing the rare row's
-  moments down the code map: on the Zipf embedding test (512 rows of 32,
-  600 steps) the rare rows end 0.055 from the float32-moment run with
-  blocks of 256, 0.042 with a block per row, against 0.046 for blocks of
-  256 scaled by their exact maxima (docs/memory.md).
+  Pass it as ``mu_dtype``/``nu_dtype`` of any jadam optimizer (``"int8"`` is
+  ``BlockwiseInt8()``); each moment becomes an ``Int8Moment``.
 
   Attributes:
-    block_size: elements per block sharing one float32 scale, a power of two
-      (Dettmers et al. use 2048 in their CUDA kernels and study 256 and
-      smaller; smaller blocks isolate outliers better and cost
-      4/block_size extra bytes per element).
+    block_size: elements per scale, a power of two; smaller blocks isolate
+      outliers better and cost 4/block_size bytes per element.
     min_size: parameters with fewer elements keep this moment in float32.
-    stochastic: round to a random neighbouring code, unbiased (the default),
-      or to the nearest one (as the paper).
-    approximate_derivative: let ``jax.grad``/``jax.jvp`` differentiate
-      through these moments (meta-gradients through training). The codes
-      are integers, so the derivative flows only through the block scales
-      and the float parts of the step: an approximation whose measured error
-      is in docs/reliability.md. False (the default) makes differentiating
-      through them a ``TypeError`` rather than a silently wrong number.
-    row_blocks: blocks never span two rows shorter than ``block_size``
-      (the default; costs 4 bytes of scale per block: 1/8 byte per element
-      for rows of 32). False cuts such rows into blocks of ``block_size``.
+    stochastic: round to a random neighbouring code (unbiased), or nearest.
+    row_blocks: rows (last axis) shorter than ``block_size`` get blocks of
+      their own (at least 32), so rare embedding rows keep their own scale.
+    approximate_derivative: let ``jax.grad`` through, via the scales only;
+      False raises a ``TypeError`` rather than give a wrong derivative.
 
   Example:
     >>> import jadam
     >>> opt = jadam.adam(1e-3, mu_dtype=jadam.BlockwiseInt8(block_size=128),
     ...                  nu_dtype="int8")
+
+  References:
+    Dettmers, Lewis, Shleifer & Zettlemoyer, "8-bit Optimizers via
+    Block-wise Quantization", ICLR 2022 (arXiv:2110.02861).
   """
 
   block_size: int = 256
@@ -120,10 +85,7 @@ class BlockwiseInt8:
 
   def for_leaf(self, shape: tuple[int, ...], dtype: Any, *,
                second: bool) -> Any:
-    """What this format stores for a parameter of ``shape`` and ``dtype``:
-    an :class:`Int8Leaf`, or (for leaves below ``min_size``, integer
-    parameters and complex first moments, which have no 8-bit code) the
-    compute dtype as a :class:`jadam._formats.floats.FloatLeaf`."""
+    """An ``Int8Leaf``, or a ``FloatLeaf`` where int8 does not apply."""
     dtype = jnp.dtype(dtype)
     if not floats.inexact(dtype):
       return floats.Float().for_leaf(shape, dtype, second=second)
@@ -142,7 +104,7 @@ class BlockwiseInt8:
     return "int8" if self == BlockwiseInt8() else repr(self)
 
   def block_for(self, shape: tuple[int, ...]) -> int:
-    """The block size of a parameter of ``shape`` (see ``row_blocks``)."""
+    """The block size for ``shape`` (see ``row_blocks``)."""
     row = shape[-1] if len(shape) >= 2 else 0
     if not self.row_blocks or row <= 0 or row >= self.block_size:
       return self.block_size
@@ -150,26 +112,16 @@ class BlockwiseInt8:
     return block if block >= MIN_ROW_BLOCK else self.block_size
 
   def n_blocks_for(self, shape: tuple[int, ...]) -> int:
-    """How many blocks (scales) a parameter of ``shape`` has."""
     return -(-math.prod(shape) // self.block_for(shape))
 
 
-# The smallest block a row of its own gets: 4 bytes of scale per 32 elements
-# is an eighth of a byte per element on top of the code's one.
+# The smallest row block: its scale costs 1/8 byte per element.
 MIN_ROW_BLOCK = 32
 
 
 @dataclasses.dataclass(frozen=True)
 class Int8Leaf:
-  """One moment of one parameter as an :class:`Int8Moment`.
-
-  Attributes:
-    block: elements per block.
-    n_blocks: how many blocks (scales) the parameter has.
-    signed: int8 codes of a first moment; else uint8 codes of √v.
-    stochastic: round to a random neighbouring code (unbiased).
-    approximate_derivative: see :class:`BlockwiseInt8`.
-  """
+  """A moment as an ``Int8Moment``: codes of m if ``signed``, else of √v."""
 
   block: int
   n_blocks: int
@@ -179,10 +131,7 @@ class Int8Leaf:
 
   @property
   def root(self) -> bool:
-    """The codes hold √v (second moments): a block's code map spans 7
-    decades below its scale, 14 decades of v when the codes hold √v, so
-    gradients spread over more than 3.5 decades inside a block no longer
-    flush their smaller block-mates to the bottom of the map."""
+    """Codes of √v: the map's 7 decades hold 14 decades of v."""
     return not self.signed
 
   @property
@@ -200,8 +149,7 @@ class Int8Leaf:
                                     block=self.block))
 
   def boxed(self, box: Any, moment: Int8Moment) -> Int8Moment:
-    """``moment`` with the codes in the parameter's Flax box and the scales
-    in a box whose axis names fit a vector of blocks."""
+    """Codes in the parameter's Flax box, scales in one for blocks."""
     shape = tuple(_boxes.open_box(box).shape)
     return Int8Moment(_boxes.close_like(box, moment.codes), _boxes.box_scales(
         box, moment.scales, _placement.scales_follow_rows(shape, self.block)))
@@ -219,7 +167,6 @@ class Int8Leaf:
         f"int8, block {self.block}")
 
   def load(self, moment: Int8Moment, dtype: Any) -> Array:
-    """The moment decoded to ``dtype``, in the codes' shape."""
     codes, scales = moment
     view = _block_view(tuple(codes.shape), {self.block})
 
@@ -227,15 +174,13 @@ class Int8Leaf:
       return _read(codes, scales, view, self, dtype).reshape(codes.shape)
     explicit = _placement.explicit_shardings(codes)
     if explicit is not None:
-      # As in :func:`step`: on Explicit mesh axes the blocks are cut inside
-      # ``auto_axes``, and the values come back split like the codes.
+      # Blocks are cut inside auto_axes on Explicit mesh axes, as in step.
       decode = _compat.auto_axes(decode, out_sharding=explicit)
     return decode(codes, scales)
 
 
 def found(stored: Any, shape: tuple[int, ...]) -> Int8Leaf:
-  """The :class:`Int8Leaf` an :class:`Int8Moment` of a parameter of
-  ``shape`` was stored with (its block size read from the scales' count)."""
+  """The ``Int8Leaf`` a stored moment was kept with, read from its arrays."""
   n_blocks = int(stored.scales.shape[0])
   signed = jnp.dtype(stored.codes.dtype) == jnp.int8
   return Int8Leaf(_codes.block_size_of(math.prod(shape), n_blocks), n_blocks,
@@ -244,12 +189,7 @@ def found(stored: Any, shape: tuple[int, ...]) -> Int8Leaf:
 
 @jax.custom_jvp
 def not_differentiable(tree: Any) -> Any:
-  """``tree`` itself; differentiating through it raises a ``TypeError``.
-
-  Guards the int8 codec's inputs: its codes are integers, so ``jax.grad``
-  through them would be zero and a derivative through an int8 moment would
-  be silently wrong (only the block scales carry one).
-  """
+  """``tree``, but a derivative through it (integer codes) is a TypeError."""
   return tree
 
 
@@ -271,52 +211,12 @@ def _not_differentiable_jvp(primals, tangents):
 def step(g: Array, stored: tuple, t: Array, seed: tuple, offset: Any,
          scales: tuple, leaf: _rule.LeafRule, formats: tuple
          ) -> tuple[Array, tuple, tuple]:
-  """One leaf's step when any of its moments is int8, without a tile loop.
+  """One leaf's step with int8 moments: ``(direction, stored, scales)``.
 
-  Args:
-    g: the gradient.
-    stored: per moment, its codes or float array.
-    t: the step number.
-    seed, offset: the leaf's rounding seed and its shard's offset in the
-      stream (:mod:`jadam._rounding`).
-    scales: per moment, its block scales (None for a float moment).
-    leaf: the optimizer's step on one array.
-    formats: per moment, its :class:`Int8Leaf` or ``FloatLeaf``.
-
-  Returns:
-    ``(direction, stored, scales)`` in the same layout.
-
-  Encoding a new moment needs its block's scale before any element of the
-  block is encoded. The exact maximum of the new moment would need a pass of
-  its own over the decoded moments, which XLA:CPU can only run fast as a
-  sequential loop over tiles (it cannot fuse the decoding into a fast
-  reduction): that loop alone cost about twice the float32 step, on one
-  core. So where the rule's recurrence gives one (``leaf.bounds``, for
-  example :func:`jadam._rule.scale_bounds`), the new scale is an *upper
-  bound* of the new block's largest finite |value|, from the block's old
-  scale and its largest finite |g|: one reduction of the plain float32
-  gradient, which XLA:CPU does fast. Everything else is elementwise over the
-  whole leaf (decode with the old scales, the rule, encode with the new
-  scales), so XLA runs it as loops over both cores: one for the direction
-  and one for each moment's codes, each decoding the moments it needs on the
-  fly, so that no moment is ever held in float32. A moment the rule gives no
-  bound for is scaled by the exact maxima of its new values instead.
-
-  A bound above the block's true maximum costs little precision: the
-  octaves of each of the code map's runs hold the same number of points, so
-  it moves the block's values a few octaves down the map, towards its
-  bottom, without coarsening them while they stay in the dense top run
-  (measured in docs/memory.md).
-
-  A skipped step (``leaf.skip``) keeps the old scales. A block whose bound
-  is zero gets the smallest normal float32 instead: a positive scale that
-  decodes its zero codes to zero. Scales are clipped to
-  :data:`jadam._formats._codes.MAX_SCALE` (2^126, whose reciprocal is still a normal
-  float32); rounding can put a value a few ulps above its bound, and
-  encoding clips it to the top code.
-
-  The direction and the moments come from the same rule on the same decoded
-  values (up to the compiler's choice of fused multiply-adds).
+  An exact block maximum would cost a pass of its own, slow on XLA:CPU, so
+  where ``leaf.bounds`` gives one the new scale is an upper bound from the
+  old one and the block's largest |g|. The rest is elementwise loops that
+  decode on the fly, so no moment is ever held in float32.
   """
   dtype = floats.compute_dtype(g.dtype)
   dtypes = [floats.real_dtype(dtype) if second else dtype
@@ -334,7 +234,6 @@ def step(g: Array, stored: tuple, t: Array, seed: tuple, offset: Any,
   bounds = _scale_bounds(flat_g, scales, blocks, formats, leaf)
   values, new_scales = [], []
   for k, (x, old) in enumerate(zip(stored, scales)):
-    # Each moment's codes from inputs of its own (see _own_inputs).
     inputs, streams = _rounding.own_inputs(
         (flat_g, stored, scales, bounds), view, seed, offset, k)
     value = run_rule(*inputs[:3])[1][k]
@@ -355,16 +254,8 @@ def step(g: Array, stored: tuple, t: Array, seed: tuple, offset: Any,
 
 def _scale_bounds(flat_g: Array, scales: tuple, blocks: list, formats: tuple,
                   leaf: _rule.LeafRule) -> tuple:
-  """The new block scales of the int8 moments for which ``leaf.bounds``
-  gives an upper bound (None for the others): the rule's bounds from each
-  block's largest finite |g| (G) and its old scales, clipped to
-  [smallest normal float32, :data:`jadam._codes.MAX_SCALE`], and the old
-  scales where a step is skipped.
-
-  G leaves out gradients above ``_fusion.LARGEST_G`` (2^63, whose square would
-  exceed 2^126): their v is +inf, stored as its own code, so they do not
-  inflate their block's scale.
-  """
+  """New scales from ``leaf.bounds`` (None where it has none), clipped to
+  [smallest normal float32, ``MAX_SCALE``], kept on skipped steps."""
   if leaf.bounds is None or all(block is None for block in blocks):
     return tuple(None for _ in blocks)
   smallest = min(block for block in blocks if block is not None)
@@ -372,8 +263,7 @@ def _scale_bounds(flat_g: Array, scales: tuple, blocks: list, formats: tuple,
   for block in set(blocks) - {smallest, None}:
     g_max[block] = jnp.max(_codes.to_blocks(g_max[smallest],
                                             block // smallest), axis=1)
-  # The codes of second moments hold √v and their scales bound √v: the
-  # rule's recurrences see and give v-domain bounds.
+  # Bounds are in v's domain; the scales of √v codes bound √v.
   roots = [block is not None and f.root for block, f in zip(blocks, formats)]
   raw = leaf.bounds(
       tuple(None if block is None else g_max[block] for block in blocks),
@@ -393,8 +283,7 @@ def _scale_bounds(flat_g: Array, scales: tuple, blocks: list, formats: tuple,
 
 
 def _exact_scales(value: Array, block: int) -> Array:
-  """Block scales from the exact largest finite |value| of each block (for a
-  moment whose recurrence gives no bound), clipped as bounds are."""
+  """Scales from each block's exact largest finite |value| (no bound)."""
   magnitude = jnp.abs(value).astype(jnp.float32)
   magnitude = jnp.where(jnp.isfinite(magnitude), magnitude, 0)
   if magnitude.ndim > 1:  # a block view: blocks are the last axis
@@ -405,15 +294,9 @@ def _exact_scales(value: Array, block: int) -> Array:
   return jnp.clip(top, jnp.finfo(jnp.float32).tiny, _codes.MAX_SCALE)
 
 
-
 def _block_view(shape: tuple[int, ...], blocks: set) -> tuple[int, ...]:
-  """The shape an int8 leaf is stepped in: ``shape[:-1] + (k, block)`` when
-  its last axis is whole blocks (of the one block size of its int8
-  moments), so that every axis the parameter is split over on a device mesh
-  survives (cut into one flat axis, a parameter split over two mesh axes
-  came back split over one: its codes doubled per device and the step
-  compiled twice); the flat ``(n,)`` otherwise. Either way blocks are runs
-  of ``block`` consecutive elements in row-major order."""
+  """``shape[:-1] + (k, block)`` when the last axis is whole blocks, so that
+  every sharded axis survives (a flat view lost one); else ``(n,)``."""
   n = math.prod(shape)
   if len(shape) >= 2 and len(blocks) == 1:
     (block,) = blocks
@@ -423,9 +306,7 @@ def _block_view(shape: tuple[int, ...], blocks: set) -> tuple[int, ...]:
 
 
 def _per_element(scales: Array, block: int, view: tuple[int, ...]) -> Array:
-  """Each element's block scale, for a leaf of shape ``view`` (see
-  :func:`_block_view`), as a broadcast the compiler fuses into the
-  elementwise loop that reads it (nothing is stored)."""
+  """Each element's block scale, a broadcast fused into its consumer."""
   if len(view) > 1:
     return jax.lax.broadcast_in_dim(scales.reshape(view[:-1]), view,
                                     tuple(range(len(view) - 1)))
@@ -436,7 +317,7 @@ def _per_element(scales: Array, block: int, view: tuple[int, ...]) -> Array:
 
 def _read(stored: Array, scales: Optional[Array], view: tuple[int, ...],
           fmt: Any, dtype: Any) -> Array:
-  """A stored moment, of shape ``view``, in the compute ``dtype``."""
+  """A stored moment, of shape ``view``, in ``dtype``."""
   flat = stored.reshape(view)
   if not isinstance(fmt, Int8Leaf):
     return fmt.load(flat, dtype)
@@ -448,16 +329,13 @@ def _read(stored: Array, scales: Optional[Array], view: tuple[int, ...],
 
 def _write(stored: Array, value: Array, scales: Optional[Array],
            bits: Array, fmt: Any, round_up: bool = False) -> Array:
-  """The flat compute-dtype ``value`` rounded into ``stored``'s format, with
-  the new block ``scales`` for codes (rounded up with ``round_up``: AMSGrad's
-  running maximum must not decrease through rounding)."""
+  """``value`` encoded with the new ``scales`` (``round_up`` for AMSGrad)."""
   if not isinstance(fmt, Int8Leaf):
     return fmt.store(value, bits).reshape(stored.shape)
   if fmt.root:
     value = jnp.sqrt(value)  # the codes hold √v, scales bound √v
-  # A multiply by each block's reciprocal scale rather than a division:
-  # XLA:CPU does not fuse a division into a consumer that uses its result
-  # several times (as encoding does), and would store y in float32.
+  # A multiply by the reciprocal, not a division: XLA:CPU does not fuse a
+  # division into a consumer that reads it several times (y would be stored).
   y = value.astype(jnp.float32) * _per_element(1 / scales, fmt.block,
                                                value.shape)
   codes = _codes.encode(y, fmt.signed, bits if fmt.stochastic else None,

@@ -1,13 +1,8 @@
 """Adam's younger relatives: ADOPT, AdEMAMix and schedule-free AdamW.
 
-As ``optax.contrib`` keeps them apart from the established optimizers, so
-does jadam. Each is a per-array step handed to the same engine as
-``jadam.adam`` (one file each here), so ``mu_dtype`` / ``nu_dtype``, the
-in-pass skip of ``jadam.skip_nonfinite`` and sharding mean the same for
-them; their states are optax's classes (``optax.ScaleByAdamState``,
-``optax.contrib.ScaleByAdemamixState``, and the ``(count, nu)`` state of
-``optax.scale_by_rms`` inside ``optax.contrib.ScheduleFreeState``). See
-``docs/variants.md``.
+Kept apart as in ``optax.contrib``. Each is a per-array step on the engine
+of ``jadam.adam``, so storage dtypes, ``jadam.skip_nonfinite`` and sharding
+work alike, with optax's state classes. See ``docs/variants.md``.
 """
 
 from jadam.contrib._ademamix import ScaleByAdemamixState

@@ -1,8 +1,5 @@
 """AdEMAMix (Pagliardini et al., ICLR 2025): Adam plus a slow EMA of the
-gradient (β3 ≈ 0.9999), weighted by α, in the numerator. A per-array step
-handed to the engine (:mod:`jadam._engine`), its m1 and v stored exactly as
-Adam's m and v.
-"""
+gradient in the numerator; a per-array step on ``jadam._engine``."""
 
 from __future__ import annotations
 
@@ -30,12 +27,9 @@ def _check_decay(name: str, value: Any) -> None:
     _validation.check_decay(name, value)
 
 
-# optax.contrib's state class, for every storage format, so that
-# checkpoints move between the two.
+# optax.contrib's state class, so that checkpoints move between the two.
 ScaleByAdemamixState = optax_contrib.ScaleByAdemamixState
-# The engine's order: m1 and v first, where Adam keeps m and v, so that they
-# are stored exactly as jadam.adam stores them (the same random streams and
-# int8 bounds: tested), then the slow EMA m2.
+# m1 and v where Adam keeps m and v, so they are stored exactly as Adam's.
 ADEMAMIX_MOMENTS = (_engine.Moment("m1"), _engine.Moment("nu", second=True),
                     _engine.Moment("m2"))
 
@@ -56,28 +50,22 @@ def scale_by_ademamix(
   Per array::
 
       m1_t = β1·m1_{t-1} + (1 − β1)·g_t      (Adam's m, bias-corrected)
-      m2_t = β3·m2_{t-1} + (1 − β3)·g_t      (slow; not corrected, so it
-                                              fills in over ~1/(1 − β3) steps)
+      m2_t = β3·m2_{t-1} + (1 − β3)·g_t      (slow, not corrected)
       v_t  = β2·v_{t-1}  + (1 − β2)·g_t²
       direction = (m̂1_t + α·m2_t) / (√(v̂_t + ε_root) + ε)
 
-  The paper warms α and β3 up over the first steps; pass optax schedules
-  (functions of the update count) as ``alpha`` and ``b3`` for that:
-  ``alpha=optax.linear_schedule(0., 5., T)`` and
-  ``b3=jadam.contrib.ademamix_b3_schedule(0.9999, T)``.
+  For the paper's warmup pass schedules as ``alpha`` and ``b3`` (see
+  ``ademamix_b3_schedule``).
 
   Args:
-    b1: decay of the fast EMA, in [0, 1).
-    b2: decay of the second moment, in [0, 1).
+    b1, b2: decays of the fast EMA and of the second moment, in [0, 1).
     b3: decay of the slow EMA, in [0, 1), or a schedule.
     alpha: weight of the slow EMA, >= 0, or a schedule.
-    eps, eps_root: as in :func:`jadam.scale_by_adam`.
-    mu_dtype: storage of both EMAs of g.
-    nu_dtype: storage of v.
+    eps, eps_root: as in ``jadam.scale_by_adam``.
+    mu_dtype, nu_dtype: storage of both EMAs of g, and of v.
 
   Returns:
-    An ``optax.GradientTransformation`` with state
-    :class:`ScaleByAdemamixState` (``optax.contrib``'s).
+    An ``optax.GradientTransformation`` with optax's ``ScaleByAdemamixState``.
 
   Example:
     >>> import jadam
@@ -105,11 +93,7 @@ def scale_by_ademamix(
     return direction, (m1, nu, m2)
 
   def bounds(g_max, old, s):
-    # m1 and v as Adam's m and v. The slow EMA m2 averages signed gradients
-    # over ~1/(1 − β3) steps, so it sits far below the EMA of |g|'s block
-    # maxima (which bounds it); scaled by that bound, int8 m2 lost precision
-    # on the Zipf embedding of docs/memory.md, so m2 takes its blocks' exact
-    # maxima.
+    # m2 averages signed gradients, far below the |g| bound: exact maxima.
     g1, g_nu, _ = g_max
     r = s["rule"]
     return (None if g1 is None else _rule.ema(g1, old[0], r.b1),
@@ -140,12 +124,9 @@ def ademamix_b3_schedule(b3: float, warmup_steps: int,
                          b_start: float = 0.9) -> optax.Schedule:
   """The paper's warmup of β3: the slow EMA's half-life grows linearly.
 
-  An EMA with decay β forgets half of a gradient's weight after
-  ``h(β) = ln ½ / ln β`` steps. Raising β3 linearly would leave h tiny for
-  most of the warmup and then shoot up; Pagliardini et al. (Section 3)
-  instead interpolate h linearly from ``h(b_start)`` to ``h(b3)`` over
-  ``warmup_steps`` and map back, ``β = ½^(1/h)``, so that early, noisy
-  gradients are not kept for thousands of steps.
+  The half-life ``h(β) = ln ½ / ln β`` goes linearly from ``h(b_start)`` to
+  ``h(b3)``, mapped back as ``β = ½^(1/h)``; a linear β3 would keep h tiny,
+  then shoot up.
 
   Args:
     b3: the final β3, in (0, 1).
@@ -156,13 +137,11 @@ def ademamix_b3_schedule(b3: float, warmup_steps: int,
     An optax schedule of the update count, for ``ademamix(b3=...)``.
 
   Example:
-    >>> import optax, jadam
-    >>> opt = jadam.contrib.ademamix(1e-3, b3=jadam.contrib.ademamix_b3_schedule(0.9999, 1000),
-    ...                      alpha=optax.linear_schedule(0.0, 5.0, 1000))
+    >>> import jadam
+    >>> b3 = jadam.contrib.ademamix_b3_schedule(0.9999, 1000)
 
   References:
-    Pagliardini, Ablin & Grangier, "The AdEMAMix Optimizer: Better, Faster,
-    Older", ICLR 2025, Section 3 (the f_β3 scheduler).
+    Pagliardini et al., ICLR 2025 (arXiv:2409.03137), Section 3.
   """
   _validation.check_decay("b3", b3)
   _validation.check_decay("b_start", b_start)
@@ -200,25 +179,26 @@ def ademamix(
 ) -> optax.GradientTransformationExtraArgs:
   """AdEMAMix with decoupled weight decay; keywords as optax.contrib.ademamix.
 
-  The update is ``−α_lr·((m̂1 + α·m2)/(√v̂ + ε) + λ·θ)``.
+  The update is ``−lr·((m̂1 + α·m2)/(√v̂ + ε) + λ·θ)``.
 
   Args:
     learning_rate: the step size, a float, a jax scalar or an optax schedule.
     b1, b2, b3, alpha, eps, eps_root, mu_dtype, nu_dtype: see
-      :func:`scale_by_ademamix`.
+      ``scale_by_ademamix``.
     weight_decay: λ, >= 0.
-    mask: where the decay applies, as in :func:`jadam.adamw`.
+    mask: where the decay applies, as in ``jadam.adamw``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
 
   Example:
     >>> import optax, jadam
-    >>> opt = jadam.contrib.ademamix(1e-3, alpha=optax.linear_schedule(0., 5., 1000))
+    >>> b3 = jadam.contrib.ademamix_b3_schedule(0.9999, 1000)
+    >>> alpha = optax.linear_schedule(0.0, 5.0, 1000)
+    >>> opt = jadam.contrib.ademamix(1e-3, b3=b3, alpha=alpha)
 
   References:
-    Pagliardini, Ablin & Grangier, "The AdEMAMix Optimizer: Better, Faster,
-    Older", ICLR 2025 (arXiv:2409.03137).
+    Pagliardini et al., "The AdEMAMix Optimizer", ICLR 2025 (arXiv:2409.03137).
   """
   return _alias.optimizer(
       scale_by_ademamix(b1, b2, b3, alpha, eps, eps_root, mu_dtype,

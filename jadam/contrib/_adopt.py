@@ -1,9 +1,5 @@
 """ADOPT (Taniguchi et al., NeurIPS 2024): Adam normalising g_t by the
-*previous* second moment before it enters the first moment, so that the step
-does not correlate with g_t; converges for any β2. A per-array step handed
-to the engine (:mod:`jadam._engine`): storage formats, the in-pass skip and
-sharding apply as to Adam.
-"""
+previous second moment; a per-array step on ``jadam._engine``."""
 
 from __future__ import annotations
 
@@ -53,22 +49,18 @@ def scale_by_adopt(
               v_t = β2·v_{t-1} + (1 − β2)·g_t²
               direction m_t
 
-  Because v_{t-1} does not contain g_t, the normalised gradient is an
-  unbiased direction and the method converges for any β2. The clipping
-  (on by default, as in the authors' code) tames the first steps.
+  As v_{t-1} does not contain g_t, it converges for any β2.
 
   Args:
-    b1: decay of the first moment, in [0, 1).
-    b2: decay of the second moment, in [0, 1).
+    b1, b2: decays of the first and second moment, in [0, 1).
     eps: floor of √v in the normalisation, >= 0.
-    mu_dtype, nu_dtype: storage of m and v, as in :func:`jadam.scale_by_adam`.
+    mu_dtype, nu_dtype: storage of m and v, as in ``jadam.scale_by_adam``.
     nesterov: return ``β1·m_t + (1 − β1)·ĝ_t`` (look-ahead) instead of m_t.
-    use_clipping: clip the normalised gradient to ``clip_value_fn(t)``.
-    clip_value_fn: bound as a function of the update count t.
+    use_clipping: clip the normalised gradient (the authors' default).
+    clip_value_fn: the clipping bound as a function of the update count t.
 
   Returns:
-    An ``optax.GradientTransformation`` with state
-    :class:`jadam.ScaleByAdamState`.
+    An ``optax.GradientTransformation`` with a ``jadam.ScaleByAdamState``.
 
   Example:
     >>> import jax.numpy as jnp, jadam
@@ -98,9 +90,7 @@ def scale_by_adopt(
     return direction, (new_mu, new_nu)
 
   def bounds(g_max, old, s):
-    # v's recurrence bounds it by G², as Adam's; m averages g normalised by
-    # each element's own √v, which G does not bound (only the clip does,
-    # loosely), so m takes its blocks' exact maxima.
+    # v is bounded by G² as Adam's; m (g/√v averaged) is not: exact maxima.
     _, g_nu = g_max
     return (None, None if g_nu is None
             else _rule.ema(g_nu * g_nu, old[1], s["b2_t"]))
@@ -137,9 +127,9 @@ def adopt(
   Args:
     learning_rate: α, a float, a jax scalar or an optax schedule.
     b1, b2, eps, mu_dtype, nesterov, use_clipping, clip_value_fn, nu_dtype:
-      see :func:`scale_by_adopt`.
+      see ``scale_by_adopt``.
     weight_decay: optional decoupled weight decay λ (``−α·λ·θ``).
-    mask: where the decay applies, as in :func:`jadam.adamw`.
+    mask: where the decay applies, as in ``jadam.adamw``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -149,8 +139,7 @@ def adopt(
     >>> opt = jadam.contrib.adopt(1e-3)
 
   References:
-    Taniguchi et al., "ADOPT: Modified Adam Can Converge with Any β2 with the
-    Optimal Rate", NeurIPS 2024.
+    Taniguchi et al., "ADOPT", NeurIPS 2024 (arXiv:2411.02853).
   """
   return _alias.optimizer(
       scale_by_adopt(b1, b2, eps, mu_dtype, nesterov=nesterov,

@@ -1,8 +1,5 @@
-"""Schedule-free AdamW (Defazio et al., NeurIPS 2024): Adam without
-momentum, run inside optax's schedule-free interpolation and averaging;
-evaluate the model at :func:`schedule_free_eval_params`. The base step is a
-per-array step handed to the engine (:mod:`jadam._engine`), storing only v.
-"""
+"""Schedule-free AdamW (Defazio et al., NeurIPS 2024): optax's schedule-free
+wrapper around an Adam step without momentum on ``jadam._engine``."""
 
 from __future__ import annotations
 
@@ -25,11 +22,9 @@ ArrayLike = jax.typing.ArrayLike
 ScalarOrSchedule = Union[float, jax.Array, optax.Schedule]
 
 
-# The state optax's schedule-free AdamW keeps for its base step
-# (``optax.scale_by_rms(bias_correction=True)``'s: count and nu), so that its
-# checkpoints restore into jadam; optax does not export the class, so it is
-# taken from that transformation's init, traced abstractly (nothing runs on
-# a backend at import: jadam.enable_cpu_fusion must come first).
+# The (count, nu) state of optax's schedule-free base step, so that its
+# checkpoints restore into jadam. optax does not export it; eval_shape runs
+# nothing at import (jadam.enable_cpu_fusion must come first).
 ScaleBySecondMomentState = type(jax.eval_shape(
     optax.scale_by_rms(bias_correction=True).init, ()))
 
@@ -37,13 +32,9 @@ ScaleBySecondMomentState = type(jax.eval_shape(
 def _scale_by_adam_without_momentum(
     b2: ArrayLike, eps: ArrayLike,
     nu_dtype: Optional[Any]) -> optax.GradientTransformation:
-  """Adam with β1 = 0, storing only v: the base step of schedule-free AdamW.
-
-  With β1 = 0, m_t = g_t and m̂_t = g_t, so m need not be kept; v is still
-  stepped by the Adam rule, fed a zero m_{t-1}. The direction is g_t times
-  the reciprocal of the denominator, rounded as optax's base step
-  (``optax.scale_by_rms``) rounds it, rather than one division.
-  """
+  """Adam with β1 = 0 storing only v, schedule-free AdamW's base step. The
+  direction is g times 1/denominator, rounded as ``optax.scale_by_rms`` does,
+  rather than one division."""
   rule = _rule.AdamRule(0.0, b2, eps)
   _transform.check_rule(rule)
 
@@ -84,40 +75,28 @@ def schedule_free_adamw(
 ) -> optax.GradientTransformationExtraArgs:
   """Schedule-free AdamW (Defazio et al., 2024); keywords as optax's.
 
-  Adam without momentum (β1 = 0) takes the base steps on a sequence z; the
-  gradient is evaluated at ``y = (1 − β1)·z + β1·x``, where x is a running
-  average of z weighted by ``max_lr^weight_lr_power``. No decaying learning
-  rate schedule is needed (a warmup is). The parameters the optimizer updates
-  are y: **evaluate and save the model at x**, given by
-  :func:`schedule_free_eval_params`.
-
-  The interpolation and averaging are ``optax.contrib.schedule_free``; the
-  base step is jadam's Adam rule storing only v.
+  Adam without momentum steps a sequence z; gradients are taken at
+  ``y = (1 − β1)·z + β1·x``, x a running average of z, so no decaying
+  schedule is needed. The optimizer updates y: **evaluate and save the model
+  at x**, given by ``schedule_free_eval_params``.
 
   Args:
     learning_rate: peak step size, a float or a schedule (no decay needed).
     warmup_steps: if given, a linear warmup from 0 over this many steps.
     b1: interpolation weight β1 of x in y, in (0, 1) (it replaces momentum).
-    b2, eps: as in :func:`jadam.scale_by_adam`.
+    b2, eps: as in ``jadam.scale_by_adam``.
     weight_decay: λ, >= 0, applied at y as ``−lr·λ·y`` (the authors' form).
     weight_lr_power: averaging weight of each step is ``max_lr`` to this power.
     state_dtype: storage dtype of z (None: the parameters').
-    mask: where the decay applies, as in :func:`jadam.adamw`.
-    nu_dtype: storage of v, as in :func:`jadam.scale_by_adam`.
+    mask: where the decay applies, as in ``jadam.adamw``.
+    nu_dtype: storage of v, as in ``jadam.scale_by_adam``.
 
   Returns:
-    An ``optax.GradientTransformationExtraArgs`` whose state is an
-    ``optax.contrib.ScheduleFreeState``.
+    An ``optax.GradientTransformationExtraArgs`` with a ``ScheduleFreeState``.
 
   Example:
-    >>> import jax, jax.numpy as jnp, optax, jadam
+    >>> import jadam
     >>> opt = jadam.contrib.schedule_free_adamw(1e-2, warmup_steps=10)
-    >>> params = {"w": jnp.ones(2)}
-    >>> state = opt.init(params)
-    >>> grads = jax.grad(lambda p: jnp.sum(p["w"] ** 2))(params)
-    >>> updates, state = opt.update(grads, state, params)
-    >>> params = optax.apply_updates(params, updates)
-    >>> eval_params = jadam.contrib.schedule_free_eval_params(state, params)
 
   References:
     Defazio, Yang, Mehta, Mishchenko, Khaled & Cutkosky, "The Road Less
@@ -146,15 +125,9 @@ def schedule_free_adamw(
 
 def _dtypes_kept(tx: optax.GradientTransformation
                  ) -> optax.GradientTransformationExtraArgs:
-  """``tx`` whose ``update`` returns every state array in the dtype ``init``
-  gave it.
-
-  optax's schedule-free wrapper makes its averaging weights in the
-  parameters' dtype and updates them with the learning rate's: a float32
-  learning rate injected by ``optax.inject_hyperparams`` turned bfloat16
-  weights into float32 after one step, a new signature for the jitted step
-  (it compiled again) and a state that no longer matched its checkpoint.
-  """
+  """``tx`` whose ``update`` keeps each state array in its ``init`` dtype:
+  optax's schedule-free wrapper updates its averaging weights in the learning
+  rate's dtype (a recompile and a checkpoint mismatch for bfloat16)."""
   tx = optax.with_extra_args_support(tx)
 
   def update_fn(updates, state, params=None, **extra_args):
@@ -167,12 +140,8 @@ def _dtypes_kept(tx: optax.GradientTransformation
 
 def _with_linear_warmup(learning_rate: ScalarOrSchedule,
                         warmup_steps: int) -> optax.Schedule:
-  """``learning_rate`` ramped up linearly from 0 over ``warmup_steps``.
-
-  A constant becomes optax's ``warmup_constant_schedule`` (bitwise what
-  optax's schedule-free AdamW uses); a schedule is multiplied by the same
-  ramp, so that a float or a schedule are both accepted as documented.
-  """
+  """``learning_rate`` times a linear ramp from 0 over ``warmup_steps``; a
+  constant as optax's schedule-free AdamW does it, bitwise."""
   if not callable(learning_rate):
     return optax.warmup_constant_schedule(
         init_value=0.0, peak_value=learning_rate, warmup_steps=warmup_steps)
@@ -183,20 +152,15 @@ def _with_linear_warmup(learning_rate: ScalarOrSchedule,
 def schedule_free_eval_params(state: optax.OptState, params: Any) -> Any:
   """The parameters to evaluate (and save) a schedule-free model at: x.
 
-  Training updates y; x is recovered as ``(y − (1 − β1)·z) / β1``. ``state``
-  may be the schedule-free state itself or any optimizer state that holds
-  exactly one (for example inside ``optax.chain`` or
-  ``optax.inject_hyperparams``).
+  x is ``(y − (1 − β1)·z) / β1``, y the trained parameters.
 
   Args:
-    state: the optimizer state.
+    state: an optimizer state holding exactly one schedule-free state (it
+      may be inside ``optax.chain`` or ``optax.inject_hyperparams``).
     params: the current (training) parameters y.
 
   Returns:
     x, with the structure of ``params``.
-
-  Raises:
-    ValueError: if ``state`` holds no schedule-free state, or several.
 
   Example:
     >>> import jax.numpy as jnp, optax, jadam
@@ -206,7 +170,7 @@ def schedule_free_eval_params(state: optax.OptState, params: Any) -> Any:
     >>> x = jadam.contrib.schedule_free_eval_params(opt.init(params), params)
 
   References:
-    Defazio et al., "The Road Less Scheduled", NeurIPS 2024.
+    Defazio et al., "The Road Less Scheduled", NeurIPS 2024 (arXiv:2405.15682).
   """
   is_sf = lambda node: isinstance(node, ScheduleFreeState)
   found = [node for node in jax.tree.leaves(state, is_leaf=is_sf)

@@ -1,14 +1,11 @@
 """Where optimizer state lives on a device mesh.
 
-State follows parameter sharding under ``jax.jit`` with no call needed;
-:func:`abstract_state` and :func:`state_shardings` give the state's
-placement without allocating it, :func:`state_specs` its partition specs
-from the parameters' (mesh axis or Flax logical names) without compiling;
-:func:`scales_follow_rows` is the placement rule of int8 block scales;
-:func:`zero1` splits the state over the data-parallel axis (ZeRO stage 1); :func:`offload` keeps it in host memory
-between steps; :func:`place_scalars` places the loose scalars of an optax
-wrapper's eager init so that the step compiles once. See
-``docs/distributed.md`` and ``docs/memory.md``.
+State follows parameter sharding under ``jax.jit`` with no call needed.
+``abstract_state``, ``state_shardings`` and ``state_specs`` give its
+placement without allocating it; ``scales_follow_rows`` is the rule for int8
+block scales; ``zero1`` splits the state over the data axis (ZeRO-1);
+``offload`` keeps it in host memory between steps; ``place_scalars`` makes
+an eager init compile once. See ``docs/distributed.md``, ``docs/memory.md``.
 """
 
 from jadam.sharding._offload import offload

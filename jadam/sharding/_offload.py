@@ -1,13 +1,4 @@
-"""Optimizer state kept in host memory between steps.
-
-Adam's state is twice the parameters in float32. :func:`offload` wraps any
-optax transformation so that its state lives in a host memory kind of the
-parameters' devices (``"pinned_host"``) with the same sharding: ``init`` puts
-it there, and ``update`` brings it to device memory inside the compiled step,
-runs the wrapped update, and sends the new state back. The transfers are
-ordinary operations of the step, so XLA schedules them around the compute;
-between steps no byte of optimizer state occupies device memory.
-"""
+"""Optimizer state kept in host memory between steps (``offload``)."""
 
 from __future__ import annotations
 
@@ -20,8 +11,7 @@ import optax
 from jadam import _compat
 from jadam.sharding import _placement
 
-# The memory kinds a state can be offloaded to. "pinned_host" is the one
-# JAX moves to and from inside a compiled function (jax.memory.Space.Host).
+# "pinned_host" is the memory JAX moves to and from inside a compiled function.
 MEMORY_KINDS = ("pinned_host",)
 
 
@@ -47,10 +37,8 @@ def _to_host(x: jax.Array) -> jax.Array:
 
 
 def _check_compiled_transfers() -> None:
-  """Raise if this JAX does not move arrays to host memory inside ``jit``
-  on the default backend (JAX 0.8 on CPU compiles the transfer away and
-  returns device arrays, which would leave the state on the device without
-  a word). The probe is a scalar function compiled once by JAX."""
+  """Raise where ``jit`` does not move arrays to host memory (JAX 0.8 on CPU
+  compiles the transfer away, silently leaving the state on the device)."""
   with jax.ensure_compile_time_eval():
     kind = _to_host(np.zeros((), np.float32)).sharding.memory_kind
   if kind != "pinned_host":
@@ -62,8 +50,7 @@ def _check_compiled_transfers() -> None:
 
 
 def _move(tree: Any, memory_kind: str, to_host: bool) -> Any:
-  """Every array of ``tree`` in host memory (``to_host``) or device memory,
-  with its sharding otherwise unchanged."""
+  """``tree``'s arrays moved to host (``to_host``) or device memory."""
 
   def leaf(x):
     if not isinstance(x, jax.Array):
@@ -85,39 +72,24 @@ def offload(tx: optax.GradientTransformation,
             ) -> optax.GradientTransformationExtraArgs:
   """Keep ``tx``'s state in host memory between steps.
 
-  ``init`` returns the wrapped state in ``memory_kind`` (eagerly, or under
-  ``jax.jit``, where the compiled init writes it there). ``update`` moves the
-  state to device memory, runs ``tx.update`` (with every extra argument, so
-  :func:`jadam.skip_nonfinite`'s in-pass skip still reaches the moments),
-  and moves the new state back, all inside the caller's ``jit``: the
-  transfers are part of the compiled step. Shardings are kept, so under
-  :func:`jadam.sharding.zero1` each device offloads its own 1/N.
-
-  What crosses the host link per step is the state twice (down and up):
-  16 bytes per parameter with float32 moments, 8 with bfloat16 and about
-  4 with int8 (see ``docs/memory.md`` for when that pays).
+  ``update`` brings the state to device memory, runs ``tx.update`` and sends
+  the new state back, inside the caller's ``jit``; shardings are kept.
 
   Args:
     tx: any optax transformation (a jadam optimizer, a chain, a wrapper).
-    memory_kind: the host memory kind; ``"pinned_host"``, the one JAX
-      transfers to and from inside compiled code.
+    memory_kind: the host memory kind; only ``"pinned_host"``.
 
   Returns:
-    An ``optax.GradientTransformationExtraArgs`` whose state has the
-    structure of ``tx``'s, every array in ``memory_kind``.
+    An ``optax.GradientTransformationExtraArgs`` with ``tx``'s state.
 
   Raises:
-    ValueError: at construction for another memory kind; at ``init`` or
-      ``update`` (outside jit) if a device of the state has no such memory.
-    NotImplementedError: at ``init`` or ``update`` if the installed JAX
-      does not transfer to host memory inside ``jit`` on this backend (JAX
-      0.8 on CPU).
+    NotImplementedError: where ``jit`` cannot move arrays to host memory
+      (JAX 0.8 on CPU).
 
   Example:
-    >>> import jax, jax.numpy as jnp, jadam
-    >>> tx = jadam.sharding.offload(jadam.adam(1e-3, nu_dtype="int8"))
-    >>> state = tx.init({"w": jnp.zeros(8)})
-    >>> state[0].mu["w"].sharding.memory_kind
+    >>> import jax.numpy as jnp, jadam
+    >>> tx = jadam.sharding.offload(jadam.adam(1e-3))
+    >>> tx.init({"w": jnp.zeros(8)})[0].mu["w"].sharding.memory_kind
     'pinned_host'
   """
   if memory_kind not in MEMORY_KINDS:
@@ -128,8 +100,7 @@ def offload(tx: optax.GradientTransformation,
 
   def init_fn(params):
     _check_compiled_transfers()
-    # Loose scalars of wrappers inside (optax.MultiSteps's counters) are
-    # placed first, so they land in host memory where the step returns them.
+    # Place wrappers' loose scalars first, so they land in host memory too.
     state = _placement.place_scalars(tx.init(params), params)
     return _move(state, memory_kind, to_host=True)
 
@@ -143,14 +114,8 @@ def offload(tx: optax.GradientTransformation,
 
 
 def in_memory_of(new: Any, old: Any) -> Any:
-  """``new`` moved to host memory where ``old`` lives there.
-
-  A wrapper that selects between a new and an old state (``skip_nonfinite``)
-  computes on the device, so its result would leave host memory: a state
-  kept by :func:`offload` inside it would come back in device memory after
-  one step, unlike what ``init`` and ``abstract_state`` say, and a restored
-  checkpoint's next step would mix the two.
-  """
+  """``new`` in host memory where ``old`` is, for wrappers that select
+  between states on the device (``skip_nonfinite``) around ``offload``."""
   if not (isinstance(old, jax.Array) and _compat.in_host_memory(old)):
     return new
   if _compat.is_tracer(new):
@@ -159,9 +124,8 @@ def in_memory_of(new: Any, old: Any) -> Any:
 
 
 def on_device(tree: Any) -> Any:
-  """``tree`` with every array that lives in host memory brought to device
-  memory, for a wrapper that computes on a state :func:`offload` keeps on
-  the host (``with_telemetry`` decoding the moments)."""
+  """``tree``'s host-memory arrays brought to device memory (for
+  ``with_telemetry`` on an offloaded state)."""
   return jax.tree.map(
       lambda x: _move(x, x.sharding.memory_kind if not _compat.is_tracer(x)
                       else "pinned_host", to_host=False)

@@ -1,12 +1,4 @@
-"""ZeRO-1: optimizer state split over the data-parallel axis.
-
-Rajbhandari et al., "ZeRO: Memory Optimizations Toward Training Trillion
-Parameter Models" (2020), stage 1: parameters stay replicated over the data
-axis while the optimizer state is split over it, so each device keeps 1/N of
-the moments (int8 codes and block scales alike). :func:`zero1` wraps any
-transformation to do so; :func:`zero1_shardings` gives the placement as
-shardings.
-"""
+"""ZeRO-1: optimizer state split over the data-parallel mesh axis."""
 
 from __future__ import annotations
 
@@ -30,25 +22,9 @@ def _uses(entry: Any, axis: Hashable) -> bool:
 
 def add_axis(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh,
              axis: Hashable) -> PartitionSpec:
-  """``spec`` with ``axis`` added to one dimension, if one can take it.
-
-  The dimension chosen is the largest one not yet split that divides evenly
-  into ``mesh.shape[axis]`` pieces. Dimensions already split (say over
-  ``"model"``) are left alone: the gradient arrives split that way, and on
-  an ``Explicit`` mesh arithmetic between ``"model"`` and
-  ``("model", "data")`` splits of one dimension is a type error. Arrays with
-  no such dimension (scalars, odd-sized biases) keep ``spec`` and stay whole
-  on every device of ``axis``.
-
-  Args:
-    spec: the current partition spec (may hold ``PartitionSpec.UNCONSTRAINED``).
-    shape: the array's shape.
-    mesh: the mesh ``spec`` refers to.
-    axis: mesh axis to add.
-
-  Returns:
-    A ``PartitionSpec`` with one entry per dimension of ``shape``.
-  """
+  """``spec`` with ``axis`` on the largest unsplit dimension it divides, if
+  any. Split dimensions stay: on an ``Explicit`` mesh a ``"model"`` and a
+  ``("model", "data")`` split of one dimension do not mix (a type error)."""
   entries = list(spec) + [None] * (len(shape) - len(spec))
   if any(_uses(e, axis) for e in entries):
     return PartitionSpec(*entries)
@@ -64,18 +40,13 @@ def zero1_shardings(tx: optax.GradientTransformation, params: PyTree,
                     axis: Hashable = "data") -> PyTree:
   """Shardings of ``tx.init(params)`` with the state split over ``axis``.
 
-  Each state array starts from its parameter's sharding (model-parallel
-  splits are kept) and is further split over ``axis`` on one dimension, see
-  :func:`add_axis`.
-
   Args:
     tx: the (unwrapped) optimizer.
-    params: arrays or ``jax.ShapeDtypeStruct`` with ``NamedSharding`` on a mesh
-      that has ``axis``.
+    params: arrays or ``jax.ShapeDtypeStruct`` with a ``NamedSharding``.
     axis: the data-parallel mesh axis.
 
   Returns:
-    A pytree like the state, of ``NamedSharding``.
+    A pytree like the state, of ``NamedSharding``, split as ``zero1`` does.
 
   Example:
     >>> import jax, jadam
@@ -83,8 +54,9 @@ def zero1_shardings(tx: optax.GradientTransformation, params: PyTree,
     >>> mesh = jax.make_mesh((1,), ("data",))
     >>> params = {"w": jax.ShapeDtypeStruct((8, 4), "float32",
     ...                                     sharding=NamedSharding(mesh, P()))}
-    >>> jadam.sharding.zero1_shardings(jadam.adam(1e-3), params)[0].mu["w"].spec
-    P('data', None)
+    >>> shardings = jadam.sharding.zero1_shardings(jadam.adam(1e-3), params)
+    >>> tuple(shardings[0].mu["w"].spec)
+    ('data', None)
   """
   def widen(abstract):
     sharding = abstract.sharding
@@ -110,24 +82,10 @@ def zero1(tx: optax.GradientTransformation, mesh: Mesh,
           axis: Hashable = "data") -> optax.GradientTransformationExtraArgs:
   """ZeRO-1: ``tx`` with its state split over the data-parallel mesh axis.
 
-  Parameters and gradients keep whatever sharding they have (typically
-  replicated over ``axis``); every state array is split over ``axis`` on one
-  dimension (:func:`add_axis`), so each of the N devices keeps 1/N of it. In a
-  jitted step the compiler then updates each slice of the state where it
-  lives and gathers the parameter update, which is what ZeRO stage 1 does by
-  hand. The arithmetic is ``tx``'s own: results equal unsharded training up
-  to the order of floating-point reductions.
-
-  ``init`` places the state: called eagerly (on arrays or on
-  ``jax.ShapeDtypeStruct`` with shardings) it splits each state array
-  exactly; traced inside ``jax.jit`` it fixes the ``axis`` dimension and lets
-  the compiler choose the others (pass ``out_shardings=zero1_shardings(...)``
-  to fix them too). ``update`` returns state sharded exactly like the state it
-  was given, so the split survives any number of jitted steps. On
-  ``Explicit`` mesh axes (the default of ``jax.make_mesh``) the updates come
-  back sharded like ``params``, so replicated parameters stay replicated; on
-  ``Auto`` axes the compiler decides, so give the jitted step
-  ``out_shardings`` for the parameters, as usual with ``Auto`` meshes.
+  Each state array is split over ``axis`` on one dimension, so each of N
+  devices keeps 1/N of it. Traced inside ``jit``, ``init`` fixes only that
+  dimension (``out_shardings=zero1_shardings(...)`` fixes the rest); on
+  ``Auto`` mesh axes give the step ``out_shardings`` for the parameters.
 
   Args:
     tx: any optax transformation, e.g. ``jadam.adam(1e-3)``.
@@ -135,7 +93,7 @@ def zero1(tx: optax.GradientTransformation, mesh: Mesh,
     axis: name of its data-parallel axis.
 
   Returns:
-    An ``optax.GradientTransformationExtraArgs`` with the same state structure.
+    An ``optax.GradientTransformationExtraArgs`` with ``tx``'s state.
 
   Example:
     >>> import jax, jax.numpy as jnp, jadam
@@ -161,8 +119,6 @@ def zero1(tx: optax.GradientTransformation, mesh: Mesh,
       # A state kept in host memory (``zero1(offload(...))``) stays there.
       return (_compat.transfer(placed, host=True)
               if _compat.in_host_memory(leaf) and leaf.ndim else placed)
-    # Eager: the leaf's sharding is known exactly (or it is off the mesh),
-    # and so is its memory.
     kind = leaf.sharding.memory_kind
     if leaf.ndim == 0:
       # Scalars (step counts) are replicated on the mesh, as jit returns them.
@@ -205,18 +161,11 @@ def zero1(tx: optax.GradientTransformation, mesh: Mesh,
   def update_fn(updates, state, params=None, **extra_args):
     check_not_in_shard_map()
     new_updates, new_state = tx.update(updates, state, params, **extra_args)
-    # On Explicit axes the updates computed from split state come out split;
-    # they are resharded like the parameters (or the gradients), which is
-    # ZeRO's all-gather, so replicated parameters stay replicated. On Auto
-    # axes the compiler places them: give the step out_shardings for params.
+    # ZeRO's all-gather: on Explicit axes, reshard updates like parameters.
     anchor = updates if params is None else params
     new_updates = jax.tree.map(
         _keep_sharding, new_updates, anchor)
-    # The state keeps its split: exactly the old state's sharding where it is
-    # known (Explicit axes, or eager arrays). On Auto axes under jit each new
-    # state array is computed elementwise from the old one, and the compiler
-    # propagates the incoming state's sharding to it (tests/test_sharding.py
-    # checks this on data and mixed meshes).
+    # The state keeps its split (on Auto axes, by the compiler's propagation).
     def keep(new, old):
       if (isinstance(old, jax.Array) and not _compat.is_tracer(old)
           and isinstance(new, jax.Array) and new.shape == old.shape):
@@ -228,11 +177,8 @@ def zero1(tx: optax.GradientTransformation, mesh: Mesh,
 
 
 def _keep_sharding(new: Any, old: Any) -> Any:
-  """``new`` resharded like ``old`` where ``old``'s type carries a sharding.
-
-  Only arrays of the same shape on ``Explicit`` mesh axes are resharded;
-  anything else comes back unchanged.
-  """
+  """``new`` resharded like ``old`` where both have one shape and ``old``'s
+  type carries a sharding (``Explicit`` axes); else ``new``."""
   if not ((isinstance(new, jax.Array) or _compat.is_tracer(new))
           and (isinstance(old, jax.Array) or _compat.is_tracer(old))
           and new.shape == old.shape and new.ndim > 0):
