@@ -7,7 +7,7 @@ end on the same parameters, to float32 rounding; the flat step is faster when
 the model has many leaves.
 
 Run: python examples/flat_flax.py [--steps 100] [--width 32] [--depth 48]
-(under a minute on two CPU cores; ``--help`` lists the options)
+(``--help`` lists the options; how long: docs/durations.md)
 """
 
 from __future__ import annotations

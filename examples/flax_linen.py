@@ -9,7 +9,7 @@ optimizer goes into ``TrainState.create(tx=...)`` like any optax optimizer:
 BatchNorm scale and offset. BatchNorm's running statistics live next to the
 parameters in the state and are never seen by the optimizer.
 
-Run: python examples/flax_linen.py   (about 15 s on two CPU cores)
+Run: python examples/flax_linen.py   (how long: docs/durations.md)
 """
 
 from __future__ import annotations

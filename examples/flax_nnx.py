@@ -9,7 +9,7 @@ scikit-learn's 8×8 digits, trained with
 where ``decay_mask`` applies weight decay to the two kernels only, not to
 the biases or the LayerNorm scale and offset.
 
-Run: python examples/flax_nnx.py   (about 15 s on two CPU cores)
+Run: python examples/flax_nnx.py   (how long: docs/durations.md)
 """
 
 from __future__ import annotations

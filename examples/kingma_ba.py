@@ -13,7 +13,7 @@ same order and the same dropout masks for a given seed, so differences
 between curves come from the optimizers alone. jadam's Adam and optax's Adam
 are both in the comparison and their curves must coincide.
 
-Run: python examples/kingma_ba.py   (286 s on a 2-core CPU shared with other jobs;
+Run: python examples/kingma_ba.py   (how long: docs/durations.md;
 writes kingma_ba_logreg.png and kingma_ba_mlp.png into ./jadam-output/, made
 in the current directory if needed; ``--out DIR`` writes them elsewhere, and
 ``--help`` lists the other options)

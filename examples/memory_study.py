@@ -1,6 +1,6 @@
 """Lean optimizer state, measured: bf16 / int8 moments and bf16 parameters.
 
-Three experiments, all on two CPU cores in a few minutes:
+Three experiments (how long they take: docs/durations.md):
 
 1. The quickstart regression (``examples/quickstart.py``: ``Regressor``,
    ``make_regression``, same schedule and clipping) with the moments stored in

@@ -16,7 +16,7 @@ that what stays on the device fits, and trains with offload. On a GPU, start it 
 also prints the device's measured peak (``memory_stats``); on CPU, device and
 host memory are the same RAM, so only the arithmetic is shown.
 
-Run: python examples/offload.py   (about 10 s on two CPU cores)
+Run: python examples/offload.py   (how long: docs/durations.md)
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ regression data set generated here, 10 epochs at batch 32, with
     optax.chain(optax.clip_by_global_norm(1.0), jadam.scale_by_adam(),
                 optax.scale_by_learning_rate(schedule))
 
-Run: python examples/quickstart.py   (about 20 s on two CPU cores)
+Run: python examples/quickstart.py   (how long: docs/durations.md)
 """
 
 from __future__ import annotations
@@ -64,6 +64,9 @@ def main(argv=None) -> list[float]:
   parser.add_argument("--seed", type=int, default=0)
   args = parser.parse_args(argv)
 
+  device = jax.devices()[0]
+  print(f"JAX {jax.__version__} on {device.platform} ({device.device_kind})",
+        flush=True)
   x, y = make_regression(seed=args.seed)
   steps_per_epoch = len(x) // args.batch_size
   schedule = optax.warmup_cosine_decay_schedule(

@@ -22,7 +22,7 @@ Try it:
     python examples/resume.py --dir /tmp/ref --out b.npz    # straight through
     # a.npz and b.npz hold the same bits
 
-(about 10 s per run on two CPU cores, most of it start-up and compilation)
+(how long a run takes: docs/durations.md)
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ and the number of skipped steps. ``--nan-at STEP`` poisons the gradients of
 one step with a NaN to show what a bad step looks like in the log (the step
 is skipped, the parameters and moments keep their values).
 
-Run: python examples/telemetry.py   (a few seconds on two CPU cores)
+Run: python examples/telemetry.py   (how long: docs/durations.md)
 
 ``--overhead`` instead times the wrappers side by side (see
 docs/reliability.md for the numbers measured on this project's machine).

@@ -19,7 +19,7 @@ cost on seed 0 over a small grid (``--tune`` reruns the search):
 For logistic regression the Adam-family rates decay as α/√t as in the paper;
 schedule-free AdamW keeps its rate constant, which is its point.
 
-Run: python examples/variants_study.py   (a few minutes on two CPU cores;
+Run: python examples/variants_study.py   (how long: docs/durations.md;
 prints the tables and writes variants_logreg.png and variants_mlp.png into
 ./jadam-output/, made in the current directory if needed; ``--out DIR``
 writes them elsewhere, and ``--help`` lists the other options)

@@ -273,17 +273,13 @@ def step_leaf(g: Array, stored: tuple, t: Array, leaf: _rule.LeafRule,
   streams = _rounding.streams(None if seed is None
                               else _rounding.bits(g.shape, seed, offset))
   if _fusion.single_pass(g.size) and not leaf.cautious:
-    # The direction again from the inputs, not ``new``, so XLA:CPU merges
-    # the loops into one pass (_fusion); a cautious mean cannot be merged.
-    direction, _ = step(*_fusion.alias((g, stored)))
+    # A cautious mean needs the new m before the direction: no one pass.
+    own = None
     if narrow:
-      parts = []
-      for k in range(len(stored)):
-        (g_k, stored_k), streams_k = _rounding.own_inputs(
-            (g, stored), g.shape, seed, offset, k + 1)
-        parts.append((step(g_k, stored_k)[1][k], streams_k[k]))
-      new = tuple(p[0] for p in parts)
-      streams = [p[1] for p in parts]
+      own = lambda tag: _rounding.own_inputs((g, stored), g.shape, seed,
+                                             offset, tag)
+    direction, new, streams = _fusion.one_pass(step, (g, stored), new,
+                                               streams, own)
   return direction.astype(g.dtype), tuple(
       f.store(value, bits) for f, value, bits in zip(formats, new, streams)
   ), scales

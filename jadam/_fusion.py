@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import os
 import re
-from typing import Any
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -86,6 +86,26 @@ def alias(tree: Any, tag: int = 0) -> Any:
     one, _ = jax.lax.optimization_barrier((jnp.ones((), x.dtype), tag))
     return x * one
   return jax.tree.map(leaf, tree)
+
+
+def one_pass(step: Callable, inputs: tuple, new: tuple, streams: Any,
+             own_inputs: Optional[Callable] = None) -> tuple:
+  """A leaf step written so that XLA:CPU merges its loops into one pass.
+
+  The direction is computed again from aliased ``inputs`` rather than from
+  the new moments, so no loop waits for another's output. Where moments are
+  rounded, each is computed from its own opaque copy of the inputs and bits
+  (``own_inputs(tag) -> (inputs, streams)``), so the loops share nothing.
+  Returns ``(direction, new, streams)``; same values, another schedule.
+  """
+  direction, _ = step(*alias(inputs))
+  if own_inputs is None:
+    return direction, new, streams
+  parts = []
+  for k in range(len(new)):
+    inputs_k, streams_k = own_inputs(k + 1)
+    parts.append((step(*inputs_k)[1][k], streams_k[k]))
+  return direction, tuple(p[0] for p in parts), [p[1] for p in parts]
 
 
 def separate(tree: Any, tag: int) -> tuple[Any, Any]:

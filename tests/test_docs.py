@@ -134,3 +134,70 @@ def test_docstring_example_runs_and_prints_what_it_says(test):
   runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
   result = runner.run(test, out=lambda text: print(text, end=""))
   assert result.failed == 0, test.name
+
+
+def test_front_page_example_runs_and_is_optax_adamw_bitwise():
+  text = (ROOT / "docs" / "index.md").read_text()
+  block = text.split("## Ten lines", 1)[1].split("```python\n", 1)[1]
+  code = block.split("```", 1)[0]
+  assert len(code.strip().splitlines()) <= 12
+  import jax
+  import optax
+  scope = {}
+  exec(code, scope)  # pylint: disable=exec-used
+  x = jax.random.normal(jax.random.key(0), (32, 3))
+  y = x @ jax.numpy.array([1.0, -2.0, 0.5]) + 0.3
+  params, state = scope["params"], scope["state"]
+  reference = optax.adamw(1e-2, weight_decay=1e-4)
+  ref_params, ref_state = params, reference.init(params)
+
+  @jax.jit
+  def ref_step(p, s):
+    grads = jax.grad(scope["loss"])(p, x, y)
+    updates, s = reference.update(grads, s, p)
+    return optax.apply_updates(p, updates), s
+
+  for _ in range(200):
+    params, state = scope["step"](params, state, x, y)
+    ref_params, ref_state = ref_step(ref_params, ref_state)
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert float(scope["loss"](params, x, y)) < 0.5 * float(
+      scope["loss"](scope["params"], x, y))
+
+
+# --- Durations: one table (docs/durations.md) --------------------------------
+
+_DURATION = re.compile(
+    r"(?:about|~|roughly|around|nearly|almost|under|over)\s*[0-9][0-9.,]*\s*"
+    r"(?:s|sec|secs|seconds|min|mins|minutes|h|hours?)\b"
+    r"|\b[0-9][0-9.,]*\s*(?:min|mins|minutes|hours?)\b"
+    r"|\ba few (?:seconds|minutes)\b|\b(?:a|one|half an?) (?:minute|hour)\b"
+    r"|\b[0-9][0-9.,]*\s*s on (?:a|two|2)\b",
+    re.IGNORECASE)
+
+
+def _prose_files():
+  yield ROOT / "README.md"
+  yield ROOT / "pyproject.toml"
+  # Not docs/design/: the design notes record past runs with their dates.
+  for pattern in ("docs/*.md", "examples/*.py", "jadam/**/*.py",
+                  "benchmarks/*.py", "benchmarks/*.sh"):
+    yield from sorted(ROOT.glob(pattern))
+
+
+def test_durations_are_only_in_the_durations_table():
+  """How long a command takes is said once, in docs/durations.md (with what
+  it includes and the machine); elsewhere a page links to it. Measurements
+  of one operation (a step in ms, a compile in s) stay on their pages."""
+  table = ROOT / "docs" / "durations.md"
+  assert "| command |" in table.read_text()
+  stray = []
+  for path in _prose_files():
+    if path == table:
+      continue
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+      for match in _DURATION.finditer(line):
+        stray.append(f"{path.relative_to(ROOT)}:{number}: {match.group(0)}")
+  assert not stray, "durations outside docs/durations.md:\n" + "\n".join(
+      stray)

@@ -18,10 +18,12 @@ SCRIPTS = sorted(path.name for path in EXAMPLES.glob("*.py"))
 
 
 def test_quickstart_loss_falls(capsys):
-  import quickstart
+  import jax  # pylint: disable=g-import-not-at-top
+  import quickstart  # pylint: disable=g-import-not-at-top
   losses = quickstart.main(["--epochs", "3"])
   out = capsys.readouterr().out
   assert "Epoch 1, Loss:" in out and "Epoch 3, Loss:" in out
+  assert out.startswith(f"JAX {jax.__version__} on cpu ")
   assert losses[2] < 0.5 * losses[0]
   assert np.all(np.isfinite(losses))
 

@@ -33,6 +33,7 @@ FILES = [
 
 
 @pytest.mark.slow
+@pytest.mark.matrix  # so in CI only the newest environment runs it
 def test_optax_adam_family_tests_pass_against_jadam(tmp_path):
   files = [str(OPTAX / f) for f in FILES if (OPTAX / f).exists()]
   if not files:

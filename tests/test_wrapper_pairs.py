@@ -51,8 +51,10 @@ def _run(mesh_kind):
 
 
 @pytest.mark.parametrize("mesh_kind", [
-    "Auto", pytest.param("none", marks=pytest.mark.slow),
-    pytest.param("Explicit", marks=pytest.mark.slow)])
+    "Auto",
+    # In CI the newest environment runs these two (marked matrix).
+    pytest.param("none", marks=[pytest.mark.slow, pytest.mark.matrix]),
+    pytest.param("Explicit", marks=[pytest.mark.slow, pytest.mark.matrix])])
 def test_every_wrapper_pair_keeps_placement_and_resumes_bitwise(mesh_kind):
   results = _run(mesh_kind)
   documented = dict(DOCUMENTED)
