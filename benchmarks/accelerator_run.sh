@@ -73,7 +73,7 @@ quick=()
 suite=(tests)
 if [ -n "${QUICK:-}" ]; then
   quick=(--quick)
-  suite=(tests/test_flat.py -k benchmark)
+  suite=(tests/test_bench.py)
 fi
 parallel=()
 if "$python" -c "import xdist" 2>/dev/null; then

@@ -11,7 +11,8 @@ Columns:
 * ``step ms``: median wall time of one optimizer step (update and apply).
 * ``compile s``: trace and XLA compile time of that step (``-`` for torch).
 * ``state B/param``: bytes of optimizer state per parameter, summed from the
-  real state arrays.
+  real state arrays; ``*`` marks a row of narrow moments some of whose
+  leaves keep them in float32 (under int8's ``min_size``), with a note.
 * ``floor ms``: 28 bytes per float32 parameter (read θ, g, m, v; write θ, m,
   v) over the memory bandwidth of an in-place elementwise pass over an
   array much larger than the last-level cache (64 MiB on a CPU, 1 GiB on an
@@ -21,9 +22,16 @@ Columns:
 Trees: ``--size default`` (CPU-sized: up to 16.8M parameters) or ``--size
 large`` (accelerator-sized: a 1.1B-parameter Llama-shaped tree, GPT-2 small,
 1000 leaves of 65,536 and one leaf of 2^28); ``--trees`` picks any of them.
-The machine, device and versions head the table and the plot and are in the
-JSON; every row that cannot run here is skipped with the reason. Rows that
-do not fit in memory together run in consecutive groups (:func:`run`).
+``--quick`` runs small versions of them, named by their own size
+(``single_16k`` for ``single_16m``), as a smoke test. The machine, device
+and versions head the table and the plot and are in the JSON.
+
+Memory: before anything runs, the benchmark prints its plan (:func:`plan`):
+the budget, half of the host's available memory on a CPU (all of an
+accelerator's free memory; ``--memory-gib`` sets it), each row's estimated
+bytes (its data twice, plus what compiling its step takes), the groups of
+rows that fit together (run one group after another) and every row that
+will not run, with the reason.
 
 Compiler flags: the run turns on XLA:CPU's multi-output fusion for the
 whole process (:func:`jadam.enable_cpu_fusion`, what jadam recommends for
@@ -40,6 +48,7 @@ taking the tree's leaf shapes; a new row is one more entry, for example::
 from __future__ import annotations
 
 import argparse
+import ctypes
 import functools
 import gc
 import json
@@ -47,6 +56,7 @@ import os
 import platform
 import statistics
 import sys
+import textwrap
 import time
 from typing import Any, Callable, Mapping, Optional, Sequence
 
@@ -62,6 +72,7 @@ if __package__ in (None, ""):
       __file__))))
 
 from benchmarks import _bench_lm  # pylint: disable=wrong-import-position
+import jadam  # pylint: disable=wrong-import-position
 from jadam import _alias  # pylint: disable=wrong-import-position
 from jadam import _flat  # pylint: disable=wrong-import-position
 from jadam import _fusion
@@ -74,11 +85,18 @@ FLOOR_BYTES_PER_PARAM = 28
 
 
 # --------------------------------------------------------------------------
-# Trees: leaf name -> shape. ``quick`` gives small versions for smoke tests.
+# Trees: leaf name -> shape. ``quick`` gives small versions for smoke tests,
+# named after their own size (:data:`QUICK_NAMES`). Their leaves are large
+# enough (4096 elements or more, rows of 256 where the full tree has them)
+# for int8 moments to apply where they apply at full size.
+
+# The quick gpt_like LM (its training row too): one block of width 256.
+QUICK_LM = dict(vocab=512, width=256, depth=1, hidden=1024)
+
 
 def _gpt_like(quick: bool) -> dict[str, tuple[int, ...]]:
   if quick:
-    return _bench_lm.gpt_like_shapes(vocab=512, width=32, depth=2, hidden=64)
+    return _bench_lm.gpt_like_shapes(**QUICK_LM)
   return _bench_lm.gpt_like_shapes()
 
 
@@ -86,7 +104,7 @@ def _llama_1b(quick: bool) -> dict[str, tuple[int, ...]]:
   """TinyLlama-1.1B's shapes: 22 blocks of width 2048 (grouped-query
   attention with 4 key-value heads of 64, SwiGLU MLP of 5632), vocabulary
   32,000, untied output head: 201 leaves, 1.10B parameters."""
-  vocab, width, depth, hidden, kv = ((512, 64, 2, 176, 16) if quick
+  vocab, width, depth, hidden, kv = ((512, 64, 2, 176, 64) if quick
                                      else (32000, 2048, 22, 5632, 256))
   shapes = {"embed": (vocab, width), "head": (width, vocab),
             "final_norm": (width,)}
@@ -104,7 +122,7 @@ def _gpt2_small(quick: bool) -> dict[str, tuple[int, ...]]:
   """GPT-2 small's shapes: 12 blocks of width 768, vocabulary 50,257,
   context 1024, biases and LayerNorms included: 148 leaves, 124M
   parameters."""
-  vocab, context, width, depth = ((512, 64, 32, 2) if quick
+  vocab, context, width, depth = ((512, 64, 64, 2) if quick
                                   else (50257, 1024, 768, 12))
   shapes = {"wte": (vocab, width), "wpe": (context, width),
             "ln_f_scale": (width,), "ln_f_bias": (width,)}
@@ -124,19 +142,33 @@ def _gpt2_small(quick: bool) -> dict[str, tuple[int, ...]]:
 TREES: dict[str, Callable[[bool], Shapes]] = {
     "single_16m": lambda quick: {"w": ((1 << 14) if quick else (1 << 24),)},
     "blocks_256x64k": lambda quick: {
-        f"w{i:03d}": (16, 16) if quick else (256, 256)
+        f"w{i:03d}": (16, 256) if quick else (256, 256)
         for i in range(16 if quick else 256)},
     "many_2000x8k": lambda quick: {
-        f"w{i:04d}": (64,) if quick else (8192,)
-        for i in range(100 if quick else 2000)},
+        f"w{i:04d}": (4096,) if quick else (8192,)
+        for i in range(32 if quick else 2000)},
     "gpt_like": _gpt_like,
     # Accelerator-sized (--size large).
     "llama_1b": _llama_1b,
     "gpt2_small": _gpt2_small,
     "many_1000x64k": lambda quick: {
-        f"w{i:04d}": (256,) if quick else (1 << 16,)
-        for i in range(100 if quick else 1000)},
+        f"w{i:04d}": (4096,) if quick else (1 << 16,)
+        for i in range(16 if quick else 1000)},
     "single_256m": lambda quick: {"w": ((1 << 16) if quick else (1 << 28),)},
+}
+
+# What each tree is called with --quick: its own size, never the full one
+# (k = 1024 elements in the synthetic trees; the LMs give their parameter
+# count).
+QUICK_NAMES = {
+    "single_16m": "single_16k",
+    "blocks_256x64k": "blocks_16x4k",
+    "many_2000x8k": "many_32x4k",
+    "gpt_like": "gpt_like_921k",
+    "llama_1b": "llama_166k",
+    "gpt2_small": "gpt2_137k",
+    "many_1000x64k": "many_16x4k",
+    "single_256m": "single_64k",
 }
 
 # --size: which trees run by default.
@@ -149,6 +181,16 @@ SIZES = {
 TRAIN_TREE = "gpt_like_train"
 
 
+def tree_label(tree: str, quick: bool) -> str:
+  """The name a tree's rows carry: ``tree``, or with ``quick`` the name of
+  the small version that runs (``single_16m`` -> ``single_16k``)."""
+  if not quick:
+    return tree
+  if tree == TRAIN_TREE:
+    return QUICK_NAMES["gpt_like"] + "_train"
+  return QUICK_NAMES[tree]
+
+
 # --------------------------------------------------------------------------
 # Implementations.
 
@@ -159,11 +201,14 @@ class Runner:
     compile_s: seconds spent tracing and compiling, or None (no compiler).
     state_bytes: bytes held by the optimizer state.
     num_params: number of parameters.
+    float32_moments: ``(leaves, parameters)`` whose moments stay float32
+      although the row stores them narrower (int8's ``min_size``).
   """
 
   compile_s: Optional[float] = None
   state_bytes: int = 0
   num_params: int = 0
+  float32_moments: tuple[int, int] = (0, 0)
 
   def step(self) -> None:
     """Take one step and wait for it to finish."""
@@ -201,11 +246,14 @@ def _optimizer_step(opt: optax.GradientTransformation):
 
 class JaxRunner(Runner):
   """A jitted ``update`` + ``apply_updates`` (or ``make_step(opt)``) with
-  params and state donated."""
+  params and state donated; ``moments`` names the storage the optimizer
+  asks for (``"int8"``, ``"bfloat16"``), to count the leaves that keep
+  float32 moments instead."""
 
   def __init__(self, opt: optax.GradientTransformation, shapes: Shapes,
                flat: bool,
-               make_step: Optional[Callable[[Any], Callable]] = None):
+               make_step: Optional[Callable[[Any], Callable]] = None,
+               moments: Optional[str] = None):
     params, grads = _tree_data(shapes)
     if flat:
       view = _flat.FlatView(params)
@@ -223,11 +271,35 @@ class JaxRunner(Runner):
     self.compile_s = time.perf_counter() - start
     self.state_bytes = sum(x.nbytes for x in jax.tree.leaves(self._state))
     self.num_params = sum(x.size for x in jax.tree.leaves(self._params))
+    if moments is not None:
+      self.float32_moments = _float32_moments(self._state, moments)
 
   def step(self) -> None:
     self._params, self._state = self._step(self._params, self._state,
                                            self._grads)
     jax.block_until_ready((self._params, self._state))
+
+
+def _float32_moments(state: Any, moments: str) -> tuple[int, int]:
+  """Leaves and parameters of ``state`` (per :func:`jadam.describe`) whose
+  moments are not stored as ``moments`` asks: float32, for leaves under
+  int8's ``min_size``."""
+  kept = [leaf for leaf in jadam.describe(state).leaves
+          if not all(fmt.startswith(moments)
+                     for fmt in leaf.formats.values())]
+  return len(kept), sum(int(np.prod(leaf.shape)) for leaf in kept)
+
+
+# Host memory XLA:CPU takes to compile one step (and, for part of it, to
+# keep the compiled program), in bytes times leaves**1.5: it grows faster
+# than the number of leaves the step walks, and not with their size.
+# Measured as the rise of the peak resident memory while one row is set
+# up, on N leaves of 8192 float32 (jax 0.10.2, CPU): int8 moments on the
+# tree 0.41, 0.97, 2.64 and 7.8 GB at N = 125, 250, 500 and 1000 (about
+# 22 GB at 2000, which filled a 24 GiB machine); bfloat16 moments 0.44 and
+# 1.37 GB at 500 and 1000; float32 (jadam's tree path or optax) 0.40 GB at
+# 1000. A flat row compiles one buffer per dtype: one leaf.
+COMPILE_BYTES_PER_LEAF_POW = {"int8": 250e3, "bfloat16": 45e3, None: 13e3}
 
 
 class jax_impl:  # pylint: disable=invalid-name
@@ -237,14 +309,23 @@ class jax_impl:  # pylint: disable=invalid-name
     make_opt: builds the optimizer (called once per tree).
     flat: run on :class:`jadam.FlatView` buffers (the fast path) rather
       than on the tree.
+    moments: the storage of both moments, when not float32 (``"int8"``,
+      ``"bfloat16"``): rows then report the leaves that keep float32.
   """
 
   def __init__(self, make_opt: Callable[[], optax.GradientTransformation], *,
-               flat: bool):
-    self.make_opt, self.flat = make_opt, flat
+               flat: bool, moments: Optional[str] = None):
+    self.make_opt, self.flat, self.moments = make_opt, flat, moments
 
   def __call__(self, shapes: Shapes) -> Runner:
-    return JaxRunner(self.make_opt(), shapes, self.flat)
+    return JaxRunner(self.make_opt(), shapes, self.flat,
+                     moments=self.moments)
+
+  def compile_bytes(self, shapes: Shapes) -> int:
+    """Host memory to compile the step (:data:`COMPILE_BYTES_PER_LEAF_POW`).
+    """
+    leaves = 1 if self.flat else len(shapes)
+    return int(COMPILE_BYTES_PER_LEAF_POW[self.moments] * leaves ** 1.5)
 
   def resident_bytes(self, shapes: Shapes) -> int:
     """Parameters, gradients and optimizer state, from shapes alone."""
@@ -328,8 +409,8 @@ def _bnb_available() -> bool:
 
 def _bnb_factory(shapes: Shapes) -> Runner:
   import bitsandbytes  # pylint: disable=import-outside-toplevel
-  return TorchRunner(shapes, make_opt=lambda params: bitsandbytes.optim.Adam8bit(
-      params, lr=LEARNING_RATE))
+  return TorchRunner(shapes, make_opt=lambda params: (
+      bitsandbytes.optim.Adam8bit(params, lr=LEARNING_RATE)))
 
 
 # Parameters, gradients and two moments of one byte each (plus block scales).
@@ -350,6 +431,10 @@ def _adam_storing(fmt: str) -> Callable[[], optax.GradientTransformation]:
   return lambda: _alias.adam(LEARNING_RATE, mu_dtype=fmt, nu_dtype=fmt)
 
 
+def _storing(fmt: str, *, flat: bool) -> jax_impl:
+  return jax_impl(_adam_storing(fmt), flat=flat, moments=fmt)
+
+
 IMPLS: dict[str, Callable[[Shapes], Runner]] = {
     # The recommended configuration: the flat fast path.
     "jadam": jax_impl(lambda: _alias.adam(LEARNING_RATE), flat=True),
@@ -360,21 +445,22 @@ IMPLS: dict[str, Callable[[Shapes], Runner]] = {
     # bitsandbytes' block-wise 8-bit Adam (CUDA only), beside jadam_int8.
     "bnb_adam8bit": _bnb_factory,
     # Lean moment storage on the recommended configuration (docs/memory.md).
-    "jadam_bf16": jax_impl(_adam_storing("bfloat16"), flat=True),
-    "jadam_int8": jax_impl(_adam_storing("int8"), flat=True),
+    "jadam_bf16": _storing("bfloat16", flat=True),
+    "jadam_int8": _storing("int8", flat=True),
     # Overhead of the health wrappers around the recommended configuration.
     "jadam_skip_nonfinite": jax_impl(lambda: _health.skip_nonfinite(
         _alias.adam(LEARNING_RATE)), flat=True),
     "jadam_telemetry": jax_impl(lambda: _health.with_telemetry(
         _alias.adam(LEARNING_RATE)), flat=True),
     # Narrow moments on the tree path (compile time grows with the leaves).
-    "jadam_tree_bf16": jax_impl(_adam_storing("bfloat16"), flat=False),
-    "jadam_tree_int8": jax_impl(_adam_storing("int8"), flat=False),
+    "jadam_tree_bf16": _storing("bfloat16", flat=False),
+    "jadam_tree_int8": _storing("int8", flat=False),
     # State in host memory between steps (docs/memory.md).
     "jadam_offload": jax_impl(lambda: _offload.offload(
         _alias.adam(LEARNING_RATE)), flat=True),
     "jadam_int8_offload": jax_impl(
-        lambda: _offload.offload(_adam_storing("int8")()), flat=True),
+        lambda: _offload.offload(_adam_storing("int8")()), flat=True,
+        moments="int8"),
 }
 
 # Rows that need something optional: name -> "is it available?".
@@ -424,8 +510,7 @@ class TrainRunner(Runner):
 
   def __init__(self, make_opt: Callable[[], optax.GradientTransformation],
                flat: bool, quick: bool):
-    size = (dict(vocab=512, width=32, depth=2, hidden=64, seq=16, batch=2)
-            if quick else {})
+    size = dict(QUICK_LM, seq=16, batch=2) if quick else {}
     params, loss_fn, self._tokens = _bench_lm.lm_problem(**size)
     opt = make_opt()
     if flat:
@@ -501,6 +586,12 @@ def _num_params(shapes: Shapes) -> int:
 # of them with its intermediate (16). On a CPU it is the rows' memory too.
 HOST_BYTES_PER_PARAM = 24
 
+# The share of the host's available memory (MemAvailable) a run plans to
+# fill: the machine may be shared with other work, and the row sizes are
+# estimates. An accelerator's free memory is planned in full: nothing else
+# shares the device, and every row already counts its data twice.
+HOST_MEMORY_FRACTION = 0.5
+
 
 def _device_memory_is_the_hosts() -> bool:
   """A CPU: JAX reports no memory limit of its own for the device."""
@@ -508,9 +599,10 @@ def _device_memory_is_the_hosts() -> bool:
 
 
 def memory_limit() -> int:
-  """Bytes the benchmark may fill: what JAX may still allocate on its
-  device (an accelerator's ``bytes_limit``), or the host's available memory
-  on a CPU (``MemAvailable``)."""
+  """Bytes available now: what JAX may still allocate on its device (an
+  accelerator's ``bytes_limit`` less what is in use), or the host's
+  available memory on a CPU (``MemAvailable``: free memory and the caches
+  the kernel can drop, not the installed memory)."""
   if not _device_memory_is_the_hosts():
     stats = jax.devices()[0].memory_stats()
     return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
@@ -525,15 +617,18 @@ def memory_limit() -> int:
 
 
 def row_bytes(impl: str, shapes: Shapes) -> int:
-  """Memory one row may hold while it is timed: twice its parameters,
-  gradients and optimizer state (from shapes, without allocating), which
-  leaves room for the step's temporaries and the buffers of compilation.
-  Factories without a ``resident_bytes`` method count float32 Adam's 16
-  bytes per parameter."""
+  """Memory one row may hold while it is set up and timed: twice its
+  parameters, gradients and optimizer state (from shapes, without
+  allocating), which leaves room for the step's temporaries, plus what
+  compiling its step takes (``compile_bytes``: gigabytes for narrow
+  moments on a tree of thousands of leaves). Factories without a
+  ``resident_bytes`` method count float32 Adam's 16 bytes per parameter."""
   factory = IMPLS[impl]
   resident = getattr(factory, "resident_bytes", None)
-  return 2 * (resident(shapes) if resident is not None
-              else 16 * _num_params(shapes))
+  compile_bytes = getattr(factory, "compile_bytes", None)
+  return (2 * (resident(shapes) if resident is not None
+               else 16 * _num_params(shapes))
+          + (compile_bytes(shapes) if compile_bytes is not None else 0))
 
 
 def plan_groups(sizes: Mapping[str, int], limit: int
@@ -542,8 +637,8 @@ def plan_groups(sizes: Mapping[str, int], limit: int
 
   Args:
     sizes: row name -> :func:`row_bytes`, in the order the rows run.
-    limit: the memory the rows may fill (:func:`memory_limit`, less the
-      probe and, on a CPU, the benchmark's own copies of the data).
+    limit: the memory the rows may fill (the budget of :func:`plan`, less
+      the probe and, on a CPU, the benchmark's own copies of the data).
 
   Returns:
     The groups, each filled in order up to ``limit``, and the rows that do
@@ -562,10 +657,164 @@ def plan_groups(sizes: Mapping[str, int], limit: int
   return groups, too_big
 
 
+def plan(trees: Sequence[str], impls: Sequence[str], quick: bool,
+         probe_bytes: int, memory_bytes: Optional[int] = None
+         ) -> dict[str, Any]:
+  """Which rows run together, from shapes alone, before anything runs.
+
+  The budget is ``memory_bytes`` where given (``--memory-gib``), else
+  :data:`HOST_MEMORY_FRACTION` of the host's available memory on a CPU,
+  or all of an accelerator's free memory (:func:`memory_limit`, read
+  once). Each tree's rows (:func:`row_bytes`) fill that budget less the
+  bandwidth probe and, on a CPU, the benchmark's own copies of the data
+  (:data:`HOST_BYTES_PER_PARAM`), in groups (:func:`plan_groups`); a row
+  that does not fit even alone is skipped with the reason.
+
+  Args:
+    trees: names from :data:`TREES`, and/or ``"gpt_like_train"``.
+    impls: the rows that can run here, in order.
+    quick: the small trees.
+    probe_bytes: size of the bandwidth probe.
+    memory_bytes: the budget, or None for the rule above.
+
+  Returns:
+    ``{"available_bytes", "source", "fraction", "budget_bytes",
+    "probe_bytes", "trees": {label: {"tree", "params", "leaves",
+    "host_bytes", "rows": {impl: bytes}, "compile_bytes": {impl: bytes},
+    "groups": [[impl, ...], ...], "skipped": {impl: reason}}}}`` (rows
+    by :func:`row_bytes`, of which ``compile_bytes``);
+    ``available_bytes`` is None with ``memory_bytes``.
+  """
+  on_host = _device_memory_is_the_hosts()
+  if memory_bytes is None:
+    available = memory_limit()
+    fraction = HOST_MEMORY_FRACTION if on_host else 1.0
+    source = ("the host's MemAvailable" if on_host
+              else "free on the device")
+    budget = int(fraction * available)
+  else:
+    available, fraction, source = None, 1.0, "--memory-gib"
+    budget = memory_bytes
+  doc = {"available_bytes": available, "source": source,
+         "fraction": fraction, "budget_bytes": budget,
+         "probe_bytes": probe_bytes, "trees": {}}
+  for tree in trees:
+    train = tree == TRAIN_TREE
+    shapes = TREES["gpt_like" if train else tree](quick)
+    params = _num_params(shapes)
+    # A training row is sized as its optimizer's row on the same tree;
+    # it draws no data of the benchmark's and has no probe.
+    host = (HOST_BYTES_PER_PARAM * params
+            if memory_bytes is None and on_host and not train else 0)
+    overhead = host + (0 if train else probe_bytes)
+    names = [name for name in impls if not train or name in TRAIN_IMPLS]
+    rows = {name: row_bytes(name, shapes) for name in names}
+    compiling = {name: getattr(IMPLS[name], "compile_bytes",
+                               lambda _: 0)(shapes) for name in names}
+    groups, too_big = plan_groups(rows, budget - overhead)
+    skipped = {}
+    for name, size in too_big.items():
+      why = f"needs about {_size(size)}"
+      if compiling[name] > size / 2:
+        why += (f" ({_size(compiling[name])} of it to compile a step over "
+                f"{len(shapes)} leaves)")
+      why += (f", more than the {_size(max(budget - overhead, 0))} the "
+              f"budget of {_size(budget)} leaves for rows")
+      if host:
+        why += (f" beside the benchmark's own copies of the data "
+                f"({_size(host)})")
+      skipped[name] = why
+    doc["trees"][tree_label(tree, quick)] = {
+        "tree": tree, "params": params, "leaves": len(shapes),
+        "host_bytes": host, "rows": rows, "compile_bytes": compiling,
+        "groups": groups, "skipped": skipped}
+  return doc
+
+
+def _size(num_bytes: float) -> str:
+  for unit, scale in (("GB", 1e9), ("MB", 1e6)):
+    if num_bytes >= scale:
+      return f"{num_bytes / scale:.{1 if unit == 'GB' else 0}f} {unit}"
+  return f"{num_bytes / 1e3:.0f} kB"
+
+
+def _wrap(text: str) -> str:
+  return textwrap.fill(text, width=79, subsequent_indent="    ",
+                       break_on_hyphens=False)
+
+
+def format_plan(the_plan: Mapping[str, Any],
+                unavailable: Mapping[str, str]) -> str:
+  """The plan as text: the budget and where it comes from, each tree's
+  rows with their estimated bytes and groups, and every row that will not
+  run, with the reason (one line per reason)."""
+  budget = the_plan["budget_bytes"]
+  if the_plan["available_bytes"] is None:
+    lines = [f"Memory plan: a budget of {_size(budget)} (--memory-gib)."]
+  else:
+    share = {1.0: "all", 0.5: "half"}.get(the_plan["fraction"],
+                                          f"{the_plan['fraction']:g}")
+    lines = [_wrap(f"Memory plan: {_size(the_plan['available_bytes'])} "
+                   f"available ({the_plan['source']}); the budget is {share} "
+                   f"of it, {_size(budget)} (--memory-gib sets it).")]
+  for label, entry in the_plan["trees"].items():
+    leaves = entry["leaves"]
+    text = (f"{label}: {entry['params']:,} parameters in {leaves} "
+            + ("leaf" if leaves == 1 else "leaves"))
+    overhead = entry["host_bytes"]
+    if entry["host_bytes"]:
+      text += f"; the benchmark's own copies {_size(entry['host_bytes'])}"
+    if entry["tree"] != TRAIN_TREE:
+      overhead += the_plan["probe_bytes"]
+      text += f"; probe {_size(the_plan['probe_bytes'])}"
+    running = [f"{name} {_size(size)}" for name, size in entry["rows"].items()
+               if name not in entry["skipped"]]
+    if running:
+      text += "; rows: " + ", ".join(running)
+    lines.append(_wrap(text))
+    groups = entry["groups"]
+    if len(groups) > 1:
+      lines.append(_wrap(f"  in {len(groups)} groups: "
+                         + "; ".join(", ".join(group) for group in groups)))
+    if entry["skipped"]:
+      left = budget - overhead
+      why = (f"needing more than the {_size(left)} the budget leaves for "
+             "rows" if left > 0 else "the data's copies and the probe alone "
+             "exceed the budget")
+      sizes = []
+      for name in entry["skipped"]:
+        size, compiling = entry["rows"][name], entry["compile_bytes"][name]
+        sizes.append(f"{name} {_size(size)}" + (
+            f" ({_size(compiling)} of it to compile)"
+            if compiling > size / 2 else ""))
+      lines.append(_wrap(f"  skipped, {why}: " + ", ".join(sizes)))
+  by_reason: dict[str, list[str]] = {}
+  for name, why in unavailable.items():
+    by_reason.setdefault(why, []).append(name)
+  for why, names in by_reason.items():
+    lines.append(_wrap(f"Skipped {', '.join(names)}: {why}"))
+  return "\n".join(lines)
+
+
+@functools.lru_cache(maxsize=1)
+def _malloc_trim() -> Optional[Callable[[int], int]]:
+  """glibc's ``malloc_trim``, or None elsewhere."""
+  try:
+    return ctypes.CDLL("libc.so.6").malloc_trim
+  except (OSError, AttributeError):
+    return None
+
+
 def _release() -> None:
-  """Frees the rows just timed, PyTorch's cached CUDA blocks included, so
-  that the next group has the memory."""
+  """Frees what the rows just set up or timed no longer hold, and hands it
+  back to the system: glibc keeps memory that XLA's compiler freed (1.8 of
+  the 2.9 GB resident after compiling a step over 500 leaves with int8
+  moments) until it is trimmed, and on a shared machine that is memory
+  taken from other work. PyTorch's cached CUDA blocks are freed too."""
   gc.collect()
+  trim = _malloc_trim()
+  if trim is not None:
+    trim(0)
   if "torch" in sys.modules:
     import torch  # pylint: disable=import-outside-toplevel
     if torch.cuda.is_available():
@@ -576,37 +825,43 @@ def run(trees: Sequence[str], impls: Sequence[str], steps: int = 15,
         warmup: int = 3, quick: bool = False,
         log: Callable[[str], None] = print,
         probe_bytes: Optional[int] = None,
-        memory_bytes: Optional[int] = None) -> dict[str, Any]:
+        memory_bytes: Optional[int] = None,
+        show: Optional[Callable[[str], None]] = None) -> dict[str, Any]:
   """Run the benchmark; returns the ``--json`` document.
 
-  The rows of a tree are interleaved step by step. Where they do not all
-  fit in memory at once (the ``--size large`` trees: about 35 GB per row of
-  ``llama_1b`` by :func:`row_bytes`), they run in consecutive groups that
-  do, each interleaved with its own bandwidth probe; the tree's floor is
-  the median of those probes. A row that does not fit even alone is
-  skipped with its size.
+  Before anything runs, :func:`plan` sizes every row from shapes and
+  ``show`` prints the plan (:func:`format_plan`). The rows of a tree are
+  interleaved step by step. Where they do not all fit in the budget at
+  once (the ``--size large`` trees: about 35 GB per row of ``llama_1b``
+  by :func:`row_bytes`), they run in consecutive groups that do, each
+  interleaved with its own bandwidth probe; the tree's floor is the median
+  of those probes. A row that does not fit even alone is skipped with its
+  size.
 
   Args:
     trees: names from :data:`TREES`, and/or ``"gpt_like_train"``.
     impls: names from :data:`IMPLS` (unavailable optional ones are skipped).
     steps: timed steps per implementation (medians are reported).
     warmup: untimed steps per implementation first.
-    quick: small trees, for a smoke test; timings mean little.
+    quick: small trees, for a smoke test; timings mean little. Rows are
+      labelled with the small trees' names (:func:`tree_label`).
     log: progress messages.
     probe_bytes: size of the bandwidth probe (default
       :func:`default_probe_bytes`).
-    memory_bytes: memory the rows may fill (default :func:`memory_limit`,
-      read when a tree starts, less the benchmark's own host copies of the
-      tree's data where the device's memory is the host's).
+    memory_bytes: the memory budget (default: see :func:`plan`).
+    show: where the plan goes (default ``log``).
 
   Returns:
     ``{"results": [{"tree", "impl", "step_ms", "compile_s",
-    "state_bytes_per_param"}], "floor_ms": {tree: ms}, "groups": {tree:
-    [[impl, ...], ...]}}`` plus ``"machine"``, ``"skipped"`` (name or
-    ``"impl on tree"`` -> reason) and ``"interrupted"``: whether a
-    ``KeyboardInterrupt`` (Ctrl-C, or a time limit's SIGINT) ended the run
-    early, in which case the rows measured until then are returned.
+    "state_bytes_per_param", "params", "float32_moment_leaves",
+    "float32_moment_params"}], "floor_ms": {tree: ms}, "groups": {tree:
+    [[impl, ...], ...]}}`` plus ``"quick"``, ``"plan"`` (:func:`plan`),
+    ``"machine"``, ``"skipped"`` (name or ``"impl on tree"`` -> reason) and
+    ``"interrupted"``: whether a ``KeyboardInterrupt`` (Ctrl-C, or a time
+    limit's SIGINT) ended the run early, in which case the rows measured
+    until then are returned. Trees are named by :func:`tree_label`.
   """
+  show = log if show is None else show
   results, floor_ms, skipped, groups_of = [], {}, {}, {}
   if probe_bytes is None:
     probe_bytes = (1 << 20) if quick else default_probe_bytes()
@@ -615,68 +870,67 @@ def run(trees: Sequence[str], impls: Sequence[str], steps: int = 15,
   for name in impls:
     if name not in available:
       skipped[name] = _why_unavailable(name)
-      log(f"skipping {name}: {skipped[name]}")
   if TRAIN_TREE in trees and not _importable("flax"):
     # The training-step row builds a Flax model; say so before any work.
-    skipped[TRAIN_TREE] = ("it needs Flax, which is not installed "
-                           "(pip install 'jadam[examples]')")
-    log(f"skipping {TRAIN_TREE}: {skipped[TRAIN_TREE]}")
+    skipped[tree_label(TRAIN_TREE, quick)] = (
+        "it needs Flax, which is not installed (pip install "
+        "'jadam[examples]')")
     trees = [t for t in trees if t != TRAIN_TREE]
+  unavailable = dict(skipped)
+  the_plan = plan(trees, available, quick, probe_bytes, memory_bytes)
+  for label, entry in the_plan["trees"].items():
+    for name, why in entry["skipped"].items():
+      skipped[f"{name} on {label}"] = why
+  text = format_plan(the_plan, unavailable)
   if "torch_fused" in available and _torch_adam_kind() != "fused":
-    log("torch has no fused Adam on this CPU: torch_fused uses foreach=True")
+    text += ("\ntorch has no fused Adam on this CPU: torch_fused uses "
+             "foreach=True")
+  show(text)
 
   def record(tree, runners, medians):
     for name, runner in runners.items():
+      leaves, params = runner.float32_moments
       results.append({
           "tree": tree,
           "impl": name,
           "step_ms": 1e3 * medians[name],
           "compile_s": runner.compile_s,
           "state_bytes_per_param": runner.state_bytes / runner.num_params,
+          "params": runner.num_params,
+          "float32_moment_leaves": leaves,
+          "float32_moment_params": params,
       })
       log(f"{tree}: {name} {1e3 * medians[name]:.2f} ms")
 
   interrupted = False
   try:
     for tree in trees:
-      if tree == TRAIN_TREE:
-        runners = {name: factory(quick)
-                   for name, factory in TRAIN_IMPLS.items() if name in impls}
-        record(tree, runners, _interleave(runners, steps, warmup))
-        del runners
-        _release()
-        continue
-      shapes = TREES[tree](quick)
-      limit = (memory_limit() if memory_bytes is None else memory_bytes)
-      host = (HOST_BYTES_PER_PARAM * _num_params(shapes)
-              if memory_bytes is None and _device_memory_is_the_hosts()
-              else 0)
-      groups, too_big = plan_groups(
-          {name: row_bytes(name, shapes) for name in available},
-          limit - host - probe_bytes)
-      for name, size in too_big.items():
-        skipped[f"{name} on {tree}"] = (
-            f"needs about {size / 1e9:.1f} GB, and {limit / 1e9:.1f} GB are "
-            "free here" + (f", {host / 1e9:.1f} GB of them for the "
-                           "benchmark's own copies of the data"
-                           if host else ""))
-        log(f"skipping {name} on {tree}: {skipped[f'{name} on {tree}']}")
+      label = tree_label(tree, quick)
+      shapes = None if tree == TRAIN_TREE else TREES[tree](quick)
       bandwidths = []
-      for group in groups:
+      for group in the_plan["trees"][label]["groups"]:
         runners = {}
         for name in group:
-          log(f"{tree}: setting up {name}")
-          runners[name] = IMPLS[name](shapes)
-        copy = _CopyBandwidth(probe_bytes)
-        medians = _interleave({**runners, "_copy": copy}, steps, warmup)
-        bandwidths.append(copy.bytes_moved / medians.pop("_copy"))
-        log(f"{tree}: {bandwidths[-1] / 1e9:.1f} GB/s in-place copy "
-            "bandwidth")
-        record(tree, runners, medians)
-        groups_of.setdefault(tree, []).append(group)
-        floor_ms[tree] = (1e3 * FLOOR_BYTES_PER_PARAM * _num_params(shapes)
-                          / statistics.median(bandwidths))
-        del runners, copy
+          log(f"{label}: setting up {name}")
+          runners[name] = (TRAIN_IMPLS[name](quick) if shapes is None
+                           else IMPLS[name](shapes))
+          # The compiler's memory goes back before the next row compiles.
+          _release()
+        if shapes is None:
+          record(label, runners, _interleave(runners, steps, warmup))
+        else:
+          copy = _CopyBandwidth(probe_bytes)
+          medians = _interleave({**runners, "_copy": copy}, steps, warmup)
+          bandwidths.append(copy.bytes_moved / medians.pop("_copy"))
+          log(f"{label}: {bandwidths[-1] / 1e9:.1f} GB/s in-place copy "
+              "bandwidth")
+          record(label, runners, medians)
+          floor_ms[label] = (1e3 * FLOOR_BYTES_PER_PARAM
+                             * _num_params(shapes)
+                             / statistics.median(bandwidths))
+          del copy
+        groups_of.setdefault(label, []).append(group)
+        del runners
         _release()
       _cached_tree_data.cache_clear()
   except KeyboardInterrupt:
@@ -686,8 +940,9 @@ def run(trees: Sequence[str], impls: Sequence[str], steps: int = 15,
     log("interrupted: reporting the rows measured so far")
   machine = _machine()
   machine["probe_bytes"] = probe_bytes
-  return {"results": results, "floor_ms": floor_ms, "groups": groups_of,
-          "machine": machine, "skipped": skipped, "interrupted": interrupted}
+  return {"quick": quick, "results": results, "floor_ms": floor_ms,
+          "groups": groups_of, "plan": the_plan, "machine": machine,
+          "skipped": skipped, "interrupted": interrupted}
 
 
 def _why_unavailable(name: str) -> str:
@@ -769,26 +1024,45 @@ def describe_machine(machine: Mapping[str, Any]) -> str:
   return ", ".join(parts)
 
 
+QUICK_CAPTION = ("Quick smoke test (--quick): timings of small trees, not "
+                 "a measurement.")
+
+
 def format_table(doc: Mapping[str, Any]) -> str:
-  """The results as a Markdown table, with ratios to optax and torch."""
+  """The results as a Markdown table, with ratios to the floor, optax and
+  (where it ran) torch_fused; a caption with ``--quick``, and a note under
+  the table for each narrow-moment row with leaves kept in float32."""
   by_key = {(r["tree"], r["impl"]): r for r in doc["results"]}
+  bases = ["optax"] + (["torch_fused"] if any(
+      r["impl"] == "torch_fused" for r in doc["results"]) else [])
   lines = ["| tree | impl | step ms | compile s | state B/param | floor ms |"
-           " × floor | × optax | × torch_fused |",
-           "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+           " × floor | " + " | ".join(f"× {base}" for base in bases) + " |",
+           "| --- | --- | ---: | ---: | ---: | ---: | ---: | "
+           + " | ".join("---:" for _ in bases) + " |"]
+  notes = []
   for r in doc["results"]:
     floor = doc["floor_ms"].get(r["tree"])
-    bases = [floor] + [by_key[(r["tree"], impl)]["step_ms"]
-                       if (r["tree"], impl) in by_key else None
-                       for impl in ("optax", "torch_fused")]
     ratios = ["" if base is None else f"{r['step_ms'] / base:.2f}"
-              for base in bases]
+              for base in [floor] + [
+                  by_key[(r["tree"], impl)]["step_ms"]
+                  if (r["tree"], impl) in by_key else None
+                  for impl in bases]]
     compile_s = ("-" if r["compile_s"] is None else f"{r['compile_s']:.2f}")
+    per_param = f"{r['state_bytes_per_param']:.2f}"
+    if r.get("float32_moment_leaves"):
+      per_param += "*"
+      notes.append(
+          f"* {r['impl']} on {r['tree']}: {r['float32_moment_leaves']} "
+          f"leaves ({r['float32_moment_params']:,} of {r['params']:,} "
+          "parameters) keep float32 moments, being under int8's min_size "
+          f"({jadam.BlockwiseInt8().min_size} elements).")
     lines.append(
         f"| {r['tree']} | {r['impl']} | {r['step_ms']:.2f} | {compile_s} | "
-        f"{r['state_bytes_per_param']:.2f} | "
-        f"{'' if floor is None else f'{floor:.2f}'} | " + " | ".join(ratios)
-        + " |")
-  return "\n".join(lines)
+        f"{per_param} | {'' if floor is None else f'{floor:.2f}'} | "
+        + " | ".join(ratios) + " |")
+  if doc.get("quick"):
+    lines = [QUICK_CAPTION, ""] + lines
+  return "\n".join(lines + ([""] + notes if notes else []))
 
 
 def plot(doc: Mapping[str, Any], path: str) -> None:
@@ -811,11 +1085,13 @@ def plot(doc: Mapping[str, Any], path: str) -> None:
   for t, tree in enumerate(trees):
     if tree in doc["floor_ms"]:
       ax.hlines(doc["floor_ms"][tree], t - 0.4, t + 0.4, colors="k",
-                linestyles="dashed", label="bandwidth floor" if t == 0 else None)
+                linestyles="dashed",
+                label="bandwidth floor" if t == 0 else None)
   ax.set_xticks(range(len(trees)), trees)
   ax.set_ylabel("median step time (ms)")
   ax.set_yscale("log")
-  ax.set_title("Adam step, params and state donated\n"
+  ax.set_title(("Quick smoke test: " if doc.get("quick") else "")
+               + "Adam step, params and state donated\n"
                + describe_machine(doc.get("machine", {})), fontsize=8)
   ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
   fig.tight_layout()
@@ -846,12 +1122,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   parser.add_argument("--warmup", type=int, default=3,
                       help="untimed steps first (default 3)")
   parser.add_argument("--quick", action="store_true",
-                      help="tiny trees: a smoke test, not a measurement")
+                      help="small trees, named by their own size "
+                      "(single_16k, ...): a smoke test, not a measurement")
   parser.add_argument("--memory-gib", type=float, default=None,
-                      help="memory the rows of one tree may fill at once "
-                      "(default: what is free on the device, or on the "
-                      "host for a CPU); rows that do not fit together run "
-                      "in groups")
+                      help="memory budget of the rows of one tree, "
+                      "probe and data included (default: half of the "
+                      "host's available memory on a CPU, all of an "
+                      "accelerator's free memory); rows that do not fit "
+                      "together run in groups")
   parser.add_argument("--json", metavar="PATH", help="write results here")
   parser.add_argument("--plot", metavar="PATH", help="write a bar chart PNG")
   parser.add_argument("--default-xla-flags", action="store_true",
@@ -883,15 +1161,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.error("--probe-mib must be >= 1")
   if args.memory_gib is not None and args.memory_gib <= 0:
     parser.error("--memory-gib must be > 0")
+  if args.quick:
+    print("Quick smoke test (--quick): every tree is a small version,\n"
+          "named by its own size (single_16k for single_16m).", flush=True)
   doc = run(trees, impls, steps=args.steps, warmup=args.warmup,
             quick=args.quick, log=log,
             probe_bytes=None if args.probe_mib is None
             else args.probe_mib << 20,
             memory_bytes=None if args.memory_gib is None
-            else int(args.memory_gib * (1 << 30)))
+            else int(args.memory_gib * (1 << 30)),
+            show=lambda text: print(text, flush=True))
   print("Machine: " + describe_machine(doc["machine"]))
-  for name, why in doc["skipped"].items():
-    print(f"Skipped {name}: {why}")
   for tree, groups in doc["groups"].items():
     if len(groups) > 1:
       print(f"{tree}: rows timed in {len(groups)} groups (by memory): "

@@ -1,8 +1,8 @@
 """The Adam rule on one array, for building new variants.
 
 ``jadam.rule.adam_step(g, moments, t, rule)`` is the single implementation
-of Kingma & Ba's Algorithm 1 and its family flags (:class:`AdamRule`) that
-every optimizer in jadam runs; see :mod:`jadam._rule` for the notation.
+of Kingma & Ba's Algorithm 1 and its family flags (``AdamRule``) that
+every optimizer in jadam runs; see ``jadam._rule`` for the notation.
 """
 
 from jadam._rule import AdamRule

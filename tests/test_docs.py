@@ -201,3 +201,28 @@ def test_durations_are_only_in_the_durations_table():
         stray.append(f"{path.relative_to(ROOT)}:{number}: {match.group(0)}")
   assert not stray, "durations outside docs/durations.md:\n" + "\n".join(
       stray)
+
+
+def test_install_lines_are_the_readme_demo_command_with_jax_extras():
+  """The GPU and TPU lines are the README's CPU line with one JAX extra
+  added, and the installed JAX declares each extra they name."""
+  import importlib.metadata
+  readme = (ROOT / "README.md").read_text()
+  cpu = next(line for line in readme.splitlines()
+             if line.startswith("python3 -m venv .venv") and "[examples]"
+             in line)
+  extras = set(importlib.metadata.metadata("jax").get_all("Provides-Extra"))
+  for page in ("index.md", "getting-started.md"):
+    lines = [line for line in (ROOT / "docs" / page).read_text().splitlines()
+             if line.startswith("python3 -m venv .venv")]
+    assert cpu in lines, page
+    named = []
+    for line in lines:
+      if line == cpu:
+        continue
+      found = re.search(r' -U "jax\[(\w+)\]"', line)
+      assert found and line.replace(found.group(0), "") == cpu, line
+      named.append(found.group(1))
+    assert named and set(named) <= extras, (page, named)
+  assert {"cuda13", "cuda12", "tpu"} <= set(re.findall(
+      r'"jax\[(\w+)\]"', (ROOT / "docs" / "getting-started.md").read_text()))
