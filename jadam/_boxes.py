@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import jax
 
