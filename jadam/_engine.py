@@ -216,13 +216,21 @@ def _positions(n: int, t: Array) -> list[Array]:
   """The leaves' positions 0 … n−1 (rounding seeds), computed at run time.
 
   A constant seed would be fused into its leaf's loops, making leaves of one
-  shape distinct code that XLA compiles once per leaf; picked out of one
-  vector, each reaches the loops as a parameter. ``t >> 31`` is always 0,
-  which the compiler cannot know.
+  shape distinct code that XLA compiles once per leaf. Here all n come out
+  of one variadic reduction (one kernel, n outputs), so each reaches the
+  loops as an operand; ``t >> 31`` is always 0, which the compiler cannot
+  know. (One reduction per leaf compiled n kernels: 2× the compile time at
+  500 leaves, docs/design/memory.md.)
   """
-  index = jax.lax.iota(jnp.uint32, n)
-  vector = index + (t >> 31).astype(jnp.uint32)
-  return [jnp.max(jnp.where(index == i, vector, 0)) for i in range(n)]
+  if not n:
+    return []
+  index = jax.lax.iota(jnp.uint32, 2)
+  zero = (t >> 31).astype(jnp.uint32)
+  operands = [jnp.where(index == 0, zero + jnp.uint32(i), jnp.uint32(0))
+              for i in range(n)]
+  return list(jax.lax.reduce(
+      operands, [jnp.uint32(0)] * n,
+      lambda xs, ys: [jnp.maximum(x, y) for x, y in zip(xs, ys)], (0,)))
 
 
 def _shared_leaf_step(leaf: _rule.LeafRule, tracing: bool):
