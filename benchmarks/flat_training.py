@@ -45,27 +45,17 @@ class VAE(nnx.Module):
     return jnp.mean(optax.sigmoid_binary_cross_entropy(logits, x)) + kl
 
 
-def tree_step(graphdef, tx):
+def make_step(graphdef, tx, to_params=lambda params: params):
+  """The jitted training step; ``to_params`` turns what is trained into the
+  model's parameters (``view.unravel`` on the flat path)."""
   @functools.partial(jax.jit, donate_argnums=(0, 1, 2))
-  def step(params, rest, state, x):
-    def loss_fn(params):
-      model = nnx.merge(graphdef, params, rest, copy=True)
+  def step(trained, rest, state, x):
+    def loss_fn(trained):
+      model = nnx.merge(graphdef, to_params(trained), rest, copy=True)
       return model(x), nnx.state(model, nnx.Not(nnx.Param))
-    (loss, rest), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    updates, state = tx.update(grads, state, params)
-    return optax.apply_updates(params, updates), rest, state, loss
-  return step
-
-
-def flat_step(graphdef, view, tx):
-  @functools.partial(jax.jit, donate_argnums=(0, 1, 2))
-  def step(flat, rest, state, x):
-    def loss_fn(flat):
-      model = nnx.merge(graphdef, view.unravel(flat), rest, copy=True)
-      return model(x), nnx.state(model, nnx.Not(nnx.Param))
-    (loss, rest), grads = jax.value_and_grad(loss_fn, has_aux=True)(flat)
-    updates, state = tx.update(grads, state, flat)
-    return optax.apply_updates(flat, updates), rest, state, loss
+    (loss, rest), grads = jax.value_and_grad(loss_fn, has_aux=True)(trained)
+    updates, state = tx.update(grads, state, trained)
+    return optax.apply_updates(trained, updates), rest, state, loss
   return step
 
 
@@ -76,9 +66,9 @@ def run(path: str, batch: int, steps: int, repeats: int) -> dict:
   if path == "flat":
     view = jadam.FlatView(params)
     params = view.ravel(params)
-    step = flat_step(graphdef, view, tx)
+    step = make_step(graphdef, tx, view.unravel)
   else:
-    step = tree_step(graphdef, tx)
+    step = make_step(graphdef, tx)
   state = tx.init(params)
   x = jax.random.uniform(jax.random.key(2), (batch, 784))
   start = time.perf_counter()
