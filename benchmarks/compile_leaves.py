@@ -14,10 +14,7 @@ import jax
 import jax.numpy as jnp
 
 import jadam
-
-FORMATS = {"float32": {}, "bfloat16": dict(mu_dtype=jnp.bfloat16,
-                                           nu_dtype=jnp.bfloat16),
-           "int8": dict(mu_dtype="int8", nu_dtype="int8")}
+from step_and_compile import FORMATS  # a sibling script (benchmarks/)
 
 
 def main():
