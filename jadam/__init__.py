@@ -2,7 +2,8 @@
 
 Public namespace, one spelling per name:
 
-* ``jadam``: the optimizers (``adam``, ``adamw``, ...), their ``scale_by_*``
+* ``jadam``: the optimizers (``adam``, ``adamw``, ...), parameter groups
+  (``Group``, ``param_paths``, ``set_group_hyperparams``, ...), their ``scale_by_*``
   transformations and states (optax's classes), ``FlatView``, the storage
   formats (``Float``, ``BlockwiseInt8``, ``Int8Moment``) and what reads a
   state (``decode_moments``, ``describe``, ``convert_state``), the health
@@ -29,6 +30,8 @@ Module map (private modules, one concern each):
 * ``_skip``: the skip decision, from ``skip_nonfinite`` into the engine.
 * ``_transform``: the Adam family's ``scale_by_*`` as flag choices.
 * ``_alias``: complete optimizers (``adam``, ``adamw``, ...).
+* ``_groups``: parameter groups (``Group``, ``param_paths``, the grouped
+  optimizer and its ``GroupHyperparamsState``).
 * ``contrib/``: ADOPT, AdEMAMix, schedule-free AdamW (one file each).
 * ``_state``: reading states: ``decode_moments``, ``describe``,
   ``convert_state``.
@@ -62,6 +65,12 @@ from jadam._formats import BlockwiseInt8
 from jadam._formats import Float
 from jadam._formats import Int8Moment
 from jadam._fusion import enable_cpu_fusion
+from jadam._groups import Group
+from jadam._groups import GroupHyperparamsState
+from jadam._groups import group_hyperparams
+from jadam._groups import param_paths
+from jadam._groups import reset_group
+from jadam._groups import set_group_hyperparams
 from jadam._health import HealthStats
 from jadam._health import SkipNonfiniteState
 from jadam._health import TelemetryState
@@ -89,6 +98,9 @@ __all__ = [
     "radam",
     "scale_by_adam", "scale_by_adamax", "scale_by_amsgrad", "scale_by_radam",
     "ScaleByAdamState", "ScaleByAmsgradState",
+    # Parameter groups.
+    "Group", "GroupHyperparamsState", "group_hyperparams", "param_paths",
+    "reset_group", "set_group_hyperparams",
     # The fast path.
     "FlatView",
     # Storage, and reading states.

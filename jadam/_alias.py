@@ -12,6 +12,8 @@ import jax.numpy as jnp
 import optax
 
 from jadam.sharding import _placement
+from jadam import _groups
+from jadam import _rule
 from jadam import _transform
 from jadam import _validation
 
@@ -24,9 +26,29 @@ def optimizer(scaling: optax.GradientTransformation,
                learning_rate: ScalarOrSchedule,
                weight_decay: Optional[ScalarOrSchedule] = None,
                mask: MaskOrFn = None,
-               numerics: str = "optax") -> optax.GradientTransformationExtraArgs:
-  """``scaling``, then decoupled weight decay if given, then ``−α``."""
+               numerics: str = "optax", *, groups: Any = None,
+               make: Optional[Callable] = None,
+               defaults: Optional[dict] = None,
+               ) -> optax.GradientTransformationExtraArgs:
+  """``scaling``, then decoupled weight decay if given, then ``−α``.
+
+  With ``groups``, the same in one grouped pass (``_groups.grouped``), from
+  ``make`` (the scaling's ``Spec`` with b1, b2, eps overridden) and the
+  scaling's own ``defaults`` of them.
+  """
   _validation.check_learning_rate(learning_rate)
+  if groups is not None:
+    if mask is not None:
+      raise ValueError(
+          "give either mask or groups: with groups, leave decay off a set of "
+          "parameters with jadam.Group(name, match=..., weight_decay=0.0).")
+    if numerics != "optax":
+      raise ValueError("groups take numerics='optax'.")
+    if weight_decay is not None:
+      _validation.check_nonnegative("weight_decay", weight_decay,
+                                    schedule=True)
+    return _groups.grouped(make, defaults, learning_rate, weight_decay,
+                           groups)
   parts = [scaling]
   if weight_decay is not None:
     _validation.check_nonnegative("weight_decay", weight_decay,
@@ -38,6 +60,19 @@ def optimizer(scaling: optax.GradientTransformation,
   parts.append(optax.scale_by_learning_rate(learning_rate))
   # A schedule's step count is made by optax's init.
   return _placement.placing_scalars(optax.chain(*parts))
+
+
+def _family(rule: _rule.AdamRule, mu_dtype: Any, nu_dtype: Any,
+            learning_rate: ScalarOrSchedule,
+            weight_decay: Optional[ScalarOrSchedule] = None,
+            mask: MaskOrFn = None, groups: Any = None
+            ) -> optax.GradientTransformationExtraArgs:
+  """``optimizer`` of the Adam family's ``rule``."""
+  return optimizer(
+      _transform.scale_by_rule(rule, mu_dtype, nu_dtype), learning_rate,
+      weight_decay, mask, rule.numerics, groups=groups,
+      make=_transform.maker(rule, mu_dtype, nu_dtype),
+      defaults=dict(b1=rule.b1, b2=rule.b2, eps=rule.eps))
 
 
 def _keras_decay_then_step(
@@ -84,6 +119,7 @@ def adam(
     nu_dtype: Optional[Any] = None,
     cautious: bool = False,
     numerics: str = "optax",
+    groups: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   """The Adam optimizer (Kingma & Ba, 2015).
 
@@ -92,6 +128,12 @@ def adam(
     b1, b2, eps, eps_root, mu_dtype, nu_dtype, nesterov, cautious, numerics:
       as in ``jadam.scale_by_adam``; ``numerics="keras"`` with ``eps=1e-7``
       matches ``keras.optimizers.Adam``.
+    groups: parameter groups: a list of ``jadam.Group`` (matched on the
+      parameters' key paths, first match wins) or a ``FlatView``'s
+      ``view.groups``. Each group has its own learning rate, ε, β1, β2 (and
+      weight decay where the optimizer has it) or is frozen, in one pass;
+      the state is then ``(moments, jadam.GroupHyperparamsState)``. See
+      docs/groups.md.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -108,11 +150,10 @@ def adam(
   References:
     Kingma & Ba, "Adam: A Method for Stochastic Optimization", ICLR 2015.
   """
-  return optimizer(
-      _transform.scale_by_adam(b1, b2, eps, eps_root, mu_dtype=mu_dtype,
-                               nu_dtype=nu_dtype, nesterov=nesterov,
-                               cautious=cautious, numerics=numerics),
-      learning_rate)
+  return _family(
+      _rule.AdamRule(b1, b2, eps, eps_root, nesterov=nesterov,
+                     cautious=cautious, numerics=numerics),
+      mu_dtype, nu_dtype, learning_rate, groups=groups)
 
 
 def adamw(
@@ -129,6 +170,7 @@ def adamw(
     nu_dtype: Optional[Any] = None,
     cautious: bool = False,
     numerics: str = "optax",
+    groups: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Adam with decoupled weight decay (Loshchilov & Hutter, 2019).
 
@@ -143,6 +185,8 @@ def adamw(
       them), True where decay applies (not on biases, say).
     numerics: as in ``adam``; ``"keras"`` with ``eps=1e-7`` matches
       ``keras.optimizers.AdamW``, rounding included (decay first, then step).
+    groups: parameter groups (a list of ``jadam.Group``, or a ``FlatView``'s
+      ``view.groups``), as in ``adam``; exclusive with ``mask``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -156,11 +200,10 @@ def adamw(
   References:
     Loshchilov & Hutter, "Decoupled Weight Decay Regularization", ICLR 2019.
   """
-  return optimizer(
-      _transform.scale_by_adam(b1, b2, eps, eps_root, mu_dtype=mu_dtype,
-                               nu_dtype=nu_dtype, nesterov=nesterov,
-                               cautious=cautious, numerics=numerics),
-      learning_rate, weight_decay, mask, numerics)
+  return _family(
+      _rule.AdamRule(b1, b2, eps, eps_root, nesterov=nesterov,
+                     cautious=cautious, numerics=numerics),
+      mu_dtype, nu_dtype, learning_rate, weight_decay, mask, groups)
 
 
 def nadam(
@@ -174,12 +217,14 @@ def nadam(
     nesterov: bool = True,
     nu_dtype: Optional[Any] = None,
     cautious: bool = False,
+    groups: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Adam with Nesterov momentum: ``adam`` with ``nesterov=True``.
 
   Args:
     learning_rate, b1, b2, eps, eps_root, mu_dtype, nu_dtype, cautious,
       nesterov: as in ``adam``; ``nesterov=False`` gives plain Adam.
+    groups: as in ``adam``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -192,7 +237,8 @@ def nadam(
     Dozat, "Incorporating Nesterov Momentum into Adam", ICLR workshop 2016.
   """
   return adam(learning_rate, b1, b2, eps, eps_root, mu_dtype,
-              nesterov=nesterov, nu_dtype=nu_dtype, cautious=cautious)
+              nesterov=nesterov, nu_dtype=nu_dtype, cautious=cautious,
+              groups=groups)
 
 
 def nadamw(
@@ -208,12 +254,14 @@ def nadamw(
     nesterov: bool = True,
     nu_dtype: Optional[Any] = None,
     cautious: bool = False,
+    groups: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   """NAdam with decoupled weight decay: ``adamw`` with ``nesterov=True``.
 
   Args:
     learning_rate, b1, b2, eps, eps_root, mu_dtype, weight_decay, mask,
       nu_dtype, cautious: as in ``adamw``; ``nesterov=False`` gives AdamW.
+    groups: as in ``adam``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -227,7 +275,8 @@ def nadamw(
     Hutter, "Decoupled Weight Decay Regularization", ICLR 2019.
   """
   return adamw(learning_rate, b1, b2, eps, eps_root, mu_dtype, weight_decay,
-               mask, nesterov=nesterov, nu_dtype=nu_dtype, cautious=cautious)
+               mask, nesterov=nesterov, nu_dtype=nu_dtype, cautious=cautious,
+               groups=groups)
 
 
 def amsgrad(
@@ -243,6 +292,7 @@ def amsgrad(
     nu_dtype: Optional[Any] = None,
     cautious: bool = False,
     numerics: str = "optax",
+    groups: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   """AMSGrad: Adam dividing by the running maximum of v̂.
 
@@ -252,6 +302,7 @@ def amsgrad(
     bias_correction_mu, bias_correction_nu, numerics: as in
       ``jadam.scale_by_amsgrad``; ``numerics="keras"`` matches
       ``keras.optimizers.Adam(amsgrad=True)``.
+    groups: as in ``adam``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -263,11 +314,11 @@ def amsgrad(
   References:
     Reddi, Kale & Kumar, "On the Convergence of Adam and Beyond", ICLR 2018.
   """
-  return optimizer(
-      _transform.scale_by_amsgrad(b1, b2, eps, eps_root, mu_dtype,
-                                  bias_correction_mu, bias_correction_nu,
-                                  nu_dtype=nu_dtype, cautious=cautious,
-                                  numerics=numerics), learning_rate)
+  return _family(
+      _rule.AdamRule(b1, b2, eps, eps_root, amsgrad=True, cautious=cautious,
+                     numerics=numerics, bias_correction_mu=bias_correction_mu,
+                     bias_correction_nu=bias_correction_nu),
+      mu_dtype, nu_dtype, learning_rate, groups=groups)
 
 
 def adamax(
@@ -279,11 +330,13 @@ def adamax(
     mu_dtype: Optional[Any] = None,
     nu_dtype: Optional[Any] = None,
     cautious: bool = False,
+    groups: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   """AdaMax: Adam with the infinity norm in place of v.
 
   Args:
     learning_rate, b1, b2, eps, mu_dtype, nu_dtype, cautious: as in ``adam``.
+    groups: as in ``adam``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -296,10 +349,9 @@ def adamax(
     Kingma & Ba, "Adam: A Method for Stochastic Optimization", ICLR 2015,
     Section 7.1.
   """
-  return optimizer(
-      _transform.scale_by_adamax(b1, b2, eps, mu_dtype=mu_dtype,
-                                 nu_dtype=nu_dtype, cautious=cautious),
-      learning_rate)
+  return _family(
+      _rule.AdamRule(b1, b2, eps, infinity_norm=True, cautious=cautious),
+      mu_dtype, nu_dtype, learning_rate, groups=groups)
 
 
 def adamaxw(
@@ -313,6 +365,7 @@ def adamaxw(
     mu_dtype: Optional[Any] = None,
     nu_dtype: Optional[Any] = None,
     cautious: bool = False,
+    groups: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   """AdaMax with decoupled weight decay.
 
@@ -320,6 +373,7 @@ def adamaxw(
     learning_rate, b1, b2, eps, mu_dtype, nu_dtype, cautious: as in
       ``adamax``.
     weight_decay, mask: as in ``adamw``.
+    groups: as in ``adam``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -332,10 +386,9 @@ def adamaxw(
     Kingma & Ba, "Adam", ICLR 2015, Section 7.1; Loshchilov & Hutter,
     "Decoupled Weight Decay Regularization", ICLR 2019.
   """
-  return optimizer(
-      _transform.scale_by_adamax(b1, b2, eps, mu_dtype=mu_dtype,
-                                 nu_dtype=nu_dtype, cautious=cautious),
-      learning_rate, weight_decay, mask)
+  return _family(
+      _rule.AdamRule(b1, b2, eps, infinity_norm=True, cautious=cautious),
+      mu_dtype, nu_dtype, learning_rate, weight_decay, mask, groups)
 
 
 def radam(
@@ -350,6 +403,7 @@ def radam(
     mu_dtype: Optional[Any] = None,
     nu_dtype: Optional[Any] = None,
     cautious: bool = False,
+    groups: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   """RAdam: Adam with the variance of its adaptive step rectified.
 
@@ -357,6 +411,7 @@ def radam(
     learning_rate, b1, b2, eps, eps_root, nesterov, mu_dtype, nu_dtype,
       cautious: as in ``adam``.
     threshold: as in ``jadam.scale_by_radam``.
+    groups: as in ``adam``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -369,8 +424,7 @@ def radam(
     Liu et al., "On the Variance of the Adaptive Learning Rate and Beyond",
     ICLR 2020.
   """
-  return optimizer(
-      _transform.scale_by_radam(b1, b2, eps, eps_root, threshold,
-                                nesterov=nesterov, mu_dtype=mu_dtype,
-                                nu_dtype=nu_dtype, cautious=cautious),
-      learning_rate)
+  return _family(
+      _rule.AdamRule(b1, b2, eps, eps_root, nesterov=nesterov,
+                     rectify_threshold=threshold, cautious=cautious),
+      mu_dtype, nu_dtype, learning_rate, groups=groups)

@@ -58,6 +58,23 @@ def moments_of(state: Any) -> Optional[tuple[Moment, ...]]:
   return _DECLARED.get(type(state))
 
 
+class Spec(NamedTuple):
+  """An optimizer as the engine builds it: ``transformation``'s arguments.
+  Parameter groups (``_groups``) build one per group from the same maker."""
+
+  state_class: type
+  moments: tuple[Moment, ...]
+  formats: tuple
+  rule: Callable[[Any, Array, Optional[Array]], _rule.LeafRule]
+  counters: Optional[dict] = None
+
+
+def build(spec: Spec) -> optax.GradientTransformationExtraArgs:
+  """``transformation`` of a ``Spec``."""
+  return transformation(spec.state_class, spec.moments, spec.formats,
+                        spec.rule, counters=spec.counters)
+
+
 def transformation(
     state_class: type, moments: tuple[Moment, ...], formats: tuple,
     rule: Callable[[Any, Array, Optional[Array]], _rule.LeafRule], *,
@@ -119,12 +136,14 @@ def init_moments(params: Any, moments: Sequence[Moment],
           for f, m in zip(formats, moments)]
 
 
-def walk(leaf: _rule.LeafRule, updates: Any, t: Array,
+def walk(leaf: Any, updates: Any, t: Array,
          stored_trees: Sequence[Any], formats: Sequence[Any],
          moments: Sequence[Moment], params: Any = None
          ) -> tuple[Any, list[Any]]:
   """The package's one tree walk: check the gradients and the state, then
-  ``step_leaf`` each leaf. Returns ``(directions, new_stored_trees)``."""
+  ``step_leaf`` each leaf. ``leaf``: one ``LeafRule`` for every leaf, or a
+  sequence of them, one per gradient leaf (parameter groups). Returns
+  ``(directions, new_stored_trees)``."""
   plain = _boxes.strip(updates)
   plain_trees = [_boxes.strip(tree) for tree in stored_trees]
   _validation.check_same_tree(plain, plain_trees[0], what="optimizer state",
@@ -147,9 +166,15 @@ def walk(leaf: _rule.LeafRule, updates: Any, t: Array,
       for index, g in enumerate(grads)]
   tracing = any(_compat.is_tracer(g) for g in grads)
   positions = _positions(len(grads), t) if tracing else range(len(grads))
-  step = _shared_leaf_step(leaf, tracing)
+  rules = ([leaf] * len(grads) if isinstance(leaf, _rule.LeafRule)
+           else list(leaf))
+  steps = {}  # one shared step per distinct rule
   rows = []
   for index, (g, position) in enumerate(zip(grads, positions)):
+    leaf = rules[index]
+    if id(leaf) not in steps:
+      steps[id(leaf)] = _shared_leaf_step(leaf, tracing)
+    step = steps[id(leaf)]
     entries = [column[index] for column in columns]
     stored = tuple(x.codes if isinstance(x, int8.Int8Moment) else x
                    for x in entries)

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jadam import _compat
+from jadam import _groups
 
 Array = jax.Array
 PyTree = Any
@@ -63,6 +64,24 @@ def _labels(labels: Optional[LabelTree], template: PyTree,
         f"FlatView was built from: {error}") from error
 
 
+def _is_group_list(groups: Any) -> bool:
+  return (isinstance(groups, (list, tuple)) and bool(groups)
+          and all(isinstance(g, _groups.Group) for g in groups))
+
+
+def _group_label(groups: tuple, index: int) -> Optional[str]:
+  """The buffer label of a group: frozen and own-β groups apart."""
+  if index == len(groups):
+    return None
+  group = groups[index]
+  if group.frozen:
+    return "frozen"
+  if group.b1 is None and group.b2 is None:
+    return None
+  return ",".join(f"{name}={getattr(group, name)}" for name in ("b1", "b2")
+                  if getattr(group, name) is not None)
+
+
 def _buffer_key(dtype: np.dtype, label: Hashable) -> str:
   if label is None:
     return dtype.name
@@ -78,12 +97,20 @@ class FlatView:
   Args:
     tree: the parameters (arrays, ``jax.ShapeDtypeStruct`` or scalars), all
       floating point or complex, else a TypeError.
-    groups: optional per-leaf labels with ``tree``'s structure (or a callable
-      giving them), such as a weight-decay mask: each label gets its own
-      buffers, so masks and ``optax.partition`` still apply.
+    groups: a list of ``jadam.Group``: each buffer is ordered by group, so
+      a group is one contiguous segment, and ``view.groups`` is the
+      optimizer's ``groups`` argument (one pass, whatever the number of
+      groups). Frozen groups go to buffers of their own, ``"<dtype>/frozen"``,
+      which the optimizer leaves untouched and holds no moments for; groups
+      with their own β1/β2 to ``"<dtype>/b1=…,b2=…"``. Or per-leaf labels
+      with ``tree``'s structure (or a callable giving them), such as a
+      weight-decay mask: each label gets its own buffers, so masks and
+      ``optax.partition`` apply.
 
   Attributes:
     keys: buffer keys in order, ``"float32"`` or ``"float32/<label>"``.
+    groups: with ``groups=[jadam.Group, ...]``, the layout to pass to the
+      optimizer (``jadam.adamw(lr, groups=view.groups)``); else None.
     sizes: number of elements of each buffer, by key.
     size: total number of elements.
 
@@ -104,28 +131,53 @@ class FlatView:
   def __init__(self, tree: PyTree, groups: Optional[LabelTree] = None):
     template = _template(tree)
     leaves, self._treedef = jax.tree.flatten(template)
-    labels = _labels(groups, template, self._treedef)
-    sizes: dict[str, int] = {}
-    slots = []
-    for path_leaf, label in zip(
-        _compat.flatten_with_path(template)[0], labels):
-      path, leaf = path_leaf
-      dtype = np.dtype(leaf.dtype)
-      if not jnp.issubdtype(dtype, jnp.inexact):
+    entries = _compat.flatten_with_path(template)[0]
+    for path, leaf in entries:
+      if not jnp.issubdtype(np.dtype(leaf.dtype), jnp.inexact):
         raise TypeError(
             f"FlatView holds trainable parameters only, but the leaf at "
-            f"{_compat.keystr(path)} has dtype {dtype}; split "
+            f"{_compat.keystr(path)} has dtype {np.dtype(leaf.dtype)}; split "
             "non-float state (counters, RNG keys) out of the tree first, for "
             "example with nnx.split(model, nnx.Param, ...).")
-      key = _buffer_key(dtype, label)
+    self.groups = None
+    if _is_group_list(groups):
+      layout = _groups.Layout(groups)
+      member = _groups.assign(layout.groups, template)
+      labels = [_group_label(layout.groups, k) for k in member]
+      # Leaves ordered by group inside each buffer: one segment per group.
+      order = sorted(range(len(entries)), key=lambda i: member[i])
+    else:
+      member, labels = None, _labels(groups, template, self._treedef)
+      order = range(len(entries))
+    sizes: dict[str, int] = {}
+    slots: list[Optional[_Slot]] = [None] * len(entries)
+    segments: dict[str, list] = {}
+    for i in order:
+      leaf = entries[i][1]
+      dtype = np.dtype(leaf.dtype)
+      key = _buffer_key(dtype, labels[i])
       slot = _Slot(key, sizes.get(key, 0), tuple(leaf.shape), dtype)
       sizes[key] = slot.start + slot.size
-      slots.append(slot)
+      slots[i] = slot
+      if member is not None:
+        found = segments.setdefault(key, [])
+        if found and found[-1].group == member[i]:
+          found[-1] = found[-1]._replace(stop=sizes[key])
+        else:
+          found.append(_groups.Segment(member[i], slot.start, sizes[key]))
     self._slots = tuple(slots)
     self.keys = tuple(sorted(sizes))
     self.sizes = {key: sizes[key] for key in self.keys}
     self.size = sum(self.sizes.values())
     self._labels = tuple(labels)
+    # Per buffer, its leaves in buffer order.
+    self._order = {key: sorted((i for i, s in enumerate(self._slots)
+                                if s.key == key),
+                               key=lambda i: self._slots[i].start)
+                   for key in self.keys}
+    if member is not None:
+      self.groups = _groups.Layout(layout.groups, {
+          key: tuple(found) for key, found in segments.items()})
 
   def __repr__(self) -> str:
     buffers = ", ".join(f"{k}[{n}]" for k, n in self.sizes.items())
@@ -141,13 +193,13 @@ class FlatView:
       A dict from buffer key to a 1-D array.
     """
     leaves = self._treedef.flatten_up_to(tree)
-    parts: dict[str, list[Array]] = {key: [] for key in self.keys}
     for slot, leaf in zip(self._slots, leaves):
       if tuple(np.shape(leaf)) != slot.shape:
         raise ValueError(
             f"leaf of shape {np.shape(leaf)} where the view has {slot.shape}")
-      parts[slot.key].append(jnp.ravel(jnp.asarray(leaf, slot.dtype)))
-    return {key: jnp.concatenate(parts[key]) for key in self.keys}
+    return {key: jnp.concatenate([
+        jnp.ravel(jnp.asarray(leaves[i], self._slots[i].dtype))
+        for i in self._order[key]]) for key in self.keys}
 
   def unravel(self, flat: dict[str, Array]) -> PyTree:
     """The tree whose leaves are static slices of ``flat``'s buffers.
@@ -158,17 +210,17 @@ class FlatView:
     Returns:
       The tree, with the structure the view was built from.
     """
-    pieces = {}
+    leaves: list[Any] = [None] * len(self._slots)
     for key in self.keys:
       buffer = flat[key]
       if buffer.shape != (self.sizes[key],):
         raise ValueError(f"buffer {key!r} has shape {buffer.shape}, the view "
                          f"expects ({self.sizes[key]},)")
-      sizes = [slot.size for slot in self._slots if slot.key == key]
+      order = self._order[key]
       # lax.split, not a slice per leaf: its transpose is one concatenation.
-      pieces[key] = iter(jax.lax.split(buffer, sizes))
-    leaves = [next(pieces[slot.key]).reshape(slot.shape)
-              for slot in self._slots]
+      for i, piece in zip(order, jax.lax.split(
+          buffer, [self._slots[i].size for i in order])):
+        leaves[i] = piece.reshape(self._slots[i].shape)
     return self._treedef.unflatten(leaves)
 
   def mask(self, mask: LabelTree) -> dict[str, bool]:

@@ -224,7 +224,9 @@ def scale_bounds(rule: AdamRule, t: Array, g_max: tuple, old: tuple,
     if k == 0:
       bound = ema(G, old[0], rule.b1)
     elif k == 1 and rule.infinity_norm:
-      bound = jnp.maximum(G + rule.eps, rule.b2 * old[1])
+      # ε per position (parameter groups on a flat buffer): its largest.
+      eps = rule.eps if jnp.ndim(rule.eps) == 0 else jnp.max(rule.eps)
+      bound = jnp.maximum(G + eps, rule.b2 * old[1])
     elif k == 1:
       bound = ema(G * G, old[1], rule.b2)
     else:

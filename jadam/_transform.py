@@ -60,17 +60,26 @@ def formats(mu_dtype: Any, nu_dtype: Any, n: int = 2) -> tuple:
   return (_formats.as_format("mu_dtype", mu_dtype), nu, nu)[:n]
 
 
-def _scale_by_rule(rule: _rule.AdamRule, mu_dtype: Any,
-                   nu_dtype: Any) -> optax.GradientTransformationExtraArgs:
-  """The engine's transformation of ``rule``, with optax's state class."""
+def spec(rule: _rule.AdamRule, mu_dtype: Any, nu_dtype: Any) -> _engine.Spec:
+  """The engine's ``Spec`` of ``rule``, with optax's state class."""
   check_rule(rule)
+  leaf_rule = lambda state, t, skip: _rule.leaf_rule(rule, t, skip)
   if rule.amsgrad:
-    return _engine.transformation(
-        ScaleByAmsgradState, AMSGRAD_MOMENTS, formats(mu_dtype, nu_dtype, 3),
-        lambda state, t, skip: _rule.leaf_rule(rule, t, skip))
-  return _engine.transformation(
-      ScaleByAdamState, ADAM_MOMENTS, formats(mu_dtype, nu_dtype),
-      lambda state, t, skip: _rule.leaf_rule(rule, t, skip))
+    return _engine.Spec(ScaleByAmsgradState, AMSGRAD_MOMENTS,
+                        formats(mu_dtype, nu_dtype, 3), leaf_rule)
+  return _engine.Spec(ScaleByAdamState, ADAM_MOMENTS,
+                      formats(mu_dtype, nu_dtype), leaf_rule)
+
+
+def maker(rule: _rule.AdamRule, mu_dtype: Any, nu_dtype: Any):
+  """``spec`` of ``rule`` with some of b1, b2 and eps replaced: what
+  parameter groups build one group's step from."""
+  return lambda **hyper: spec(rule._replace(**hyper), mu_dtype, nu_dtype)
+
+
+def scale_by_rule(rule: _rule.AdamRule, mu_dtype: Any,
+                   nu_dtype: Any) -> optax.GradientTransformationExtraArgs:
+  return _engine.build(spec(rule, mu_dtype, nu_dtype))
 
 
 def scale_by_adam(
@@ -124,7 +133,7 @@ def scale_by_adam(
   References:
     Kingma & Ba, "Adam: A Method for Stochastic Optimization", ICLR 2015.
   """
-  return _scale_by_rule(
+  return scale_by_rule(
       _rule.AdamRule(b1, b2, eps, eps_root, nesterov=nesterov,
                      cautious=cautious, numerics=numerics),
       mu_dtype, nu_dtype)
@@ -164,7 +173,7 @@ def scale_by_amsgrad(
   References:
     Reddi, Kale & Kumar, "On the Convergence of Adam and Beyond", ICLR 2018.
   """
-  return _scale_by_rule(
+  return scale_by_rule(
       _rule.AdamRule(b1, b2, eps, eps_root, amsgrad=True, cautious=cautious,
                      numerics=numerics, bias_correction_mu=bias_correction_mu,
                      bias_correction_nu=bias_correction_nu),
@@ -196,7 +205,7 @@ def scale_by_adamax(
   References:
     Kingma & Ba (2015), Section 7.1 and Algorithm 2.
   """
-  return _scale_by_rule(
+  return scale_by_rule(
       _rule.AdamRule(b1, b2, eps, infinity_norm=True, cautious=cautious),
       mu_dtype, nu_dtype)
 
@@ -232,7 +241,7 @@ def scale_by_radam(
     Liu et al., "On the Variance of the Adaptive Learning Rate and Beyond",
     ICLR 2020.
   """
-  return _scale_by_rule(
+  return scale_by_rule(
       _rule.AdamRule(b1, b2, eps, eps_root, nesterov=nesterov,
                      rectify_threshold=threshold, cautious=cautious),
       mu_dtype, nu_dtype)

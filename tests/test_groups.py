@@ -1,0 +1,315 @@
+"""Parameter groups: one grouped pass equals optax's one-optimizer-per-group.
+
+The reference is ``optax.partition`` of one ``optax.adamw`` per group (a
+frozen group is ``optax.set_to_zero()``), compared bit for bit under jit.
+"""
+
+import re
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jadam
+from conftest import assert_bitwise
+
+PARTITION = getattr(optax, "partition", None) or optax.multi_transform
+
+
+class _Model(nn.Module):
+  """A small embedding model with every kind of leaf groups pick out."""
+
+  @nn.compact
+  def __call__(self, tokens):
+    x = nn.Embed(40, 16)(tokens)
+    x = nn.LayerNorm()(x)
+    x = nn.relu(nn.Dense(32)(x))
+    x = nn.Dense(16)(x)
+    return nn.Dense(40, use_bias=False)(x)
+
+
+def _problem():
+  model = _Model()
+  tokens = jax.random.randint(jax.random.key(0), (8, 12), 0, 40)
+  params = model.init(jax.random.key(1), tokens)
+  targets = jnp.roll(tokens, 1, axis=1)
+
+  def loss(params):
+    logits = model.apply(params, tokens)
+    return optax.softmax_cross_entropy_with_integer_labels(
+        logits, targets).mean()
+  return params, loss
+
+
+BASE = optax.warmup_cosine_decay_schedule(0.0, 3e-3, 10, 100)
+EMBED = optax.linear_schedule(1e-3, 1e-4, 100)
+GROUPS = [
+    jadam.Group("embed", match=r"params/Embed_0/.*", learning_rate=EMBED,
+                b2=0.99),
+    jadam.Group("no_decay", match=r".*/(bias|scale)", weight_decay=0.0),
+    jadam.Group("backbone", match=r"params/Dense_0/.*", lr_scale=0.1,
+                eps=1e-6),
+    jadam.Group("frozen", match=r"params/Dense_1/kernel", frozen=True),
+]
+# The same assignment written out by hand, for optax.
+LABELS = {"params": {
+    "Embed_0": {"embedding": "embed"},
+    "LayerNorm_0": {"scale": "no_decay", "bias": "no_decay"},
+    "Dense_0": {"kernel": "backbone", "bias": "no_decay"},
+    "Dense_1": {"kernel": "frozen", "bias": "no_decay"},
+    "Dense_2": {"kernel": "default"},
+}}
+
+
+def _optax_reference():
+  return PARTITION({
+      "embed": optax.adamw(EMBED, b2=0.99, weight_decay=0.1),
+      "no_decay": optax.adamw(BASE, weight_decay=0.0),
+      "backbone": optax.adamw(lambda count: BASE(count) * 0.1, eps=1e-6,
+                              weight_decay=0.1),
+      "frozen": optax.set_to_zero(),
+      "default": optax.adamw(BASE, weight_decay=0.1),
+  }, LABELS)
+
+
+def _run(tx, params, loss, steps):
+  """``steps`` jitted steps; the gradients come from a jitted program of
+  their own, so that two optimizers see the same gradients (inside one
+  program XLA may sum a bias's gradient in another order)."""
+  state = tx.init(params)
+  grad = jax.jit(jax.grad(loss))
+
+  @jax.jit
+  def step(params, state, grads):
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  for _ in range(steps):
+    params, state = step(params, state, grad(params))
+  return params, state
+
+
+def test_param_paths_are_slash_joined_without_flax_value():
+  params, _ = _problem()
+  paths = jax.tree.leaves(jadam.param_paths(params))
+  assert "params/Embed_0/embedding" in paths
+  assert "params/LayerNorm_0/scale" in paths
+  boxed = {"w": nn.Partitioned(jnp.ones((2, 2)), names=("a", "b")),
+           "layers": [{"bias": jnp.ones(2)}]}
+  assert jax.tree.leaves(jadam.param_paths(boxed)) == ["layers/0/bias", "w"]
+
+
+def test_grouped_adamw_is_bitwise_optax_partition_over_100_steps():
+  params, loss = _problem()
+  ours = jadam.adamw(BASE, weight_decay=0.1, groups=GROUPS)
+  mine, _ = _run(ours, params, loss, 100)
+  theirs, _ = _run(_optax_reference(), params, loss, 100)
+  assert_bitwise(mine, theirs)
+  # Trained, and the frozen group exactly not.
+  assert not np.array_equal(mine["params"]["Dense_0"]["kernel"],
+                            params["params"]["Dense_0"]["kernel"])
+  assert_bitwise(mine["params"]["Dense_1"]["kernel"],
+                 params["params"]["Dense_1"]["kernel"])
+
+
+def test_flat_view_groups_are_one_segment_each_in_shared_buffers():
+  params, _ = _problem()
+  view = jadam.FlatView(params, groups=GROUPS)
+  # Frozen and own-β groups apart; the other three share one buffer.
+  assert view.keys == ("float32", "float32/b2=0.99", "float32/frozen")
+  segments = view.groups.segments(view.ravel(params))
+  assert [[s.group for s in leaf] for leaf in segments] == [[1, 2, 4], [0],
+                                                              [3]]
+  assert_bitwise(view.unravel(view.ravel(params)), params)
+
+
+def test_flat_view_groups_step_as_the_tree_path_to_a_few_ulp():
+  # As without groups (test_flat.py): the same arithmetic, compiled once for
+  # the buffer and once per leaf, may round differently on XLA:CPU.
+  params, loss = _problem()
+  view = jadam.FlatView(params, groups=GROUPS)
+  tree_tx = jadam.adamw(BASE, weight_decay=0.1, groups=GROUPS)
+  flat_tx = jadam.adamw(BASE, weight_decay=0.1, groups=view.groups)
+
+  def flat_state(state):
+    moments, hyper = state
+    def ravel(tree):
+      full = jax.tree.map(
+          lambda m, p: jnp.zeros_like(p) if isinstance(m, optax.MaskedNode)
+          else m, tree, params,
+          is_leaf=lambda x: isinstance(x, optax.MaskedNode))
+      return {**view.ravel(full), "float32/frozen": optax.MaskedNode()}
+    return moments._replace(mu=ravel(moments.mu), nu=ravel(moments.nu)), hyper
+
+  grad, tree_update = jax.jit(jax.grad(loss)), jax.jit(tree_tx.update)
+  flat_update = jax.jit(flat_tx.update)
+  state, worst = tree_tx.init(params), 0
+  for _ in range(30):
+    grads = grad(params)
+    tree_u, new_state = tree_update(grads, state, params)
+    flat_u, _ = flat_update(view.ravel(grads), flat_state(state),
+                            view.ravel(params))
+    a = np.concatenate([np.ravel(x) for x in jax.tree.leaves(tree_u)])
+    b = np.concatenate([np.ravel(x) for x in
+                        jax.tree.leaves(view.unravel(flat_u))])
+    worst = max(worst, int(np.max(np.abs(
+        a.view(np.int32).astype(np.int64) - b.view(np.int32)))))
+    params, state = optax.apply_updates(params, tree_u), new_state
+  assert worst <= 8, worst
+  assert not np.any(view.unravel(flat_u)["params"]["Dense_1"]["kernel"])
+
+
+def test_a_frozen_group_holds_no_moments():
+  params, _ = _problem()
+  state = jadam.adamw(BASE, groups=GROUPS).init(params)
+  frozen = params["params"]["Dense_1"]["kernel"]
+  assert isinstance(state[0].mu["params"]["Dense_1"]["kernel"],
+                    optax.MaskedNode)
+  unfrozen = jadam.adamw(BASE, groups=GROUPS[:3]).init(params)
+  nbytes = lambda tree: sum(x.nbytes for x in jax.tree.leaves(tree))
+  assert nbytes(unfrozen) - nbytes(state) == 2 * frozen.nbytes
+
+
+def test_changing_group_values_between_steps_compiles_once():
+  params, loss = _problem()
+  tx = jadam.adamw(1e-3, weight_decay=0.1, groups=GROUPS)
+  traces = []
+
+  def step(params, state):
+    traces.append(1)
+    updates, state = tx.update(jax.grad(loss)(params), state, params)
+    return optax.apply_updates(params, updates), state
+
+  step = jax.jit(step, donate_argnums=(0, 1))
+  state = tx.init(params)
+  params = jax.tree.map(jnp.copy, params)
+  rates = np.geomspace(1e-4, 1e-2, 20)
+  for k, rate in enumerate(rates):
+    state = jadam.set_group_hyperparams(
+        state, default={"learning_rate": rate},
+        no_decay={"learning_rate": rate / 2},
+        embed={"lr_scale": 1 + k / 10},
+        backbone={"weight_decay": 0.01 * k, "eps": 1e-7})
+    params, state = step(params, state)
+  assert len(traces) == 1
+  values = jadam.group_hyperparams(state)
+  assert float(values["default"]["learning_rate"]) == np.float32(rates[-1])
+  assert values["backbone"]["weight_decay"].dtype == jnp.float32
+  assert not values["backbone"]["weight_decay"].weak_type
+
+
+def test_a_set_learning_rate_takes_effect_as_a_new_optimizer_would():
+  params, loss = _problem()
+  groups = [jadam.Group("b", match=r".*bias", learning_rate=1e-3)]
+  tx = jadam.adam(1e-3, groups=groups)
+  _, state = _run(tx, params, loss, 3)
+  grads = jax.grad(loss)(params)
+  changed = jadam.set_group_hyperparams(state, b={"learning_rate": 5e-3})
+  updates, _ = jax.jit(tx.update)(grads, changed, params)
+  tx2 = jadam.adam(1e-3, groups=[jadam.Group("b", match=r".*bias",
+                                             learning_rate=5e-3)])
+  # The state's values win over the configuration's ...
+  kept, _ = jax.jit(tx2.update)(grads, state, params)
+  assert_bitwise(kept, jax.jit(tx.update)(grads, state, params)[0])
+  # ... until the configuration is applied again, in one call.
+  configured = jadam.set_group_hyperparams(
+      state, **jadam.group_hyperparams(tx2.init(params)))
+  expected, _ = jax.jit(tx2.update)(grads, configured, params)
+  assert_bitwise(updates, expected)
+
+
+def test_skipped_step_holds_the_group_schedules_count():
+  params, loss = _problem()
+  tx = jadam.skip_nonfinite(jadam.adamw(BASE, groups=GROUPS))
+  state = tx.init(params)
+  grads = jax.grad(loss)(params)
+  bad = jax.tree.map(lambda g: g.at[(0,) * g.ndim].set(jnp.nan), grads)
+  update = jax.jit(tx.update)
+  _, state = update(grads, state, params)
+  _, skipped = update(bad, state, params)
+  assert int(skipped.skipped) == 1
+  assert int(skipped.inner_state[1].count) == 1
+  assert_bitwise(skipped.inner_state, state.inner_state)
+  reference, _ = update(grads, state, params)
+  again, _ = update(grads, skipped, params)
+  assert_bitwise(again, reference)
+
+
+@pytest.mark.parametrize("nu_dtype", ["int8", "bfloat16"])
+def test_compressed_moments_with_groups(nu_dtype):
+  """Groups with the optimizer's own values step as the ungrouped optimizer
+  (bitwise), and the grouped int8 run stays near its float32 twin."""
+  params, loss = _problem()
+  same = [jadam.Group("no_decay", match=r".*/(bias|scale)")]
+  grouped, _ = _run(jadam.adamw(1e-3, nu_dtype=nu_dtype, groups=same),
+                    params, loss, 20)
+  plain, _ = _run(jadam.adamw(1e-3, nu_dtype=nu_dtype), params, loss, 20)
+  assert_bitwise(grouped, plain)
+  narrow, _ = _run(jadam.adamw(1e-3, nu_dtype=nu_dtype, groups=GROUPS),
+                   params, loss, 20)
+  wide, _ = _run(jadam.adamw(1e-3, groups=GROUPS), params, loss, 20)
+  for a, b, p in zip(jax.tree.leaves(narrow), jax.tree.leaves(wide),
+                     jax.tree.leaves(params)):
+    moved = np.max(np.abs(np.asarray(b) - np.asarray(p)))
+    assert np.max(np.abs(np.asarray(a) - np.asarray(b))) <= 0.05 * moved + 1e-7
+
+
+def test_vmap_over_a_group_learning_rate_is_a_sweep_in_one_program():
+  params, loss = _problem()
+  tx = jadam.adam(1e-3, groups=[jadam.Group("b", match=r".*bias")])
+  rates = jnp.asarray([1e-4, 1e-3, 1e-2], jnp.float32)
+  state = tx.init(params)
+
+  def one(rate):
+    s = jadam.set_group_hyperparams(state, b={"learning_rate": rate})
+    updates, _ = tx.update(jax.grad(loss)(params), s, params)
+    return updates
+
+  swept = jax.jit(jax.vmap(one))(rates)
+  for k, rate in enumerate(rates):
+    alone = jax.jit(one)(rate)
+    for x, y in zip(jax.tree.leaves(swept), jax.tree.leaves(alone)):
+      np.testing.assert_array_equal(x[k], y)
+
+
+def test_reset_group_unfreezes_with_fresh_moments():
+  params, loss = _problem()
+  frozen_tx = jadam.adamw(BASE, groups=GROUPS)
+  _, state = _run(frozen_tx, params, loss, 3)
+  thawed = GROUPS[:3] + [jadam.Group("frozen", match=r"params/Dense_1/kernel")]
+  tx = jadam.adamw(BASE, groups=thawed)
+  new = jadam.reset_group(state, tx, params, thawed, "frozen")
+  mu = new[0].mu["params"]
+  assert not np.any(mu["Dense_1"]["kernel"])
+  assert_bitwise(mu["Dense_0"], state[0].mu["params"]["Dense_0"])
+  jax.jit(tx.update)(jax.grad(loss)(params), new, params)  # it steps
+  reset = jadam.reset_group(new, tx, params, thawed, "backbone")
+  assert not np.any(reset[0].nu["params"]["Dense_0"]["kernel"])
+
+
+def test_group_errors_name_the_problem():
+  params, _ = _problem()
+  with pytest.raises(ValueError, match=r"'ghost'.*params/Embed_0/embedding"):
+    jadam.adam(1e-3, groups=[jadam.Group("ghost", match="nothing")]).init(
+        params)
+  with pytest.raises(ValueError, match="no weight decay"):
+    jadam.adam(1e-3, groups=[jadam.Group("x", ".*", weight_decay=0.0)])
+  with pytest.raises(ValueError, match="both learning_rate and lr_scale"):
+    jadam.Group("x", ".*", learning_rate=1e-3, lr_scale=0.5)
+  with pytest.raises(TypeError, match="must return a Python or NumPy bool"):
+    jadam.adam(1e-3, groups=[jadam.Group("x", lambda p, x: x.ndim)]).init(
+        params)
+  state = jadam.adamw(BASE, groups=GROUPS).init(params)
+  with pytest.raises(ValueError, match="set lr_scale"):
+    jadam.set_group_hyperparams(state, no_decay={"learning_rate": 1.0})
+  with pytest.raises(ValueError, match="no runtime 'momentum'"):
+    jadam.set_group_hyperparams(state, no_decay={"momentum": 1.0})
+  with pytest.raises(ValueError, match="compiled in"):
+    jadam.set_group_hyperparams(state, embed={"b2": 0.9})
+  with pytest.raises(ValueError, match="no group 'frozen'"):
+    jadam.set_group_hyperparams(state, frozen={"eps": 1.0})
+  with pytest.raises(ValueError, match="finite number >= 0"):
+    jadam.set_group_hyperparams(state, no_decay={"lr_scale": -1.0})
