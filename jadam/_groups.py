@@ -483,8 +483,8 @@ def group_hyperparams(state: Any) -> dict:
     >>> import jax.numpy as jnp, jadam
     >>> tx = jadam.adamw(1e-3, groups=[jadam.Group("b", r".*b", eps=1e-6)])
     >>> state = tx.init({"w": jnp.ones(2), "b": jnp.ones(2)})
-    >>> float(jadam.group_hyperparams(state)["b"]["eps"])
-    1e-06
+    >>> jadam.group_hyperparams(state)["b"]["eps"]
+    Array(1.e-06, dtype=float32)
   """
   found = _hyper_states(state)
   if len(found) != 1:
@@ -600,7 +600,7 @@ def reset_group(state: Any, optimizer: optax.GradientTransformation,
     >>> trained = [jadam.Group("b", r"b")]
     >>> tx = jadam.adam(1e-3, groups=trained)
     >>> state = jadam.reset_group(state, tx, params, trained, "b")
-    >>> state[0][0].mu["b"]
+    >>> state[0].mu["b"]
     Array([0., 0.], dtype=float32)
   """
   layout = as_layout(groups)

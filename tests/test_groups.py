@@ -313,3 +313,38 @@ def test_group_errors_name_the_problem():
     jadam.set_group_hyperparams(state, frozen={"eps": 1.0})
   with pytest.raises(ValueError, match="finite number >= 0"):
     jadam.set_group_hyperparams(state, no_decay={"lr_scale": -1.0})
+
+
+OPTIMIZERS = {
+    "adam": (jadam.adam, False), "adamw": (jadam.adamw, True),
+    "nadam": (jadam.nadam, False), "nadamw": (jadam.nadamw, True),
+    "amsgrad": (jadam.amsgrad, False), "adamax": (jadam.adamax, False),
+    "adamaxw": (jadam.adamaxw, True), "radam": (jadam.radam, False),
+    "adopt": (jadam.contrib.adopt, False),
+    "ademamix": (jadam.contrib.ademamix, True),
+    "schedule_free_adamw": (jadam.contrib.schedule_free_adamw, True),
+}
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_every_optimizer_takes_groups_as_optax_partition_of_itself(name):
+  make, has_decay = OPTIMIZERS[name]
+  decay = dict(weight_decay=0.1) if has_decay else {}
+  own = dict(eps=1e-6, b2=0.99, **(dict(weight_decay=0.0) if has_decay
+                                   else {}))
+  params, loss = _problem()
+  labels = jax.tree.map(lambda p: "bias" if p.endswith("bias") else "rest",
+                        jadam.param_paths(params))
+  grouped = make(3e-3, **decay,
+                 groups=[jadam.Group("bias", match=r".*bias", **own)])
+  reference = PARTITION({"bias": make(3e-3, **{**decay, **own}),
+                         "rest": make(3e-3, **decay)}, labels)
+  mine, _ = _run(grouped, params, loss, 10)
+  theirs, _ = _run(reference, params, loss, 10)
+  assert_bitwise(mine, theirs)
+
+
+def test_schedule_free_groups_refuse_a_learning_rate_of_their_own():
+  with pytest.raises(ValueError, match="one schedule of the learning rate"):
+    jadam.contrib.schedule_free_adamw(
+        1e-3, groups=[jadam.Group("a", ".*", learning_rate=1e-4)])

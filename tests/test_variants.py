@@ -502,7 +502,7 @@ def test_variants_study_example_trains_every_variant():
     (lambda: jadam.contrib.schedule_free_adamw(1e-3, b1=0.0), "b1"),
     (lambda: jadam.adam(1e-3, numerics="tensorflow"), "numerics"),
     (lambda: jadam.scale_by_adam(nesterov=True, numerics="keras"), "keras"),
-    (lambda: jadam._transform._scale_by_rule(  # pylint: disable=protected-access
+    (lambda: jadam._transform.scale_by_rule(  # pylint: disable=protected-access
         jadam.rule.AdamRule(infinity_norm=True, numerics="keras"), None, None),
      "keras"),
     (lambda: jadam.contrib.adopt(1e-3, mu_dtype="int32"), "mu_dtype"),

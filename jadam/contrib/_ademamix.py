@@ -75,6 +75,13 @@ def scale_by_ademamix(
     Pagliardini, Ablin & Grangier, "The AdEMAMix Optimizer: Better, Faster,
     Older", ICLR 2025 (arXiv:2409.03137).
   """
+  return _engine.build(_spec(b1, b2, b3, alpha, eps, eps_root, mu_dtype,
+                             nu_dtype))
+
+
+def _spec(b1, b2, b3, alpha, eps, eps_root, mu_dtype,
+          nu_dtype) -> _engine.Spec:
+  """``scale_by_ademamix``'s engine ``Spec``."""
   rule = _rule.AdamRule(b1, b2, eps, eps_root)
   _transform.check_rule(rule)
   _check_decay("b3", b3)
@@ -114,10 +121,9 @@ def scale_by_ademamix(
     new = optax.safe_increment(state.count_m2)
     return new if skip is None else jnp.where(skip, state.count_m2, new)
 
-  return _engine.transformation(
+  return _engine.Spec(
       ScaleByAdemamixState, ADEMAMIX_MOMENTS,
-      (mu_format, nu_format, mu_format), leaf_rule,
-      counters={"count_m2": count_m2})
+      (mu_format, nu_format, mu_format), leaf_rule, {"count_m2": count_m2})
 
 
 def ademamix_b3_schedule(b3: float, warmup_steps: int,
@@ -176,6 +182,7 @@ def ademamix(
     mask: _alias.MaskOrFn = None,
     *,
     nu_dtype: Optional[Any] = None,
+    groups: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   """AdEMAMix with decoupled weight decay; keywords as optax.contrib.ademamix.
 
@@ -187,6 +194,7 @@ def ademamix(
       ``scale_by_ademamix``.
     weight_decay: λ, >= 0.
     mask: where the decay applies, as in ``jadam.adamw``.
+    groups: parameter groups, as in ``jadam.adam``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -200,7 +208,8 @@ def ademamix(
   References:
     Pagliardini et al., "The AdEMAMix Optimizer", ICLR 2025 (arXiv:2409.03137).
   """
+  make = lambda b1=b1, b2=b2, eps=eps: _spec(b1, b2, b3, alpha, eps,
+                                             eps_root, mu_dtype, nu_dtype)
   return _alias.optimizer(
-      scale_by_ademamix(b1, b2, b3, alpha, eps, eps_root, mu_dtype,
-                        nu_dtype=nu_dtype),
-      learning_rate, weight_decay, mask)
+      _engine.build(make()), learning_rate, weight_decay, mask,
+      groups=groups, make=make, defaults=dict(b1=b1, b2=b2, eps=eps))

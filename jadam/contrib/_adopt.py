@@ -74,6 +74,13 @@ def scale_by_adopt(
     Taniguchi et al., "ADOPT: Modified Adam Can Converge with Any β2 with the
     Optimal Rate", NeurIPS 2024.
   """
+  return _engine.build(_spec(b1, b2, eps, mu_dtype, nesterov, use_clipping,
+                             clip_value_fn, nu_dtype))
+
+
+def _spec(b1, b2, eps, mu_dtype, nesterov, use_clipping, clip_value_fn,
+          nu_dtype) -> _engine.Spec:
+  """``scale_by_adopt``'s engine ``Spec``."""
   _validation.check_decay("b1", b1)
   _validation.check_decay("b2", b2)
   _validation.check_nonnegative("eps", eps)
@@ -103,7 +110,7 @@ def scale_by_adopt(
                    bound=clip_value_fn(state.count) if use_clipping else None)
     return _rule.LeafRule(step, (False, True), bounds, scalars=scalars)
 
-  return _engine.transformation(
+  return _engine.Spec(
       _transform.ScaleByAdamState, _transform.ADAM_MOMENTS,
       _transform.formats(mu_dtype, nu_dtype), rule)
 
@@ -121,6 +128,7 @@ def adopt(
     nu_dtype: Optional[Any] = None,
     weight_decay: Optional[ScalarOrSchedule] = None,
     mask: _alias.MaskOrFn = None,
+    groups: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   """ADOPT (Taniguchi et al., 2024); same keywords as ``optax.contrib.adopt``.
 
@@ -130,6 +138,8 @@ def adopt(
       see ``scale_by_adopt``.
     weight_decay: optional decoupled weight decay λ (``−α·λ·θ``).
     mask: where the decay applies, as in ``jadam.adamw``.
+    groups: parameter groups, as in ``jadam.adam`` (``weight_decay`` per
+      group needs ``weight_decay`` given here).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -141,8 +151,9 @@ def adopt(
   References:
     Taniguchi et al., "ADOPT", NeurIPS 2024 (arXiv:2411.02853).
   """
+  rest = (mu_dtype, nesterov, use_clipping, clip_value_fn, nu_dtype)
   return _alias.optimizer(
-      scale_by_adopt(b1, b2, eps, mu_dtype, nesterov=nesterov,
-                     use_clipping=use_clipping, clip_value_fn=clip_value_fn,
-                     nu_dtype=nu_dtype),
-      learning_rate, weight_decay, mask)
+      _engine.build(_spec(b1, b2, eps, *rest)), learning_rate, weight_decay,
+      mask, groups=groups,
+      make=lambda b1=b1, b2=b2, eps=eps: _spec(b1, b2, eps, *rest),
+      defaults=dict(b1=b1, b2=b2, eps=eps))

@@ -12,6 +12,7 @@ from optax import contrib as optax_contrib
 
 from jadam import _alias
 from jadam import _engine
+from jadam import _groups
 from jadam import _rule
 from jadam.sharding import _placement
 from jadam import _transform
@@ -29,9 +30,8 @@ ScaleBySecondMomentState = type(jax.eval_shape(
     optax.scale_by_rms(bias_correction=True).init, ()))
 
 
-def _scale_by_adam_without_momentum(
-    b2: ArrayLike, eps: ArrayLike,
-    nu_dtype: Optional[Any]) -> optax.GradientTransformation:
+def _without_momentum_spec(b2: ArrayLike, eps: ArrayLike,
+                           nu_dtype: Optional[Any]) -> _engine.Spec:
   """Adam with β1 = 0 storing only v, schedule-free AdamW's base step. The
   direction is g times 1/denominator, rounded as ``optax.scale_by_rms`` does,
   rather than one division."""
@@ -52,7 +52,7 @@ def _scale_by_adam_without_momentum(
 
     return _rule.LeafRule(step, (True,), bounds, scalars=adam.scalars)
 
-  return _engine.transformation(
+  return _engine.Spec(
       ScaleBySecondMomentState, (_engine.Moment("nu", second=True),),
       _transform.formats(None, nu_dtype)[1:], leaf_rule)
 
@@ -72,6 +72,7 @@ def schedule_free_adamw(
     *,
     mask: _alias.MaskOrFn = None,
     nu_dtype: Optional[Any] = None,
+    groups: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Schedule-free AdamW (Defazio et al., 2024); keywords as optax's.
 
@@ -90,6 +91,10 @@ def schedule_free_adamw(
     state_dtype: storage dtype of z (None: the parameters').
     mask: where the decay applies, as in ``jadam.adamw``.
     nu_dtype: storage of v, as in ``jadam.scale_by_adam``.
+    groups: parameter groups with their own ``eps``, ``b2``,
+      ``weight_decay`` or ``frozen`` (as in ``jadam.adam``); the learning
+      rate and β1 drive the averaging of every parameter, so they are not
+      per group.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with a ``ScheduleFreeState``.
@@ -113,14 +118,43 @@ def schedule_free_adamw(
   _validation.check_nonnegative("weight_lr_power", weight_lr_power)
   if warmup_steps is not None:
     learning_rate = _with_linear_warmup(learning_rate, warmup_steps)
-  base = optax.chain(
-      _scale_by_adam_without_momentum(b2, eps, nu_dtype),
-      optax.add_decayed_weights(weight_decay, mask),
-      optax.scale_by_learning_rate(learning_rate))
+  if groups is not None:
+    base = _grouped_base(learning_rate, b2, eps, weight_decay, mask,
+                         nu_dtype, groups)
+  else:
+    base = optax.chain(
+        _engine.build(_without_momentum_spec(b2, eps, nu_dtype)),
+        optax.add_decayed_weights(weight_decay, mask),
+        optax.scale_by_learning_rate(learning_rate))
   # Its averaging weights and step count are made by optax's init.
   return _placement.placing_scalars(_dtypes_kept(optax_contrib.schedule_free(
       base, learning_rate=learning_rate, b1=b1,
       weight_lr_power=weight_lr_power, state_dtype=state_dtype)))
+
+
+def _grouped_base(learning_rate, b2, eps, weight_decay, mask, nu_dtype,
+                  groups) -> optax.GradientTransformation:
+  """The base step with parameter groups: their own ε, β2, weight decay or
+  frozen. Their learning rate and β1 are the averaging's, shared by all
+  parameters (the weights of x's average are a function of the rate)."""
+  layout = _groups.as_layout(groups)
+  for group in layout.groups:
+    shared = [name for name in ("learning_rate", "lr_scale", "b1")
+              if getattr(group, name) is not None]
+    if shared:
+      raise ValueError(
+          f"group {group.name!r} sets {', '.join(shared)}, but schedule-free "
+          "AdamW averages every parameter with one schedule of the learning "
+          "rate and one β1; give groups their own eps, b2, weight_decay or "
+          "frozen, or run one schedule_free_adamw per group with "
+          "optax.partition.")
+  if mask is not None:
+    raise ValueError("give either mask or groups: leave decay off a set of "
+                     "parameters with jadam.Group(..., weight_decay=0.0).")
+  make = lambda b1=0.0, b2=b2, eps=eps: _without_momentum_spec(b2, eps,
+                                                               nu_dtype)
+  return _groups.grouped(make, dict(b1=0.0, b2=b2, eps=eps), learning_rate,
+                         weight_decay, layout)
 
 
 def _dtypes_kept(tx: optax.GradientTransformation
