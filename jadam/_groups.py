@@ -237,6 +237,11 @@ class Layout:
           f"leaves {keys}: pass the view's buffers (view.ravel(params)).")
     return [self._segments[key] for key in keys]
 
+  @property
+  def buffer_segments(self) -> Optional[dict[str, tuple[Segment, ...]]]:
+    """A FlatView's segments per buffer key, or None for matched groups."""
+    return self._segments
+
   def name(self, index: int) -> str:
     return DEFAULT if index == len(self.groups) else self.groups[index].name
 
@@ -501,10 +506,14 @@ def _replaced(old: Any, value: Any, what: str) -> Any:
   if concrete is not None:
     _validation.check_nonnegative(what, value)
   array = _boxes.open_box(old)
-  new = jnp.asarray(value, array.dtype).reshape(np.shape(array))
-  if not _compat.is_tracer(new) and isinstance(array, jax.Array) and (
+  if concrete is not None and isinstance(array, jax.Array) and (
       not _compat.is_tracer(array)):
-    new = jax.device_put(new, array.sharding)
+    # Straight from the host value: a device array moved to host memory by
+    # device_put cannot be donated on XLA:CPU (JAX 0.10).
+    new = jax.device_put(concrete.astype(array.dtype).reshape(array.shape),
+                         array.sharding)
+  else:
+    new = jnp.asarray(value, array.dtype).reshape(np.shape(array))
   return _boxes.close_like(old, new)
 
 

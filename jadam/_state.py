@@ -18,6 +18,7 @@ from jadam import _boxes
 from jadam import _compat
 from jadam import _engine
 from jadam import _formats
+from jadam import _groups
 from jadam import _rule
 from jadam._formats import _codes
 from jadam._formats import int8
@@ -90,6 +91,7 @@ class LeafSummary:
   shape: tuple[int, ...]
   formats: Mapping[str, str]
   nbytes: int
+  group: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,8 +114,11 @@ class StateSummary:
 
   def __str__(self) -> str:
     fields = list(dict.fromkeys(f for row in self.leaves for f in row.formats))
-    header = ["parameter", "shape"] + fields + ["bytes"]
+    grouped = any(row.group for row in self.leaves)
+    header = (["parameter", "shape"] + (["group"] if grouped else [])
+              + fields + ["bytes"])
     rows = [[row.path or "<root>", "x".join(map(str, row.shape)) or "()"]
+            + ([row.group] if grouped else [])
             + [row.formats.get(f, "") for f in fields] + [str(row.nbytes)]
             for row in self.leaves]
     widths = [max(len(r[i]) for r in [header] + rows)
@@ -125,13 +130,16 @@ class StateSummary:
     return "\n".join(lines)
 
 
-def describe(state: Any) -> StateSummary:
+def describe(state: Any, groups: Any = None) -> StateSummary:
   """Each moment's format and bytes per parameter (with ``nu_dtype="int8"``,
   which leaves are int8), and the whole state's bytes per parameter.
 
   Args:
     state: any jadam optimizer's state, in any optax wrapper (arrays or
       ``jax.ShapeDtypeStruct``s).
+    groups: the optimizer's parameter groups, to show each leaf's group (a
+      FlatView buffer lists the groups it holds). Frozen leaves hold no
+      moments, so they have no row.
 
   Returns:
     A ``StateSummary``.
@@ -145,6 +153,7 @@ def describe(state: Any) -> StateSummary:
     'int8 √v, block 128'
   """
   found = moment_states(state)
+  group_of = _group_names(groups)
   rows, n_params = [], 0
   for state_path, node in found:
     moments = _moments(node)
@@ -162,11 +171,29 @@ def describe(state: Any) -> StateSummary:
         nbytes += fmt.nbytes(shape)
       prefix = state_path if len(found) > 1 else ""
       rows.append(LeafSummary(prefix + _compat.keystr(tuple(path)), shape,
-                              formats, nbytes))
+                              formats, nbytes, group_of(path, shape)))
       n_params += math.prod(shape)
   state_bytes = sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize
                     for x in jax.tree.leaves(state) if hasattr(x, "dtype"))
   return StateSummary(tuple(rows), n_params, state_bytes)
+
+
+def _group_names(groups: Any):
+  """``(path, shape) -> group name(s)`` for ``describe``'s rows."""
+  if groups is None:
+    return lambda path, shape: ""
+  layout = _groups.as_layout(groups)
+
+  def name(path, shape):
+    key = _groups.canonical_path(path)
+    if layout.buffer_segments is not None:
+      return "+".join(layout.name(s.group)
+                      for s in layout.buffer_segments.get(key, ()))
+    struct = jax.ShapeDtypeStruct(shape, jnp.float32)
+    return layout.name(next(
+        (k for k, g in enumerate(layout.groups) if g.matches(key, struct)),
+        len(layout.groups)))
+  return name
 
 
 def convert_state(state: Any, optimizer: Any, params: Any) -> Any:

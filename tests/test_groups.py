@@ -4,7 +4,6 @@ The reference is ``optax.partition`` of one ``optax.adamw`` per group (a
 frozen group is ``optax.set_to_zero()``), compared bit for bit under jit.
 """
 
-import re
 
 import flax.linen as nn
 import jax
@@ -326,6 +325,7 @@ OPTIMIZERS = {
 }
 
 
+@pytest.mark.matrix  # so in CI only the newest environment runs it
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
 def test_every_optimizer_takes_groups_as_optax_partition_of_itself(name):
   make, has_decay = OPTIMIZERS[name]
@@ -348,3 +348,191 @@ def test_schedule_free_groups_refuse_a_learning_rate_of_their_own():
   with pytest.raises(ValueError, match="one schedule of the learning rate"):
     jadam.contrib.schedule_free_adamw(
         1e-3, groups=[jadam.Group("a", ".*", learning_rate=1e-4)])
+
+
+_SHARDED = r"""
+import os
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+os.environ["JAX_PLATFORMS"] = "cpu"
+import json
+import jax, jax.numpy as jnp, numpy as np, optax, jadam
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+mesh = jax.make_mesh((4, 2), ("data", "model"))
+def put(x, *spec):
+  return jax.device_put(x, NamedSharding(mesh, P(*spec)))
+params = {"embed": put(jnp.linspace(-1, 1, 64 * 32).reshape(64, 32), "data",
+                       "model"),
+          "dense": {"kernel": put(jnp.linspace(0, 1, 32 * 16).reshape(32, 16),
+                                  None, "model"),
+                    "bias": put(jnp.zeros(16))}}
+groups = [jadam.Group("embed", r"embed", learning_rate=1e-3, b2=0.99),
+          jadam.Group("no_decay", r".*bias", weight_decay=0.0)]
+out = {}
+for name in ("grouped", "grouped_int8", "zero1"):
+  tx = jadam.adamw(1e-2, weight_decay=0.1, groups=groups,
+                   nu_dtype="int8" if name == "grouped_int8" else None)
+  if name == "zero1":
+    tx = jadam.sharding.zero1(tx, mesh)
+  traces = []
+  def step(p, s, g, tx=tx):
+    traces.append(1)
+    u, s = tx.update(g, s, p)
+    return optax.apply_updates(p, u), s
+  shardings = jax.tree.map(lambda x: x.sharding, params)
+  jitted = jax.jit(step, donate_argnums=(0, 1),
+                   out_shardings=(shardings, None))
+  p = jax.tree.map(jnp.copy, params)
+  s = tx.init(p)
+  for k in range(20):
+    s = jadam.set_group_hyperparams(
+        s, embed={"learning_rate": 1e-3 * (1 + k)},
+        default={"weight_decay": 0.01 * k, "eps": 1e-7})
+    g = jax.tree.map(lambda x: jnp.sin(x * (k + 1.0)) + 0.01, p)
+    p, s = jitted(p, s, g)
+  values = jadam.group_hyperparams(s)
+  hyper = [x for x in jax.tree.leaves(s) if x.ndim == 0]
+  mu = s[0].mu if name != "zero1" else s[0].mu
+  out[name] = {
+      "traces": len(traces),
+      "lr": float(values["embed"]["learning_rate"]),
+      "scalar_specs": sorted({str(x.sharding.spec) for x in hyper}),
+      "embed_spec": [str(a) for a in p["embed"].sharding.spec],
+      "mu_spec": [str(a) for a in mu["embed"].sharding.spec],
+      "finite": bool(all(np.all(np.isfinite(np.asarray(x)))
+                         for x in jax.tree.leaves(p)))}
+print(json.dumps(out))
+"""
+
+
+def test_sharded_donated_and_zero1_steps_compile_once_over_20_settings():
+  from conftest import run_json_worker  # pylint: disable=g-import-not-at-top
+  out = run_json_worker(_SHARDED)
+  for name, got in out.items():
+    assert got["traces"] == 1, name
+    assert got["lr"] == np.float32(0.02), name
+    assert got["scalar_specs"] in (["P()"], ["PartitionSpec()"]), name
+    assert got["embed_spec"] == ["data", "model"], name
+    assert got["finite"], name
+  assert out["grouped"]["mu_spec"] == ["data", "model"]
+  assert out["zero1"]["mu_spec"] == ["data", "model"]
+
+
+def test_offloaded_groups_stay_in_host_memory_and_compile_once():
+  from conftest import offload_supported  # pylint: disable=g-import-not-at-top
+  if not offload_supported():
+    pytest.skip("this JAX cannot move arrays to host memory inside jit here")
+  params, loss = _problem()
+  tx = jadam.sharding.offload(jadam.adamw(1e-3, groups=GROUPS))
+  plain = jadam.adamw(1e-3, groups=GROUPS)
+  traces = []
+
+  def step(params, state, grads, tx=tx):
+    traces.append(1)
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  # Parameters donated with the state: donating an offloaded state alone to a
+  # step that returns new parameters aborts XLA:CPU (docs/memory.md).
+  jitted = jax.jit(step, donate_argnums=(0, 1))
+  reference = jax.jit(lambda p, s, g: step(p, s, g, plain))
+  state, ref_state = tx.init(params), plain.init(params)
+  p, ref_p = jax.tree.map(jnp.copy, params), params
+  grad = jax.jit(jax.grad(loss))
+  for k in range(20):
+    rate = {"learning_rate": 1e-4 * (k + 1)}
+    state = jadam.set_group_hyperparams(state, default=rate)
+    ref_state = jadam.set_group_hyperparams(ref_state, default=rate)
+    g = grad(p)
+    p, state = jitted(p, state, g)
+    ref_p, ref_state = reference(ref_p, ref_state, g)
+  assert len(traces) == 2  # the offloaded step once, the reference once
+  kinds = {x.sharding.memory_kind for x in jax.tree.leaves(state)}
+  assert kinds == {"pinned_host"}
+  assert_bitwise(p, ref_p)
+
+
+def test_nnx_optimizer_groups_set_between_steps_without_retracing():
+  nnx = pytest.importorskip("flax.nnx")
+
+  class Model(nnx.Module):
+    def __init__(self, rngs):
+      self.embed = nnx.Embed(10, 8, rngs=rngs)
+      self.backbone = nnx.Linear(8, 8, rngs=rngs)
+      self.head = nnx.Linear(8, 2, rngs=rngs)
+
+    def __call__(self, x):
+      return self.head(nnx.relu(self.backbone(self.embed(x))))
+
+  model = Model(nnx.Rngs(0))
+  paths = jax.tree.leaves(jadam.param_paths(nnx.state(model, nnx.Param)))
+  assert paths == ["backbone/bias", "backbone/kernel", "embed/embedding",
+                   "head/bias", "head/kernel"]
+  groups = [jadam.Group("frozen", r"backbone/.*", frozen=True),
+            jadam.Group("no_decay", r".*bias", weight_decay=0.0),
+            jadam.Group("embed", r"embed/.*", learning_rate=1e-2)]
+  optimizer = nnx.Optimizer(model, jadam.adamw(1e-3, groups=groups),
+                            wrt=nnx.Param)
+  frozen_before = np.asarray(model.backbone.kernel[...])
+  traces = []
+
+  @nnx.jit
+  def train_step(model, optimizer, x):
+    traces.append(1)
+    loss = lambda model: jnp.mean(model(x) ** 2)
+    optimizer.update(model, nnx.grad(loss)(model))
+
+  tokens = jnp.arange(12) % 10
+  for k in range(5):
+    optimizer.opt_state = jadam.set_group_hyperparams(
+        optimizer.opt_state, embed={"learning_rate": 1e-3 * (k + 1)})
+    train_step(model, optimizer, tokens)
+  assert len(traces) == 1
+  values = jadam.group_hyperparams(optimizer.opt_state)
+  assert float(values["embed"]["learning_rate"]) == np.float32(5e-3)
+  np.testing.assert_array_equal(model.backbone.kernel[...], frozen_before)
+
+
+def test_orbax_resume_is_bitwise_and_keeps_the_checkpoints_values(tmp_path):
+  ocp = pytest.importorskip("orbax.checkpoint")
+  params, loss = _problem()
+  tx = jadam.skip_nonfinite(jadam.adamw(BASE, nu_dtype="int8",
+                                        groups=GROUPS))
+  grad = jax.jit(jax.grad(loss))
+  step = jax.jit(lambda p, s, g: (lambda u, s: (optax.apply_updates(p, u),
+                                                s))(*tx.update(g, s, p)))
+  state = tx.init(params)
+  state = jadam.set_group_hyperparams(state, no_decay={"lr_scale": 0.5})
+  p = params
+  for _ in range(3):
+    p, state = step(p, state, grad(p))
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(tmp_path / "ckpt", {"params": p, "state": state})
+  checkpointer.wait_until_finished()
+  restored = checkpointer.restore(tmp_path / "ckpt", {
+      "params": jax.eval_shape(lambda: p),
+      "state": jadam.sharding.abstract_state(tx, params)})
+  assert_bitwise(restored["state"], state)
+  assert float(jadam.group_hyperparams(restored["state"])["no_decay"][
+      "lr_scale"]) == 0.5  # the checkpoint's value, not the configuration's
+  a, b = (p, state), (restored["params"], restored["state"])
+  for _ in range(3):
+    a = step(*a, grad(a[0]))
+    b = step(*b, grad(b[0]))
+  assert_bitwise(a, b)
+
+
+def test_describe_shows_each_leafs_group():
+  params, _ = _problem()
+  state = jadam.adamw(BASE, groups=GROUPS).init(params)
+  rows = {row.path: row.group
+          for row in jadam.describe(state, GROUPS).leaves}
+  assert rows["['params']['Embed_0']['embedding']"] == "embed"
+  assert rows["['params']['Dense_2']['kernel']"] == "default"
+  assert "['params']['Dense_1']['kernel']" not in rows  # frozen: no moments
+  view = jadam.FlatView(params, groups=GROUPS)
+  summary = jadam.describe(jadam.adamw(BASE, groups=view.groups).init(
+      view.ravel(params)), view.groups)
+  assert [row.group for row in summary.leaves] == [
+      "no_decay+backbone+default", "embed"]
+  assert "group" in str(summary).splitlines()[0]
