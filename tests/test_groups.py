@@ -325,7 +325,8 @@ OPTIMIZERS = {
 }
 
 
-@pytest.mark.matrix  # so in CI only the newest environment runs it
+@pytest.mark.slow  # with matrix: in CI only the newest environment runs it
+@pytest.mark.matrix
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
 def test_every_optimizer_takes_groups_as_optax_partition_of_itself(name):
   make, has_decay = OPTIMIZERS[name]
