@@ -506,13 +506,15 @@ def _replaced(old: Any, value: Any, what: str) -> Any:
   if concrete is not None:
     _validation.check_nonnegative(what, value)
   array = _boxes.open_box(old)
-  if concrete is not None and isinstance(array, jax.Array) and (
-      not _compat.is_tracer(array)):
-    # Straight from the host value: a device array moved to host memory by
+  if (concrete is not None and isinstance(array, jax.Array)
+      and not _compat.is_tracer(array) and array.committed):
+    # Committed where the old value is (its memory kind included), straight
+    # from the host value: a device array moved to host memory by
     # device_put cannot be donated on XLA:CPU (JAX 0.10).
     new = jax.device_put(concrete.astype(array.dtype).reshape(array.shape),
                          array.sharding)
   else:
+    # Uncommitted stays uncommitted: jit compiles again for a change.
     new = jnp.asarray(value, array.dtype).reshape(np.shape(array))
   return _boxes.close_like(old, new)
 

@@ -17,6 +17,12 @@ from conftest import assert_bitwise
 
 PARTITION = getattr(optax, "partition", None) or optax.multi_transform
 
+# Every XLA compilation in this process, by name (jax.monitoring).
+COMPILES = []
+jax.monitoring.register_event_duration_secs_listener(
+    lambda event, duration, **kwargs: COMPILES.append(event)
+    if "backend_compile" in event else None)
+
 
 class _Model(nn.Module):
   """A small embedding model with every kind of leaf groups pick out."""
@@ -194,6 +200,7 @@ def test_changing_group_values_between_steps_compiles_once():
         backbone={"weight_decay": 0.01 * k, "eps": 1e-7})
     params, state = step(params, state)
   assert len(traces) == 1
+  assert step._cache_size() == 1  # pylint: disable=protected-access
   values = jadam.group_hyperparams(state)
   assert float(values["default"]["learning_rate"]) == np.float32(rates[-1])
   assert values["backbone"]["weight_decay"].dtype == jnp.float32
@@ -370,10 +377,12 @@ params = {"embed": put(jnp.linspace(-1, 1, 64 * 32).reshape(64, 32), "data",
 groups = [jadam.Group("embed", r"embed", learning_rate=1e-3, b2=0.99),
           jadam.Group("no_decay", r".*bias", weight_decay=0.0)]
 out = {}
-for name in ("grouped", "grouped_int8", "zero1"):
-  tx = jadam.adamw(1e-2, weight_decay=0.1, groups=groups,
+for name in ("grouped", "grouped_int8", "zero1", "ungrouped",
+             "ungrouped_zero1"):
+  tx = jadam.adamw(1e-2, weight_decay=0.1,
+                   groups=None if name.startswith("ungrouped") else groups,
                    nu_dtype="int8" if name == "grouped_int8" else None)
-  if name == "zero1":
+  if name.endswith("zero1"):
     tx = jadam.sharding.zero1(tx, mesh)
   traces = []
   def step(p, s, g, tx=tx):
@@ -386,16 +395,20 @@ for name in ("grouped", "grouped_int8", "zero1"):
   p = jax.tree.map(jnp.copy, params)
   s = tx.init(p)
   for k in range(20):
-    s = jadam.set_group_hyperparams(
-        s, embed={"learning_rate": 1e-3 * (1 + k)},
-        default={"weight_decay": 0.01 * k, "eps": 1e-7})
+    if not name.startswith("ungrouped"):
+      s = jadam.set_group_hyperparams(
+          s, embed={"learning_rate": 1e-3 * (1 + k)},
+          default={"weight_decay": 0.01 * k, "eps": 1e-7})
     g = jax.tree.map(lambda x: jnp.sin(x * (k + 1.0)) + 0.01, p)
     p, s = jitted(p, s, g)
+  if name.startswith("ungrouped"):
+    out[name] = {"compiled": jitted._cache_size()}
+    continue
   values = jadam.group_hyperparams(s)
   hyper = [x for x in jax.tree.leaves(s) if x.ndim == 0]
   mu = s[0].mu if name != "zero1" else s[0].mu
   out[name] = {
-      "traces": len(traces),
+      "traces": len(traces), "compiled": jitted._cache_size(),
       "lr": float(values["embed"]["learning_rate"]),
       "scalar_specs": sorted({str(x.sharding.spec) for x in hyper}),
       "embed_spec": [str(a) for a in p["embed"].sharding.spec],
@@ -409,7 +422,14 @@ print(json.dumps(out))
 def test_sharded_donated_and_zero1_steps_compile_once_over_20_settings():
   from conftest import run_json_worker  # pylint: disable=g-import-not-at-top
   out = run_json_worker(_SHARDED)
+  # 20 settings add no compilation: as many as the loop without groups.
+  assert out["grouped"]["compiled"] == out["ungrouped"]["compiled"]
+  assert out["grouped_int8"]["compiled"] == out["ungrouped"]["compiled"]
+  assert out["zero1"]["compiled"] == out["ungrouped_zero1"]["compiled"]
+  assert out["ungrouped"]["compiled"] <= 2
   for name, got in out.items():
+    if name.startswith("ungrouped"):
+      continue
     assert got["traces"] == 1, name
     assert got["lr"] == np.float32(0.02), name
     assert got["scalar_specs"] in (["P()"], ["PartitionSpec()"]), name
@@ -437,6 +457,8 @@ def test_offloaded_groups_stay_in_host_memory_and_compile_once():
   # step that returns new parameters aborts XLA:CPU (docs/memory.md).
   jitted = jax.jit(step, donate_argnums=(0, 1))
   reference = jax.jit(lambda p, s, g: step(p, s, g, plain))
+  # Committed, as the step returns them: else the second step compiles again.
+  params = jax.device_put(params, jax.devices()[0])
   state, ref_state = tx.init(params), plain.init(params)
   p, ref_p = jax.tree.map(jnp.copy, params), params
   grad = jax.jit(jax.grad(loss))
@@ -448,6 +470,7 @@ def test_offloaded_groups_stay_in_host_memory_and_compile_once():
     p, state = jitted(p, state, g)
     ref_p, ref_state = reference(ref_p, ref_state, g)
   assert len(traces) == 2  # the offloaded step once, the reference once
+  assert jitted._cache_size() == 1  # pylint: disable=protected-access
   kinds = {x.sharding.memory_kind for x in jax.tree.leaves(state)}
   assert kinds == {"pinned_host"}
   assert_bitwise(p, ref_p)
@@ -484,11 +507,15 @@ def test_nnx_optimizer_groups_set_between_steps_without_retracing():
     optimizer.update(model, nnx.grad(loss)(model))
 
   tokens = jnp.arange(12) % 10
+  compiles = []
   for k in range(5):
     optimizer.opt_state = jadam.set_group_hyperparams(
         optimizer.opt_state, embed={"learning_rate": 1e-3 * (k + 1)})
+    before = len(COMPILES)
     train_step(model, optimizer, tokens)
+    compiles.append(len(COMPILES) - before)
   assert len(traces) == 1
+  assert compiles[1:] == [0, 0, 0, 0]  # XLA compiled only the first step
   values = jadam.group_hyperparams(optimizer.opt_state)
   assert float(values["embed"]["learning_rate"]) == np.float32(5e-3)
   np.testing.assert_array_equal(model.backbone.kernel[...], frozen_before)
