@@ -52,10 +52,23 @@ def test_every_example_is_checked():
   # A new example joins the --help test by being in examples/; this pins
   # the list so that one removed by mistake is noticed too.
   assert SCRIPTS == [
-      "data_parallel.py", "flat_flax.py", "flax_linen.py", "flax_nnx.py",
-      "kingma_ba.py", "memory_study.py", "offload.py", "quickstart.py",
-      "resume.py",
-      "telemetry.py", "variants_study.py"]
+      "data_parallel.py", "finetune_groups.py", "flat_flax.py",
+      "flax_linen.py", "flax_nnx.py", "kingma_ba.py", "memory_study.py",
+      "offload.py", "quickstart.py", "resume.py", "telemetry.py",
+      "variants_study.py"]
+
+
+def test_finetune_groups_freezes_the_backbone_and_compiles_once(capsys):
+  import finetune_groups  # pylint: disable=g-import-not-at-top
+  out = finetune_groups.main(["--pretrain-epochs", "2",
+                              "--finetune-epochs", "2"])
+  text = capsys.readouterr().out
+  assert "adapter lr_scale 0.1 -> 0.5" in text
+  assert out["compiles"] == 1  # the rate change did not recompile
+  assert out["backbone_moved"] == 0.0
+  assert out["losses"][-1] < 0.8 * out["losses"][0]
+  assert out["accuracy"] > 0.6
+  assert "adapter" in text and "no_decay" in text  # describe's group column
 
 
 @pytest.mark.parametrize("flag", ["--help", "-h"])

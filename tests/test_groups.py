@@ -564,3 +564,33 @@ def test_describe_shows_each_leafs_group():
   assert [row.group for row in summary.leaves] == [
       "no_decay+backbone+default", "embed"]
   assert "group" in str(summary).splitlines()[0]
+
+
+def test_groups_page_example_runs_and_does_what_it_says():
+  import pathlib  # pylint: disable=g-import-not-at-top
+  text = (pathlib.Path(__file__).resolve().parent.parent / "docs" /
+          "groups.md").read_text()
+  code = text.split("```python\n", 1)[1].split("```", 1)[0]
+  scope = {}
+  exec(code, scope)  # pylint: disable=exec-used
+  state, params = scope["state"], scope["params"]
+  values = jadam.group_hyperparams(state)
+  assert float(values["embed"]["learning_rate"]) == np.float32(5e-5)
+  assert float(values["backbone"]["learning_rate"]) == np.float32(3e-5)
+  assert set(values) == {"embed", "no_decay", "backbone", "default"}
+  np.testing.assert_array_equal(params["patch_embed"]["kernel"], 1.0)
+  assert not np.array_equal(params["encoder"]["kernel"], 1.0)
+
+
+def test_telemetry_and_skip_wrap_a_grouped_optimizer():
+  params, loss = _problem()
+  tx = jadam.with_telemetry(jadam.skip_nonfinite(
+      jadam.adamw(BASE, nu_dtype="int8", groups=GROUPS)))
+  state = tx.init(params)
+  grads = jax.grad(loss)(params)
+  updates, state = jax.jit(tx.update)(grads, state, params)
+  stats = jadam.stats(state)
+  assert np.isfinite(float(stats["grad_norm"]))
+  assert float(stats["update_norm"]) > 0
+  assert float(stats["nu_max"]) > 0  # the grouped moments are found
+  assert not np.any(updates["params"]["Dense_1"]["kernel"])

@@ -74,6 +74,9 @@ def offload(tx: optax.GradientTransformation,
 
   ``update`` brings the state to device memory, runs ``tx.update`` and sends
   the new state back, inside the caller's ``jit``; shardings are kept.
+  Donate the parameters together with the state (or neither): XLA:CPU
+  aborts a step that donates only the offloaded state and returns new
+  parameters (docs/memory.md).
 
   Args:
     tx: any optax transformation (a jadam optimizer, a chain, a wrapper).
