@@ -3,8 +3,9 @@
 Public namespace, one spelling per name:
 
 * ``jadam``: the optimizers (``adam``, ``adamw``, ...), parameter groups
-  (``Group``, ``param_paths``, ``set_group_hyperparams``, ...), their ``scale_by_*``
-  transformations and states (optax's classes), ``FlatView``, the storage
+  (``Group``, ``param_paths``, ``set_group_hyperparams``, ...), their
+  ``scale_by_*`` transformations and states (optax's classes), ``FlatView``,
+  the storage
   formats (``Float``, ``BlockwiseInt8``, ``Int8Moment``) and what reads a
   state (``decode_moments``, ``describe``, ``convert_state``), the health
   wrappers (``skip_nonfinite``, ``with_telemetry``, ``stats``),

@@ -13,7 +13,7 @@ import optax
 import pytest
 
 import jadam
-from conftest import assert_bitwise
+from conftest import assert_bitwise, relative_error
 
 PARTITION = getattr(optax, "partition", None) or optax.multi_transform
 
@@ -29,16 +29,18 @@ class _Model(nn.Module):
 
   @nn.compact
   def __call__(self, tokens):
-    x = nn.Embed(40, 16)(tokens)
+    # The embedding and the output layer are large enough (8,192 entries)
+    # for int8 moments; the other leaves stay float32 (docs/memory.md).
+    x = nn.Embed(256, 32)(tokens)
     x = nn.LayerNorm()(x)
-    x = nn.relu(nn.Dense(32)(x))
-    x = nn.Dense(16)(x)
-    return nn.Dense(40, use_bias=False)(x)
+    x = nn.relu(nn.Dense(48)(x))
+    x = nn.Dense(32)(x)
+    return nn.Dense(256, use_bias=False)(x)
 
 
 def _problem():
   model = _Model()
-  tokens = jax.random.randint(jax.random.key(0), (8, 12), 0, 40)
+  tokens = jax.random.randint(jax.random.key(0), (8, 12), 0, 256)
   params = model.init(jax.random.key(1), tokens)
   targets = jnp.roll(tokens, 1, axis=1)
 
@@ -254,13 +256,18 @@ def test_compressed_moments_with_groups(nu_dtype):
                     params, loss, 20)
   plain, _ = _run(jadam.adamw(1e-3, nu_dtype=nu_dtype), params, loss, 20)
   assert_bitwise(grouped, plain)
-  narrow, _ = _run(jadam.adamw(1e-3, nu_dtype=nu_dtype, groups=GROUPS),
-                   params, loss, 20)
+  narrow, state = _run(jadam.adamw(1e-3, nu_dtype=nu_dtype, groups=GROUPS),
+                       params, loss, 20)
+  stored = state[0].nu["params"]["Embed_0"]["embedding"]
+  if nu_dtype == "int8":
+    assert isinstance(stored, jadam.Int8Moment)
+  else:
+    assert stored.dtype == jnp.bfloat16
   wide, _ = _run(jadam.adamw(1e-3, groups=GROUPS), params, loss, 20)
-  for a, b, p in zip(jax.tree.leaves(narrow), jax.tree.leaves(wide),
-                     jax.tree.leaves(params)):
-    moved = np.max(np.abs(np.asarray(b) - np.asarray(p)))
-    assert np.max(np.abs(np.asarray(a) - np.asarray(b))) <= 0.05 * moved + 1e-7
+  # The parameters' movement against float32 moments' (2.0% for int8, as
+  # 1.7% without groups; bfloat16 closer).
+  moved = lambda tree: jax.tree.map(jnp.subtract, tree, params)
+  assert relative_error(moved(narrow), moved(wide)) < 0.05
 
 
 def test_vmap_over_a_group_learning_rate_is_a_sweep_in_one_program():
@@ -369,8 +376,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 mesh = jax.make_mesh((4, 2), ("data", "model"))
 def put(x, *spec):
   return jax.device_put(x, NamedSharding(mesh, P(*spec)))
-params = {"embed": put(jnp.linspace(-1, 1, 64 * 32).reshape(64, 32), "data",
-                       "model"),
+params = {"embed": put(jnp.linspace(-1, 1, 128 * 64).reshape(128, 64),
+                       "data", "model"),
           "dense": {"kernel": put(jnp.linspace(0, 1, 32 * 16).reshape(32, 16),
                                   None, "model"),
                     "bias": put(jnp.zeros(16))}}
@@ -406,9 +413,10 @@ for name in ("grouped", "grouped_int8", "zero1", "ungrouped",
     continue
   values = jadam.group_hyperparams(s)
   hyper = [x for x in jax.tree.leaves(s) if x.ndim == 0]
-  mu = s[0].mu if name != "zero1" else s[0].mu
+  mu = s[0].mu
   out[name] = {
       "traces": len(traces), "compiled": jitted._cache_size(),
+      "int8": isinstance(s[0].nu["embed"], jadam.Int8Moment),
       "lr": float(values["embed"]["learning_rate"]),
       "scalar_specs": sorted({str(x.sharding.spec) for x in hyper}),
       "embed_spec": [str(a) for a in p["embed"].sharding.spec],
@@ -427,6 +435,7 @@ def test_sharded_donated_and_zero1_steps_compile_once_over_20_settings():
   assert out["grouped_int8"]["compiled"] == out["ungrouped"]["compiled"]
   assert out["zero1"]["compiled"] == out["ungrouped_zero1"]["compiled"]
   assert out["ungrouped"]["compiled"] <= 2
+  assert out["grouped_int8"]["int8"] and not out["grouped"]["int8"]
   for name, got in out.items():
     if name.startswith("ungrouped"):
       continue
@@ -541,6 +550,8 @@ def test_orbax_resume_is_bitwise_and_keeps_the_checkpoints_values(tmp_path):
       "params": jax.eval_shape(lambda: p),
       "state": jadam.sharding.abstract_state(tx, params)})
   assert_bitwise(restored["state"], state)
+  assert isinstance(restored["state"].inner_state[0].nu["params"]["Dense_2"][
+      "kernel"], jadam.Int8Moment)
   assert float(jadam.group_hyperparams(restored["state"])["no_decay"][
       "lr_scale"]) == 0.5  # the checkpoint's value, not the configuration's
   a, b = (p, state), (restored["params"], restored["state"])
