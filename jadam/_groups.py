@@ -181,7 +181,9 @@ def assign(groups: Sequence[Group], plain: Any) -> list[int]:
     out.append(next((k for k, group in enumerate(groups)
                      if group.matches(path, struct)), len(groups)))
   for k, group in enumerate(groups):
-    if k not in out:
+    # A tree without leaves (optax.tree_map_params's placeholder) has no
+    # paths to match.
+    if entries and k not in out:
       shown = ", ".join(repr(p) for p in paths[:6])
       more = f" and {len(paths) - 6} more" if len(paths) > 6 else ""
       raise ValueError(

@@ -605,3 +605,33 @@ def test_telemetry_and_skip_wrap_a_grouped_optimizer():
   assert float(stats["update_norm"]) > 0
   assert float(stats["nu_max"]) > 0  # the grouped moments are found
   assert not np.any(updates["params"]["Dense_1"]["kernel"])
+
+
+def test_flax_sharding_recipes_see_the_grouped_state():
+  """optax.tree_map_params (whose init gets a leafless placeholder) and
+  jadam.sharding.state_specs: moments get the parameters' specs, frozen
+  leaves stay MaskedNode, the groups' scalars are not parameters."""
+  from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  params, _ = _problem()
+  specs = jax.tree.map(lambda p: P(*[None] * (p.ndim - 1), "model"), params)
+  tx = jadam.adamw(BASE, nu_dtype="int8", groups=GROUPS)
+  state = tx.init(params)
+  special = lambda x: isinstance(x, (jadam.Int8Moment, optax.MaskedNode))
+
+  def spec_of(x, spec):
+    if isinstance(x, jadam.Int8Moment):
+      return jadam.Int8Moment(spec, P())
+    return x if isinstance(x, optax.MaskedNode) else spec
+
+  got = optax.tree_map_params(tx, spec_of, state, specs,
+                              transform_non_params=lambda _: P(),
+                              is_leaf=special)
+  nu = got[0].nu["params"]
+  assert nu["Embed_0"]["embedding"] == jadam.Int8Moment(P(None, "model"),
+                                                        P())
+  assert nu["Dense_0"]["kernel"] == P(None, "model")
+  assert isinstance(nu["Dense_1"]["kernel"], optax.MaskedNode)
+  assert got[1].hyperparams["embed"]["eps"] == P()
+  placed = jadam.sharding.state_specs(tx, params, specs)
+  assert placed[0].mu["params"]["Dense_0"]["kernel"] == P(None, "model")
+  assert placed[1].count == P()
