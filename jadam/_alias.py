@@ -37,22 +37,16 @@ def optimizer(scaling: optax.GradientTransformation,
   scaling's own ``defaults`` of them.
   """
   _validation.check_learning_rate(learning_rate)
-  if groups is not None:
-    if mask is not None:
-      raise ValueError(
-          "give either mask or groups: with groups, leave decay off a set of "
-          "parameters with jadam.Group(name, match=..., weight_decay=0.0).")
-    if numerics != "optax":
-      raise ValueError("groups take numerics='optax'.")
-    if weight_decay is not None:
-      _validation.check_nonnegative("weight_decay", weight_decay,
-                                    schedule=True)
-    return _groups.grouped(make, defaults, learning_rate, weight_decay,
-                           groups)
-  parts = [scaling]
   if weight_decay is not None:
     _validation.check_nonnegative("weight_decay", weight_decay,
                                   schedule=True)
+  if groups is not None:
+    if numerics != "optax":
+      raise ValueError("groups take numerics='optax'.")
+    return _groups.grouped(make, defaults, learning_rate, weight_decay,
+                           groups, mask)
+  parts = [scaling]
+  if weight_decay is not None:
     if numerics == "keras":
       return _placement.placing_scalars(optax.chain(
           scaling, _keras_decay_then_step(learning_rate, weight_decay, mask)))

@@ -346,7 +346,7 @@ def _masked(tree: Any, frozen: list[bool]) -> Any:
 
 def grouped(make: Callable[..., _engine.Spec], defaults: dict,
             learning_rate: ScalarOrSchedule,
-            weight_decay: Optional[float], groups: Any
+            weight_decay: Optional[float], groups: Any, mask: Any = None
             ) -> optax.GradientTransformationExtraArgs:
   """An optimizer (scaling, decoupled decay, −α) with parameter groups.
 
@@ -356,6 +356,10 @@ def grouped(make: Callable[..., _engine.Spec], defaults: dict,
   ``optax.MaskedNode`` in the moments and get zero updates.
   """
   layout = as_layout(groups)
+  if mask is not None:
+    raise ValueError(
+        "give either mask or groups: with groups, leave decay off a set of "
+        "parameters with jadam.Group(name, match=..., weight_decay=0.0).")
   if callable(weight_decay):
     raise ValueError(
         "a scheduled weight_decay cannot be combined with groups: the "
@@ -393,6 +397,9 @@ def grouped(make: Callable[..., _engine.Spec], defaults: dict,
     if not isinstance(hyper, GroupHyperparamsState):
       raise ValueError("this state was not made by an optimizer with groups "
                        "(it has no GroupHyperparamsState).")
+    if weight_decay is not None and params is None:
+      raise ValueError("weight decay needs the parameters: call "
+                       "update(grads, state, params).")
     decision, skip, t = _skip.read(extra_args, moments.count)
     plain = _boxes.strip(updates)
     segments = layout.segments(plain)
@@ -439,9 +446,6 @@ def grouped(make: Callable[..., _engine.Spec], defaults: dict,
     if skip is not None:
       count = jnp.where(skip, hyper.count, count)  # schedules see it held
     new_hyper = hyper._replace(count=count)
-    if weight_decay is not None and params is None:
-      raise ValueError("weight decay needs the parameters: call "
-                       "update(grads, state, params).")
     param_leaves = (jax.tree.leaves(_boxes.strip(params))
                     if params is not None else [None] * len(leaves))
     direction_leaves = iter(jax.tree.leaves(_boxes.strip(directions)))
@@ -470,10 +474,15 @@ def grouped(make: Callable[..., _engine.Spec], defaults: dict,
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def _hyper_states(state: Any) -> list[GroupHyperparamsState]:
+def _hyper_state(state: Any) -> GroupHyperparamsState:
+  """The one ``GroupHyperparamsState`` inside ``state``."""
   is_hyper = lambda x: isinstance(x, GroupHyperparamsState)
-  return [x for x in jax.tree.leaves(state, is_leaf=is_hyper)
-          if is_hyper(x)]
+  found = [x for x in jax.tree.leaves(state, is_leaf=is_hyper)
+           if is_hyper(x)]
+  if len(found) != 1:
+    raise ValueError(f"expected one optimizer with groups in this state, "
+                     f"found {len(found)}.")
+  return found[0]
 
 
 def group_hyperparams(state: Any) -> dict:
@@ -493,11 +502,7 @@ def group_hyperparams(state: Any) -> dict:
     >>> jadam.group_hyperparams(state)["b"]["eps"]
     Array(1.e-06, dtype=float32)
   """
-  found = _hyper_states(state)
-  if len(found) != 1:
-    raise ValueError(f"expected one optimizer with groups in this state, "
-                     f"found {len(found)}.")
-  return jax.tree.map(_boxes.open_box, found[0].hyperparams,
+  return jax.tree.map(_boxes.open_box, _hyper_state(state).hyperparams,
                       is_leaf=_boxes.is_box)
 
 
@@ -546,11 +551,8 @@ def set_group_hyperparams(state: Any, **groups: dict) -> Any:
     >>> state = tx.init({"w": jnp.ones(2), "b": jnp.ones(2)})
     >>> state = jadam.set_group_hyperparams(state, b={"learning_rate": 1e-4})
   """
-  found = _hyper_states(state)
-  if len(found) != 1:
-    raise ValueError(f"expected one optimizer with groups in this state, "
-                     f"found {len(found)}.")
-  current = found[0].hyperparams
+  target = _hyper_state(state)
+  current = target.hyperparams
   new = dict(current)
   for name, changes in groups.items():
     if name not in current:
@@ -580,7 +582,6 @@ def set_group_hyperparams(state: Any, **groups: dict) -> Any:
         raise ValueError(f"group {name!r} has no runtime {key!r}.{hint}")
       entry[key] = _replaced(entry[key], value, f"group {name!r}: {key}")
     new[name] = entry
-  target = found[0]
   return jax.tree.map(
       lambda x: x._replace(hyperparams=new) if x is target else x, state,
       is_leaf=lambda x: x is target)

@@ -148,13 +148,10 @@ def _grouped_base(learning_rate, b2, eps, weight_decay, mask, nu_dtype,
           "rate and one β1; give groups their own eps, b2, weight_decay or "
           "frozen, or run one schedule_free_adamw per group with "
           "optax.partition.")
-  if mask is not None:
-    raise ValueError("give either mask or groups: leave decay off a set of "
-                     "parameters with jadam.Group(..., weight_decay=0.0).")
   make = lambda b1=0.0, b2=b2, eps=eps: _without_momentum_spec(b2, eps,
                                                                nu_dtype)
   return _groups.grouped(make, dict(b1=0.0, b2=b2, eps=eps), learning_rate,
-                         weight_decay, layout)
+                         weight_decay, layout, mask)
 
 
 def _dtypes_kept(tx: optax.GradientTransformation
