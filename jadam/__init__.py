@@ -8,7 +8,8 @@ Public namespace, one spelling per name:
   the storage
   formats (``Float``, ``BlockwiseInt8``, ``Int8Moment``) and what reads a
   state (``decode_moments``, ``describe``, ``convert_state``), the health
-  wrappers (``skip_nonfinite``, ``with_telemetry``, ``stats``),
+  wrappers (``skip_nonfinite``, ``skip_spikes``, ``with_telemetry``,
+  ``stats``), the numerics doctor (``doctor``, ``diagnose``, ``doctor_log``),
   ``stochastic_rounding`` and ``enable_cpu_fusion``.
 * ``jadam.contrib``: ADOPT, AdEMAMix and schedule-free AdamW.
 * ``jadam.sharding``: placement on a mesh, ZeRO-1 and host offload.
@@ -28,7 +29,9 @@ Module map (private modules, one concern each):
 * ``_formats/``: how a moment is kept between steps: ``floats`` (float32,
   bfloat16, float16 √v), ``int8`` (block-wise int8 and its step),
   ``_codes`` (the int8 code maps).
-* ``_skip``: the skip decision, from ``skip_nonfinite`` into the engine.
+* ``_skip``: the skip decision, from ``skip_nonfinite`` and ``skip_spikes``
+  into the engine.
+* ``_spikes``: dropping loss and gradient-norm spikes (``skip_spikes``).
 * ``_transform``: the Adam family's ``scale_by_*`` as flag choices.
 * ``_alias``: complete optimizers (``adam``, ``adamw``, ...).
 * ``_groups``: parameter groups (``Group``, ``param_paths``, the grouped
@@ -38,6 +41,8 @@ Module map (private modules, one concern each):
   ``convert_state``.
 * ``_flat``: the fast path, parameters packed in one buffer per dtype.
 * ``_health``: non-finite step skipping and gradient-health telemetry.
+* ``_doctor``: the numerics doctor (per-tensor measurements, findings);
+  ``_probe``: its request to the transformations inside.
 * ``sharding/``: ``_placement`` (state follows its parameter,
   ``abstract_state``), ``_zero1``, ``_offload``.
 * ``_rounding``: stochastic rounding and the moments' random streams.
@@ -61,6 +66,13 @@ from jadam._alias import amsgrad
 from jadam._alias import nadam
 from jadam._alias import nadamw
 from jadam._alias import radam
+from jadam._doctor import Diagnosis
+from jadam._doctor import DoctorState
+from jadam._doctor import Finding
+from jadam._doctor import Thresholds
+from jadam._doctor import diagnose
+from jadam._doctor import doctor
+from jadam._doctor import doctor_log
 from jadam._flat import FlatView
 from jadam._formats import BlockwiseInt8
 from jadam._formats import Float
@@ -78,6 +90,8 @@ from jadam._health import TelemetryState
 from jadam._health import skip_nonfinite
 from jadam._health import stats
 from jadam._health import with_telemetry
+from jadam._spikes import SkipSpikesState
+from jadam._spikes import skip_spikes
 from jadam._rounding import StochasticRoundingState
 from jadam._rounding import stochastic_rounding
 from jadam._state import StateSummary
@@ -109,8 +123,11 @@ __all__ = [
     "decode_moments", "describe", "stochastic_rounding",
     "StochasticRoundingState",
     # Health.
-    "HealthStats", "SkipNonfiniteState", "TelemetryState", "skip_nonfinite",
-    "stats", "with_telemetry",
+    "HealthStats", "SkipNonfiniteState", "SkipSpikesState", "TelemetryState",
+    "skip_nonfinite", "skip_spikes", "stats", "with_telemetry",
+    # The numerics doctor.
+    "Diagnosis", "DoctorState", "Finding", "Thresholds", "diagnose",
+    "doctor", "doctor_log",
     # The CPU backend.
     "enable_cpu_fusion",
     # Grouped namespaces.

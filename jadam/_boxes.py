@@ -98,3 +98,27 @@ def box_scales(box: Any, scales: Optional[Any], keep_leading: bool) -> Any:
         metadata[key] = _fitted_names(metadata[key], keep_leading)
     return type(box)(scales, **metadata)
   return scales
+
+
+def _key_name(key: Any) -> str:
+  for attribute in ("key", "idx", "name"):
+    if hasattr(key, attribute):
+      return str(getattr(key, attribute))
+  return str(key)
+
+
+def canonical_path(path: Any) -> str:
+  """A key path as groups match it and the doctor names it: dict keys,
+  sequence indices and attribute names joined by ``/``, without a trailing
+  ``.value`` (Flax boxes and NNX variables)."""
+  parts = [_key_name(key) for key in path]
+  if parts and parts[-1] == "value" and isinstance(path[-1],
+                                                   jax.tree_util.GetAttrKey):
+    parts.pop()
+  return "/".join(parts)
+
+
+def leaf_paths(tree: Any) -> list[str]:
+  """The canonical path of each leaf of ``tree`` (boxes opened), in order."""
+  return [canonical_path(path) for path, _ in
+          jax.tree_util.tree_flatten_with_path(strip(tree))[0]]

@@ -18,6 +18,7 @@ from jadam import _boxes
 from jadam import _compat
 from jadam import _formats
 from jadam import _fusion
+from jadam import _probe
 from jadam import _rounding
 from jadam import _rule
 from jadam.sharding import _placement
@@ -104,7 +105,7 @@ def transformation(
     decision, skip, t = _skip.read(extra_args, state.count)
     out, trees = walk(rule(state, t, skip), updates, t,
                       [getattr(state, m.field) for m in moments], formats,
-                      moments, params)
+                      moments, params, probe=_probe.read(extra_args))
     new_state = state._replace(
         count=t, **{name: fn(state, skip) for name, fn in counters.items()},
         **{m.field: tree for m, tree in zip(moments, trees)})
@@ -138,11 +139,13 @@ def init_moments(params: Any, moments: Sequence[Moment],
 
 def walk(leaf: Any, updates: Any, t: Array,
          stored_trees: Sequence[Any], formats: Sequence[Any],
-         moments: Sequence[Moment], params: Any = None
+         moments: Sequence[Moment], params: Any = None,
+         probe: Optional[_probe.Probe] = None
          ) -> tuple[Any, list[Any]]:
   """The package's one tree walk: check the gradients and the state, then
   ``step_leaf`` each leaf. ``leaf``: one ``LeafRule`` for every leaf, or a
-  sequence of them, one per gradient leaf (parameter groups). Returns
+  sequence of them, one per gradient leaf (parameter groups). ``probe``:
+  the doctor's request, answered by ``inside``. Returns
   ``(directions, new_stored_trees)``."""
   plain = _boxes.strip(updates)
   plain_trees = [_boxes.strip(tree) for tree in stored_trees]
@@ -191,11 +194,38 @@ def walk(leaf: Any, updates: Any, t: Array,
     rows.append((direction, tuple(
         v if s is None else int8.Int8Moment(v, s)
         for v, s in zip(values, new_scales))))
+  if probe is not None:
+    probe.collect("engine", _boxes.leaf_paths(updates),
+                  [g.shape for g in grads],
+                  lambda i: inside(grads[i], [c[i] for c in columns],
+                                   rules[i], leaf_formats[i], moments))
   directions = _boxes.restore(updates, treedef.unflatten(
       [row[0] for row in rows]))
   return directions, [
       _boxes.restore(old, treedef.unflatten([row[1][k] for row in rows]))
       for k, old in enumerate(stored_trees)]
+
+
+def inside(g: Array, entries: Sequence[Any], leaf: _rule.LeafRule,
+           formats: tuple, moments: Sequence[Moment]) -> dict:
+  """What only the engine knows of one leaf's step, elementwise, for the
+  numerics doctor: the gradient ``g`` it stepped with (after any clipping
+  before it), ``v_hat`` and ``eps`` of the rule's denominator, and per
+  compressed moment its float32 value before storing and after a round
+  trip through its format (``stored``). Recomputed from the old moments."""
+  dtype = floats.compute_dtype(g.dtype)
+  dtypes = [floats.real_dtype(dtype) if real else dtype
+            for real in leaf.real]
+  loaded = tuple(_formats.load(x, d, second=m.second)
+                 for x, d, m in zip(entries, dtypes, moments))
+  g = g.astype(dtype)
+  _, new = leaf.step(g, loaded, leaf.scalars)
+  out = {"g": g, "stored": [(value, fmt.round_trip(value))
+                            for value, fmt in zip(new, formats)
+                            if fmt.rounds and value is not None]}
+  if leaf.second_moment is not None:
+    out["v_hat"], out["eps"] = leaf.second_moment(new, leaf.scalars)
+  return out
 
 
 def _param_leaves(treedef: Any, params: Any) -> Optional[list[Any]]:

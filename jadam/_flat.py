@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jadam import _boxes
 from jadam import _compat
 from jadam import _groups
 
@@ -166,6 +167,7 @@ class FlatView:
         else:
           found.append(_groups.Segment(member[i], slot.start, sizes[key]))
     self._slots = tuple(slots)
+    self._paths = tuple(_boxes.canonical_path(path) for path, _ in entries)
     self.keys = tuple(sorted(sizes))
     self.sizes = {key: sizes[key] for key in self.keys}
     self.size = sum(self.sizes.values())
@@ -178,6 +180,12 @@ class FlatView:
     if member is not None:
       self.groups = _groups.Layout(layout.groups, {
           key: tuple(found) for key, found in segments.items()})
+
+  def segments(self) -> list[tuple[str, str, int, tuple[int, ...]]]:
+    """Each leaf's ``(path, buffer key, start, shape)``, in the tree's leaf
+    order: where the numerics doctor finds a tensor in the buffers."""
+    return [(path, slot.key, slot.start, slot.shape)
+            for path, slot in zip(self._paths, self._slots)]
 
   def __repr__(self) -> str:
     buffers = ", ".join(f"{k}[{n}]" for k, n in self.sizes.items())

@@ -26,6 +26,7 @@ import optax
 from jadam import _boxes
 from jadam import _compat
 from jadam import _engine
+from jadam import _probe
 from jadam import _skip
 from jadam import _validation
 from jadam.sharding import _placement
@@ -126,22 +127,7 @@ class Group:
     return bool(out)
 
 
-def _key_name(key: Any) -> str:
-  for attribute in ("key", "idx", "name"):
-    if hasattr(key, attribute):
-      return str(getattr(key, attribute))
-  return str(key)
-
-
-def canonical_path(path: Sequence[Any]) -> str:
-  """A key path as groups match it: dict keys, sequence indices and
-  attribute names joined by ``/``, without a trailing ``.value`` (Flax boxes
-  and NNX variables)."""
-  parts = [_key_name(key) for key in path]
-  if parts and parts[-1] == "value" and isinstance(path[-1],
-                                                   jax.tree_util.GetAttrKey):
-    parts.pop()
-  return "/".join(parts)
+canonical_path = _boxes.canonical_path
 
 
 def param_paths(params: Any) -> Any:
@@ -437,7 +423,8 @@ def grouped(make: Callable[..., _engine.Spec], defaults: dict,
     stored_trees = [getattr(moments, m.field) for m in spec.moments]
     directions, trees = _engine.walk(
         rules, _masked(updates, frozen), t, stored_trees, spec.formats,
-        spec.moments, None if params is None else _masked(params, frozen))
+        spec.moments, None if params is None else _masked(params, frozen),
+        probe=_probe.read(extra_args))
     new_moments = moments._replace(
         count=t, **{name: fn(moments, skip)
                     for name, fn in (spec.counters or {}).items()},

@@ -366,7 +366,7 @@ def stats(state: Any) -> dict[str, Array]:
   """The health numbers kept anywhere inside an optax state, for a logger.
 
   Reads the outermost ``TelemetryState`` and sums the skipped steps of every
-  ``skip_nonfinite`` and ``optax.apply_if_finite`` inside. Works under jit.
+  ``skip_nonfinite``, ``skip_spikes`` and ``optax.apply_if_finite`` inside. Works under jit.
 
   Args:
     state: an optax state (for Flax nnx, ``optimizer.opt_state``); a
@@ -393,6 +393,9 @@ def stats(state: Any) -> dict[str, Array]:
     skipped = skipped + node.skipped
   for node in _find(state, optax.ApplyIfFiniteState):
     skipped = skipped + node.total_notfinite.astype(jnp.int32)
+  from jadam import _spikes  # pylint: disable=g-import-not-at-top
+  for node in _find(state, _spikes.SkipSpikesState):
+    skipped = skipped + node.skipped
   out = {"step": telemetry[0].count}
   out.update(telemetry[0].stats._asdict())
   out["skipped_steps"] = skipped

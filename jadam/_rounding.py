@@ -14,8 +14,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jadam import _boxes
 from jadam import _compat
 from jadam import _fusion
+from jadam import _probe
 
 Array = jax.Array
 
@@ -192,7 +194,8 @@ def stochastic_rounding(seed: int | jax.Array = 0
     seed: an int or a ``jax.random`` key; the bits depend on it and the step.
 
   Returns:
-    An ``optax.GradientTransformation``; its ``update`` needs ``params``.
+    An ``optax.GradientTransformationExtraArgs``; its ``update`` needs
+    ``params``.
 
   Example:
     >>> import jax.numpy as jnp, optax, jadam
@@ -214,7 +217,7 @@ def stochastic_rounding(seed: int | jax.Array = 0
       return StochasticRoundingState(jax.random.PRNGKey(seed))
     return StochasticRoundingState(jnp.asarray(seed))
 
-  def update_fn(updates, state, params=None):
+  def update_fn(updates, state, params=None, **extra_args):
     if params is None:
       raise ValueError("stochastic_rounding needs the parameters: call "
                        "update(updates, state, params).")
@@ -222,6 +225,12 @@ def stochastic_rounding(seed: int | jax.Array = 0
     step_seed = jax.random.bits(step_key, (), jnp.uint32)
     leaves, treedef = jax.tree.flatten(updates)
     param_leaves = treedef.flatten_up_to(params)
+    probe = _probe.read(extra_args)
+    if probe is not None:
+      # The update before rounding: what is lost is lost in expectation.
+      probe.collect("rounding", _boxes.leaf_paths(updates),
+                    [jnp.shape(u) for u in leaves],
+                    lambda i: {"u": leaves[i], "p": param_leaves[i]})
     out = []
     for index, (u, p) in enumerate(zip(leaves, param_leaves)):
       if u is None or jnp.dtype(p.dtype) not in (jnp.bfloat16, jnp.float16):
@@ -236,4 +245,4 @@ def stochastic_rounding(seed: int | jax.Array = 0
       out.append(rounded.astype(jnp.float32) - p32)
     return treedef.unflatten(out), StochasticRoundingState(key)
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)

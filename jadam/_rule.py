@@ -148,6 +148,9 @@ class LeafRule(NamedTuple):
       argument, never a closure: one traced outside ``auto_axes`` is
       invalid inside it.
     monotone: per moment, a running maximum rounding must not lower.
+    second_moment: None, or ``(new_moments, scalars) -> (v̂, ε)``: the
+      estimate of E[g²] whose root, plus ε, divides the step, for the
+      numerics doctor (``jadam.doctor``) to compare with ε and g².
   """
 
   step: Callable[[Array, tuple, dict], tuple[Array, tuple]]
@@ -156,6 +159,7 @@ class LeafRule(NamedTuple):
   cautious: bool = False
   scalars: Optional[dict] = None
   monotone: tuple[bool, ...] = ()
+  second_moment: Optional[Callable[[tuple, dict], tuple]] = None
 
   @property
   def skip(self) -> Optional[Array]:
@@ -205,7 +209,23 @@ def leaf_rule(rule: AdamRule, t: Array, skip: Optional[Array] = None
                   cautious=rule.cautious,
                   scalars={"t": t, "skip": skip, "rule": rule,
                            "corrections": shared},
-                  monotone=(False, False, True)[:n])
+                  monotone=(False, False, True)[:n],
+                  second_moment=second_moment)
+
+
+def second_moment(new: tuple, s: dict) -> tuple[Array, ArrayLike]:
+  """The Adam family's (v̂, ε) after a step: the v̂ line 11 divides by
+  (AMSGrad's running maximum; AdaMax's u², whose root is u)."""
+  rule = s["rule"]
+  if rule.infinity_norm:
+    return new[1] * new[1], rule.eps
+  if rule.amsgrad:
+    return new[2] + rule.eps_root, rule.eps
+  v = new[1]
+  if rule.bias_correction_nu:
+    c = _corrections(rule, s["t"], s["corrections"])
+    v = v / c.nu.astype(v.dtype)
+  return v + rule.eps_root, rule.eps
 
 
 def scale_bounds(rule: AdamRule, t: Array, g_max: tuple, old: tuple,

@@ -1,10 +1,11 @@
 """The skip decision: made by a wrapper, taken inside the moments' own pass.
 
-``skip_nonfinite`` passes it down as the extra ``update`` argument
-``jadam_skip`` (optax's extra-args protocol). An engine update selects each
-new moment against the old one where it is computed, since a select over
-whole arrays afterwards makes XLA copy donated moments, and records that it
-did, so the wrapper selects only the states no update took care of.
+``skip_nonfinite`` and ``skip_spikes`` pass it down as the extra ``update``
+argument ``jadam_skip`` (optax's extra-args protocol). An engine update
+selects each new moment against the old one where it is computed, since a
+select over whole arrays afterwards makes XLA copy donated moments, and
+records that it did, so the wrapper selects only the states no update took
+care of (``apply``).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 import optax
+
+from jadam.sharding import _offload
 
 Array = jax.Array
 ArrayLike = jax.typing.ArrayLike
@@ -91,3 +94,40 @@ def zero_if(skip: Optional[Array], direction: Array) -> Array:
   if skip is None:
     return direction
   return jnp.where(skip, jnp.zeros_like(direction), direction)
+
+
+def apply(inner: optax.GradientTransformationExtraArgs, skip: Array,
+          updates: Any, inner_state: Any, params: Optional[Any],
+          extra_args: dict[str, Any]) -> tuple[Any, Any]:
+  """``inner.update`` skipped where ``skip``: zero updates, the old state.
+
+  The sequence every skipping wrapper runs: a fresh ``Decision`` goes down
+  as ``jadam_skip``; a state whose update took it (given exactly this old
+  state) comes back as it is, and every other array is selected against the
+  old one where the old one lives (host memory under offload).
+
+  Args:
+    inner: the wrapped transformation, with extra-args support.
+    skip: a bool scalar, True to skip this step.
+    updates: the incoming gradients.
+    inner_state: ``inner``'s state.
+    params: the parameters, or None.
+    extra_args: the wrapper's extra ``update`` arguments, passed on (with
+      ``jadam_skip`` replaced).
+
+  Returns:
+    ``(updates, inner_state)`` after the step, or zeros and the old state.
+  """
+  # Fresh per call, so it cannot leak into another call, thread or trace.
+  decision = Decision(skip)
+  new_updates, new_state = inner.update(updates, inner_state, params,
+                                        **{**extra_args, SKIP: decision})
+  new_updates = jax.tree.map(
+      lambda u: jnp.where(skip, jnp.zeros_like(u), u), new_updates)
+  select = lambda new, old: _offload.in_memory_of(jnp.where(
+      skip, _offload.on_device(old), _offload.on_device(new)), old)
+  new_state = jax.tree.map(
+      lambda new, old: new if decision.taken(new, old) else jax.tree.map(
+          select, new, old),
+      new_state, inner_state, is_leaf=decision.returned)
+  return new_updates, new_state

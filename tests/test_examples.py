@@ -52,7 +52,7 @@ def test_every_example_is_checked():
   # A new example joins the --help test by being in examples/; this pins
   # the list so that one removed by mistake is noticed too.
   assert SCRIPTS == [
-      "data_parallel.py", "finetune_groups.py", "flat_flax.py",
+      "data_parallel.py", "doctor_heatmap.py", "finetune_groups.py", "flat_flax.py",
       "flax_linen.py", "flax_nnx.py", "kingma_ba.py", "memory_study.py",
       "offload.py", "quickstart.py", "resume.py", "telemetry.py",
       "variants_study.py"]
@@ -69,6 +69,25 @@ def test_finetune_groups_freezes_the_backbone_and_compiles_once(capsys):
   assert out["losses"][-1] < 0.8 * out["losses"][0]
   assert out["accuracy"] > 0.6
   assert "adapter" in text and "no_decay" in text  # describe's group column
+
+
+@pytest.mark.slow
+@pytest.mark.matrix
+def test_doctor_heatmap_finds_each_fault_and_clears_with_its_fix(capsys):
+  import doctor_heatmap  # pylint: disable=g-import-not-at-top
+  results = doctor_heatmap.main(["--steps", "100"])
+  found = {name: {(f.path, f.measurement) for f in r["findings"]}
+           for name, r in results.items()}
+  assert found["bfloat16"] >= {("dense0/kernel", "rounded_away"),
+                               ("dense1/kernel", "rounded_away")}
+  assert {m for _, m in found["bfloat16"]} == {"rounded_away"}
+  assert ("dense0/kernel", "eps_dominated") in found["eps=1e-2"]
+  assert {m for _, m in found["eps=1e-2"]} == {"eps_dominated"}
+  assert found["bfloat16 + stochastic rounding"] == set()
+  assert found["eps=1e-8"] == set()
+  losses = results["eps=1e-8"]["losses"]
+  assert np.mean(losses[-10:]) < 0.6 * np.mean(losses[:10])
+  assert "jadam.stochastic_rounding()" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("flag", ["--help", "-h"])
@@ -91,6 +110,7 @@ def test_help_prints_usage_and_writes_nothing(script, flag, tmp_path):
 
 
 def test_figures_are_not_written_into_docs_img_by_default():
+  import doctor_heatmap
   import kingma_ba
   import memory_study
   import variants_study
@@ -105,6 +125,9 @@ def test_figures_are_not_written_into_docs_img_by_default():
     assert pathlib.Path(default) == pathlib.Path("jadam-output"), name
     for cwd in (ROOT, EXAMPLES, DOCS_IMG.parent, DOCS_IMG):
       assert (cwd / default).resolve() != DOCS_IMG.resolve(), (name, cwd)
+  assert doctor_heatmap.parse_args(["--plot"]).plot.parent == pathlib.Path(
+      "jadam-output")
+  assert doctor_heatmap.parse_args([]).plot is None
   # memory_study draws figures only when asked to.
   assert memory_study.parse_args([]).plot is None
   # docs/img is still reachable on purpose, under the old option name too.

@@ -65,6 +65,13 @@ class FloatLeaf:
     value = stored.astype(dtype)
     return value * value if self.root else value
 
+  def round_trip(self, value: Array) -> Array:
+    """``value`` stored with nearest rounding and loaded back: the error
+    this format adds, for the numerics doctor."""
+    return self.load(self.store(value, None) if not self.rounds else (
+        (jnp.sqrt(value) if self.root else value).astype(self.dtype)),
+        value.dtype)
+
   def store(self, value: Array, bits: Optional[Array]) -> Array:
     """``value`` in this format, rounded with the top 16 of ``bits``."""
     if self.root:

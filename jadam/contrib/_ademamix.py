@@ -115,7 +115,11 @@ def _spec(b1, b2, b3, alpha, eps, eps_root, mu_dtype,
         alpha_t=alpha(state.count_m2) if callable(alpha) else alpha,
         corrections=_rule.corrections(rule.b1, rule.b2, t))
     return _rule.LeafRule(step, (False, True, False), bounds,
-                          scalars=scalars)
+                          scalars=scalars, second_moment=second_moment)
+
+  def second_moment(new, s):
+    c = s["corrections"]
+    return new[1] / c.nu.astype(new[1].dtype) + eps_root, eps
 
   def count_m2(state, skip):
     new = optax.safe_increment(state.count_m2)

@@ -108,7 +108,12 @@ def _spec(b1, b2, eps, mu_dtype, nesterov, use_clipping, clip_value_fn,
     scalars = dict(t=t, skip=skip, b1_t=jnp.where(first, 1.0, b1),
                    b2_t=jnp.where(first, 0.0, b2), eps=eps,
                    bound=clip_value_fn(state.count) if use_clipping else None)
-    return _rule.LeafRule(step, (False, True), bounds, scalars=scalars)
+    return _rule.LeafRule(step, (False, True), bounds, scalars=scalars,
+                          second_moment=second_moment)
+
+  def second_moment(new, s):
+    # The next step divides by max(√v_t, ε): ε-dominated where √v_t < ε.
+    return new[1], s["eps"]
 
   return _engine.Spec(
       _transform.ScaleByAdamState, _transform.ADAM_MOMENTS,

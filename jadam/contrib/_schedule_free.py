@@ -50,7 +50,9 @@ def _without_momentum_spec(b2: ArrayLike, eps: ArrayLike,
     def bounds(g_max, old, s):
       return adam.bounds((None,) + tuple(g_max), (None,) + tuple(old), s)[1:]
 
-    return _rule.LeafRule(step, (True,), bounds, scalars=adam.scalars)
+    return _rule.LeafRule(
+        step, (True,), bounds, scalars=adam.scalars,
+        second_moment=lambda new, s: _rule.second_moment((None,) + new, s))
 
   return _engine.Spec(
       ScaleBySecondMomentState, (_engine.Moment("nu", second=True),),
