@@ -65,8 +65,9 @@ class Thresholds:
     storage_error: mean relative round-trip error of a compressed moment
       (each coordinate's error capped at 1).
     persist: measurements in a row a condition must hold to be a finding.
-    embedding_rows: 2-D tensors with at least this many rows track which
-      rows got no gradient since the last measurement (0: none).
+    embedding_rows: 2-D tensors with at least this many rows, and at
+      least 8 times as many rows as columns, track which rows got no
+      gradient since the last measurement (0: none).
   """
 
   rounded_away: float = 0.25
@@ -159,8 +160,12 @@ def _layout(params: Any, view: Any) -> list[_Segment]:
 
 
 def _embedding_like(segment: _Segment, thresholds: Thresholds) -> bool:
-  return (thresholds.embedding_rows > 0 and len(segment.shape) == 2
-          and segment.shape[0] >= thresholds.embedding_rows)
+  """A lookup table: 2-D, many rows, rows much shorter than the table is
+  tall (an MLP's down projection, 4 times taller than wide, is not)."""
+  if thresholds.embedding_rows <= 0 or len(segment.shape) != 2:
+    return False
+  rows, width = segment.shape
+  return rows >= thresholds.embedding_rows and rows >= 8 * width
 
 
 def _slice(buffer: Array, segment: _Segment) -> Array:
