@@ -10,6 +10,9 @@
 #             the compiled step, on this compiler
 #   layouts   benchmarks/tree_layouts.py gpt2_small many_1000x64k: the
 #             tree-path candidates against the flat path
+#   doctor    benchmarks/doctor.py gpt2_small many_1000x64k: the numerics
+#             doctor (every 10 steps, every step) and skip_spikes against
+#             the plain step, tree path and flat path
 #   suite     the test suite on this device, with its counts (given what
 #             time is left; interrupted at the deadline, it still prints
 #             the counts of the tests that ran)
@@ -101,6 +104,8 @@ run_stage bench 300 "$python" -m benchmarks.bench --size large \
 run_stage cost 60 "$python" benchmarks/compiled_cost.py gpt2_small
 run_stage layouts 100 "$python" benchmarks/tree_layouts.py \
   gpt2_small many_1000x64k "${quick[@]}"
+run_stage doctor 120 "$python" benchmarks/doctor.py \
+  --trees gpt2_small many_1000x64k --repeats 7 "${quick[@]}"
 # -n: 8 workers (pytest-xdist, where installed); -v: one line per test as
 # it ends, so that an interrupted run still says which ran;
 # -p no:cacheprovider: the checkout may be read-only.

@@ -18,7 +18,9 @@ Each step is ``tx.update`` and ``optax.apply_updates`` on fixed gradients,
 params and state donated. Compile time is ``jit(step).lower().compile()``'s
 wall time; step time is the median over ``--repeats`` timed groups of 10
 steps, the rows interleaved round robin so that machine noise hits all
-alike. Prints the JAX version, the device and the command, one JSON line
+alike. On a CPU, XLA's multi-output fusion is on (``jadam.enable_cpu_fusion``,
+as in ``benchmarks/bench.py``) unless ``--default-xla-flags``. Prints the
+JAX version, the device and the command, one JSON line
 per row, then a markdown table of times and ratios to ``plain``:
 
     python benchmarks/doctor.py
@@ -151,9 +153,14 @@ def main(argv=None) -> list[dict]:
   parser.add_argument("--repeats", type=int, default=15)
   parser.add_argument("--vmap", type=int, default=0,
                       help="vmap each row over this many copies (0: none)")
+  parser.add_argument("--default-xla-flags", action="store_true",
+                      help="leave XLA's default flags (else on CPU: "
+                      "jadam.enable_cpu_fusion(), as benchmarks/bench.py)")
   parser.add_argument("--quick", action="store_true",
                       help="small trees, 2 repeats: a smoke test")
   args = parser.parse_args(argv)
+  if not args.default_xla_flags:
+    jadam.enable_cpu_fusion()  # before JAX's first computation
   repeats = 2 if args.quick else args.repeats
   print(f"JAX {jax.__version__} on {jax.devices()[0].device_kind}; "
         f"python benchmarks/doctor.py {shlex.join(argv or sys.argv[1:])}")

@@ -37,7 +37,7 @@ Array = jax.Array
 # Tensors above this many coordinates are measured on every STRIDE-th one
 # (a fixed prime stride, so it meets every residue of a row or a block);
 # the non-finite check reads them all. See docs/doctor.md for the error.
-SAMPLE_ABOVE = 1 << 16
+SAMPLE_ABOVE = 1 << 14
 STRIDE = 17
 
 # g²/v̂ histogram: bins split at 2^-8, 2^-6, ..., 2^8 (10 bins, no sort).
@@ -80,12 +80,13 @@ class Thresholds:
 
 class _Segment(NamedTuple):
   """One parameter tensor: its path, the buffer (``update``'s leaf) it is
-  in, where, and its shape."""
+  in, where, its shape and its dtype's name."""
 
   path: str
   buffer: str
   start: int
   shape: tuple[int, ...]
+  dtype: str = ""
 
   @property
   def size(self) -> int:
@@ -111,6 +112,7 @@ class DoctorMeasurements:
       got a nonzero gradient since the last measurement.
     row_paths: the paths of those tensors (static).
     thresholds: the doctor's ``Thresholds`` (static).
+    dtypes: the tensors' dtype names (static), for the fixes.
   """
 
   paths: tuple[str, ...]
@@ -123,13 +125,14 @@ class DoctorMeasurements:
   rows_seen: tuple
   row_paths: tuple[str, ...]
   thresholds: Thresholds
+  dtypes: tuple[str, ...] = ()
 
 
 jax.tree_util.register_dataclass(
     DoctorMeasurements,
     data_fields=["values", "lag_hist", "nonfinite_steps", "nonfinite_last",
                  "held", "since", "rows_seen"],
-    meta_fields=["paths", "row_paths", "thresholds"])
+    meta_fields=["paths", "row_paths", "thresholds", "dtypes"])
 
 
 class DoctorState(NamedTuple):
@@ -150,11 +153,14 @@ class DoctorState(NamedTuple):
 
 def _layout(params: Any, view: Any) -> list[_Segment]:
   """The tensors the doctor measures, in the parameters' leaf order."""
-  if view is not None:
-    return [_Segment(path, key, start, tuple(shape))
-            for path, key, start, shape in view.segments()]
   plain = _boxes.strip(params)
-  return [_Segment(path, path, 0, tuple(np.shape(leaf)))
+  if view is not None:
+    buffers = _leaves_by_path(plain)
+    return [_Segment(path, key, start, tuple(shape),
+                     np.dtype(buffers[key].dtype).name)
+            for path, key, start, shape in view.segments()]
+  return [_Segment(path, path, 0, tuple(np.shape(leaf)),
+                   np.dtype(getattr(leaf, "dtype", np.float32)).name)
           for path, leaf in zip(_boxes.leaf_paths(plain),
                                 jax.tree.leaves(plain))]
 
@@ -177,27 +183,19 @@ def _slice(buffer: Array, segment: _Segment) -> Array:
       segment.shape)
 
 
-def _one_pass(columns: dict[str, tuple[Array, str]], like: Array,
-              axes: Optional[tuple]) -> dict[str, Array]:
-  """Every reduction of one tensor in one variadic ``lax.reduce`` (one
-  loop over its elements, the elementwise work fused into it), completed
-  over ``axes``' devices. ``columns``: name -> (elementwise array, "sum"
-  or "max")."""
-  names = list(columns)
-  operands = [columns[n][0].reshape(-1) for n in names]
-  kinds = [columns[n][1] for n in names]
-  inits = [jnp.zeros([], x.dtype) if kind == "sum"
-           else jnp.full([], -jnp.inf, x.dtype)
-           for x, kind in zip(operands, kinds)]
-
-  def combine(xs, ys):
-    return [x + y if kind == "sum" else jnp.maximum(x, y)
-            for x, y, kind in zip(xs, ys, kinds)]
-
-  out = jax.lax.reduce(operands, inits, combine, (0,))
-  return {n: _health._across(
-      x, like, axes, jax.lax.psum if kind == "sum" else jax.lax.pmax)
-          for n, x, kind in zip(names, out, kinds)}
+def _reductions(columns: dict[str, tuple[Array, str]], like: Array,
+                axes: Optional[tuple]) -> dict[str, Array]:
+  """Each column's sum or max, completed over ``axes``' devices.
+  ``columns``: name -> (elementwise array, "sum" or "max"). One reduction
+  per column, its elementwise work fused into it: XLA:CPU runs a variadic
+  reduce of twenty outputs several times slower than twenty reductions."""
+  out = {}
+  for name, (x, kind) in columns.items():
+    if kind == "sum":
+      out[name] = _health._across(jnp.sum(x), like, axes, jax.lax.psum)
+    else:
+      out[name] = _health._across(jnp.max(x), like, axes, jax.lax.pmax)
+  return out
 
 
 def _share(hits: Array, of: Array) -> Array:
@@ -248,7 +246,7 @@ def _tensor_numbers(g: Array, u: Array, p: Array, inside: Optional[dict],
     columns[f"nonzero{k}"] = count(nonzero), "sum"
     columns[f"error{k}"] = (jnp.where(nonzero, relative, 0).astype(
         jnp.float32), "sum")
-  r = _one_pass(columns, u, axes)
+  r = _reductions(columns, u, axes)
   size = _health._across(jnp.asarray(g.size, jnp.float32), g, axes,
                          jax.lax.psum)
   u_norm, p_norm = jnp.sqrt(r["u2"]), jnp.sqrt(r["p2"])
@@ -349,7 +347,8 @@ def doctor(
         nonfinite_steps=zeros([n]), nonfinite_last=zeros([n]),
         held=zeros([len(CHECKED), n]), since=zeros([len(CHECKED), n]),
         rows_seen=tuple(jnp.zeros([s.shape[0]], jnp.bool_) for s in rows),
-        row_paths=tuple(s.path for s in rows), thresholds=thresholds)
+        row_paths=tuple(s.path for s in rows), thresholds=thresholds,
+        dtypes=tuple(s.dtype for s in segments))
     return _placement.place_scalars(DoctorState(
         inner.init(params), zeros([]), zeros([]), measurements), params)
 
@@ -409,10 +408,11 @@ def doctor(
         inputs = (sample(piece(grads, s)), sample(piece(outs, s)),
                   sample(_slice(weights[s.buffer], s)), cut(found["engine"]),
                   cut(found["rounding"]))
-        if s.size > SAMPLE_ABOVE:
-          # Gathered once: each reduction reading the strided elements
-          # itself would touch every cache line of the tensor again.
-          inputs = jax.lax.optimization_barrier(inputs)
+        # Gathered (or computed) once, apart from the reductions: each
+        # reduction reading the strided elements itself would touch every
+        # cache line of the tensor again, and XLA:CPU runs a reduction fused
+        # into a producer's loop markedly slower.
+        inputs = jax.lax.optimization_barrier(inputs)
         numbers = _tensor_numbers(*inputs, thresholds, axes)
         if s.path in old.row_paths:
           seen = rows_seen[old.row_paths.index(s.path)]
@@ -498,6 +498,12 @@ FIXES = {
         "updates of this tensor are smaller than half a step of its dtype "
         "and are rounded away: add jadam.stochastic_rounding() last in the "
         "chain, or keep float32 master weights"),
+    # The same measurement on float32 (or wider) parameters: no wider
+    # format helps, and a learning rate decayed to ~0 makes it harmless.
+    "rounded_away_wide": (
+        "updates of this float32 tensor are below half its spacing: "
+        "harmless at the end of a schedule that decays to zero; otherwise "
+        "the learning rate is too small for this tensor's scale"),
     "eps_dominated": (
         "√v̂ is below ε for most coordinates, so ε, not the gradient, sets "
         "the step: lower eps (below this tensor's gradient scale), or "
@@ -574,8 +580,8 @@ class Diagnosis(list):
            f"{'' if len(self) == 1 else 's'}", line(header)]
     out += [line(r) for r in rows]
     out.append("fixes:")
-    for name in dict.fromkeys(f.measurement for f in self):
-      out.append(f"  {name}: {FIXES[name]}.")
+    for name, fix in dict.fromkeys((f.measurement, f.fix) for f in self):
+      out.append(f"  {name}: {fix}.")
     return "\n".join(out)
 
 
@@ -638,9 +644,13 @@ def diagnose(state: Any, groups: Any = None) -> Diagnosis:
                          names[i]))
     for k, name in enumerate(CHECKED):
       if held[k, i] >= thresholds.persist:
+        fix = FIXES[name]
+        if name == "rounded_away" and m.dtypes and np.dtype(
+            m.dtypes[i]).itemsize >= 4:
+          fix = FIXES["rounded_away_wide"]
         out.append(Finding(path, name, float(values[name][i]),
                            getattr(thresholds, name), int(since[k, i]),
-                           measured_at, FIXES[name], names[i]))
+                           measured_at, fix, names[i]))
   return out
 
 

@@ -105,6 +105,10 @@ def _grad_norm(updates: Any, extra_args: dict[str, Any],
         "jax.shard_map's check_vma=True (its default): with check_vma=False "
         "a replicated gradient cannot be told from a split one, so the norm "
         "would count its copies or miss the other shards.")
+  if not axes:
+    # Kept apart from the step's own loops: fused into them, XLA:CPU runs
+    # the reduction markedly slower (docs/benchmarks.md, spike skipping).
+    updates = jax.lax.optimization_barrier(updates)
   return _health._norm(updates, axes)
 
 

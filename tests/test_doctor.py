@@ -362,3 +362,14 @@ def test_bfloat16_lost_share_matches_numpy():
   assert jadam.doctor_log(state)["doctor/w/rounded_away"] == pytest.approx(
       expected)
   assert 0 < expected < 1
+
+
+def test_rounded_away_on_float32_says_the_rate_is_below_its_resolution():
+  # Weights of 1e4 with 1e-4 steps: below half a float32 spacing (4.9e-4).
+  tx = jadam.doctor(jadam.adam(1e-4), every=2)
+  params = {"w": jnp.full([16], 1e4)}
+  _, state = _run(tx, params, lambda t, p: {"w": _noise([16], 1.0, t)}, 6)
+  (finding,) = jadam.diagnose(state)
+  assert finding.measurement == "rounded_away" and finding.value == 1.0
+  assert "decays to zero" in finding.fix
+  assert "stochastic_rounding" not in finding.fix
