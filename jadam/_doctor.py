@@ -359,6 +359,7 @@ def doctor(
           "optax.apply_updates makes of the update: call "
           "update(grads, state, params).")
     _health._check_axis_name("doctor", axes)
+    _health.require_vma("doctor(axis_name=...)", axes)
     segments = _layout(params, view)
     old = state.measurements
     if tuple(s.path for s in segments) != old.paths:

@@ -48,6 +48,19 @@ def _check_axis_name(wrapper: str, axes: Optional[tuple]) -> None:
         f"alone on purpose.")
 
 
+def require_vma(what: str, axes: Optional[tuple]) -> None:
+  """Refuse ``axes`` under ``shard_map(check_vma=False)``: its values carry
+  no record of which axes they are split over, so a replicated array cannot
+  be told from a split one and a reduction would count its copies."""
+  if axes and not all(a in _compat.varying_axes(jax.lax.axis_index(a))
+                      for a in axes):
+    raise ValueError(
+        f"jadam.{what} needs jax.shard_map's check_vma=True (its default): "
+        "with check_vma=False the values carry no record of which axes they "
+        "are split over, so a replicated parameter cannot be told from a "
+        "split one and a norm would count its copies.")
+
+
 def _across(partial: Array, leaf: Any, axes: Optional[tuple],
             collective) -> Array:
   """Complete a per-shard reduction over the manual axes ``leaf`` is split
@@ -329,14 +342,7 @@ def with_telemetry(
 
   def update_fn(updates, state, params=None, **extra_args):
     _check_axis_name("with_telemetry", axes)
-    if axes and not all(a in _compat.varying_axes(jax.lax.axis_index(a))
-                        for a in axes):
-      raise ValueError(
-          "jadam.with_telemetry(axis_name=...) needs jax.shard_map's "
-          "check_vma=True (its default): with check_vma=False the values "
-          "carry no record of which axes they are split over, so a "
-          "replicated parameter cannot be told from a split one and a norm "
-          "would count its copies.")
+    require_vma("with_telemetry(axis_name=...)", axes)
     new_updates, new_inner = inner.update(updates, state.inner_state, params,
                                           **extra_args)
     count = optax.safe_increment(state.count)

@@ -98,13 +98,7 @@ def _grad_norm(updates: Any, extra_args: dict[str, Any],
                axes: Optional[tuple]) -> Array:
   """The global L2 norm of the incoming gradients."""
   del extra_args
-  if axes and not all(a in _compat.varying_axes(jax.lax.axis_index(a))
-                      for a in axes):
-    raise ValueError(
-        "jadam.skip_spikes(on='grad_norm', axis_name=...) needs "
-        "jax.shard_map's check_vma=True (its default): with check_vma=False "
-        "a replicated gradient cannot be told from a split one, so the norm "
-        "would count its copies or miss the other shards.")
+  _health.require_vma("skip_spikes(on='grad_norm', axis_name=...)", axes)
   if not axes:
     # Kept apart from the step's own loops: fused into them, XLA:CPU runs
     # the reduction markedly slower (docs/benchmarks.md, spike skipping).
