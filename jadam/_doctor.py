@@ -113,6 +113,7 @@ class DoctorMeasurements:
     row_paths: the paths of those tensors (static).
     thresholds: the doctor's ``Thresholds`` (static).
     dtypes: the tensors' dtype names (static), for the fixes.
+    sizes: the tensors' sizes (static), to weigh them in group totals.
   """
 
   paths: tuple[str, ...]
@@ -126,13 +127,14 @@ class DoctorMeasurements:
   row_paths: tuple[str, ...]
   thresholds: Thresholds
   dtypes: tuple[str, ...] = ()
+  sizes: tuple[int, ...] = ()
 
 
 jax.tree_util.register_dataclass(
     DoctorMeasurements,
     data_fields=["values", "lag_hist", "nonfinite_steps", "nonfinite_last",
                  "held", "since", "rows_seen"],
-    meta_fields=["paths", "row_paths", "thresholds", "dtypes"])
+    meta_fields=["paths", "row_paths", "thresholds", "dtypes", "sizes"])
 
 
 class DoctorState(NamedTuple):
@@ -348,7 +350,8 @@ def doctor(
         held=zeros([len(CHECKED), n]), since=zeros([len(CHECKED), n]),
         rows_seen=tuple(jnp.zeros([s.shape[0]], jnp.bool_) for s in rows),
         row_paths=tuple(s.path for s in rows), thresholds=thresholds,
-        dtypes=tuple(s.dtype for s in segments))
+        dtypes=tuple(s.dtype for s in segments),
+        sizes=tuple(s.size for s in segments))
     return _placement.place_scalars(DoctorState(
         inner.init(params), zeros([]), zeros([]), measurements), params)
 
@@ -655,12 +658,22 @@ def diagnose(state: Any, groups: Any = None) -> Diagnosis:
   return out
 
 
-def doctor_log(state: Any) -> dict[str, float]:
+def doctor_log(state: Any, groups: Any = None) -> dict[str, float]:
   """The last measurements as a flat dict for any logger.
 
   Keys are ``doctor/<path>/<measurement>`` (stable across steps), plus
   ``doctor/<path>/nonfinite_steps`` and ``doctor/step``. NaN where a
-  measurement does not apply.
+  measurement does not apply. With ``groups`` (the optimizer's
+  ``jadam.Group`` list), also ``doctor/group/<name>/<measurement>``: the
+  group's tensors' values weighted by their sizes (the largest for
+  ``lag_max``), over the tensors where it applies.
+
+  Args:
+    state: an optax state holding a ``DoctorState``.
+    groups: optional, the parameter groups to total over.
+
+  Returns:
+    A dict of Python floats.
   """
   node = _doctor_state(state)
   m = node.measurements
@@ -671,4 +684,22 @@ def doctor_log(state: Any) -> dict[str, float]:
     for name in MEASUREMENTS:
       out[f"doctor/{path}/{name}"] = float(values[name][i])
     out[f"doctor/{path}/nonfinite_steps"] = float(steps[i])
+  if groups is not None:
+    names = np.array(_group_of(m.paths, groups))
+    sizes = np.asarray(m.sizes or [1] * len(m.paths), np.float64)
+    for group in dict.fromkeys(names.tolist()):
+      member = names == group
+      for name in MEASUREMENTS:
+        v = values[name][member].astype(np.float64)
+        w = sizes[member][~np.isnan(v)]
+        v = v[~np.isnan(v)]
+        if not v.size:
+          total = float("nan")
+        elif name == "lag_max":
+          total = float(v.max())
+        else:
+          total = float((v * w).sum() / w.sum())
+        out[f"doctor/group/{group}/{name}"] = total
+      out[f"doctor/group/{group}/nonfinite_steps"] = float(
+          steps[member].sum())
   return out

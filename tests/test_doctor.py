@@ -297,6 +297,17 @@ def test_group_names_in_findings():
       ("hidden", "default"), ("out", "head")}
 
 
+def test_doctor_log_totals_each_group_weighted_by_size():
+  groups = [jadam.Group("head", "out", learning_rate=1e-3)]
+  tx = jadam.doctor(jadam.adamw(1e-3, eps=1e-3, groups=groups), every=5)
+  _, state = _run(tx, _mlp(), _small_grads, 5)
+  log = jadam.doctor_log(state, groups)
+  hidden, out = (log[f"doctor/{p}/update_ratio"] for p in ("hidden", "out"))
+  assert log["doctor/group/head/update_ratio"] == pytest.approx(out)
+  assert log["doctor/group/default/update_ratio"] == pytest.approx(hidden)
+  assert log["doctor/group/default/nonfinite_steps"] == 0.0
+
+
 def test_under_vmap_each_copy_is_measured():
   tx = jadam.doctor(jadam.adam(1e-3, eps=1e-3), every=1)
   params = {"w": jnp.ones([2, 8])}
