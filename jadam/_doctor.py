@@ -386,10 +386,12 @@ def doctor(
     weights = _leaves_by_path(params)
     piece = lambda tree, s: _slice(tree[s.buffer], s).astype(
         floats.compute_dtype(tree[s.buffer].dtype))
-    nonfinite_of = lambda: jnp.stack([_health._across(
-        jnp.sum(jnp.logical_not(jnp.isfinite(piece(grads, s))).astype(
-            jnp.int32)), grads[s.buffer], axes, jax.lax.psum) > 0
-                                      for s in segments])
+    # x − x is NaN exactly where x is not finite: one float sum per tensor
+    # (as all_finite), where a count of isfinite made XLA:CPU write an int32
+    # copy of each tensor first.
+    nonfinite_of = lambda: jnp.stack([jnp.isnan(_health._across(
+        jnp.sum(piece(grads, s) - piece(grads, s)), grads[s.buffer], axes,
+        jax.lax.psum)) for s in segments])
 
     def measured():
       # The step replayed with a probe: the step that trains carries none,
