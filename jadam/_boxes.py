@@ -16,6 +16,8 @@ from typing import Any, Optional
 
 import jax
 
+from jadam import _compat
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
@@ -121,4 +123,4 @@ def canonical_path(path: Any) -> str:
 def leaf_paths(tree: Any) -> list[str]:
   """The canonical path of each leaf of ``tree`` (boxes opened), in order."""
   return [canonical_path(path) for path, _ in
-          jax.tree_util.tree_flatten_with_path(strip(tree))[0]]
+          _compat.flatten_with_path(strip(tree))[0]]
