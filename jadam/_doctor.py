@@ -28,7 +28,6 @@ import optax
 from jadam import _boxes
 from jadam import _health
 from jadam import _probe
-from jadam import _spikes
 from jadam._formats import floats
 from jadam.sharding import _placement
 
@@ -449,12 +448,13 @@ def doctor(
                                          params))))
     else:
       (values, hist, nonfinite), inner_state = kept(), state.inner_state
-    skipped_before = _skipped(inner_state)
+    skipped_before = _health.skipped_steps(inner_state)
     new_updates, new_inner = inner.update(updates, inner_state, params,
                                           **extra_args)
     if segments:
       # A step a skipping wrapper dropped: where its NaN or Inf came from.
-      skipped = (_skipped(new_inner) != skipped_before) & ~measure
+      skipped = ((_health.skipped_steps(new_inner) != skipped_before)
+                 & ~measure)
       nonfinite = nonfinite | jax.lax.cond(
           skipped, nonfinite_of, lambda: jnp.zeros_like(nonfinite))
     over = jnp.stack([values[name] > getattr(thresholds, name)
@@ -479,22 +479,6 @@ def doctor(
 def _leaves_by_path(tree: Any) -> dict[str, Array]:
   plain = _boxes.strip(tree)
   return dict(zip(_boxes.leaf_paths(plain), jax.tree.leaves(plain)))
-
-
-def _skipped(state: Any) -> Array:
-  """Steps dropped so far by every skipping wrapper inside ``state``."""
-  total = jnp.zeros([], jnp.int32)
-  for node in _health._find(state, _health.SkipNonfiniteState):
-    total = total + node.skipped
-  for node in _health._find(state, optax.ApplyIfFiniteState):
-    total = total + node.total_notfinite.astype(jnp.int32)
-  for node in _spike_states(state):
-    total = total + node.skipped
-  return total
-
-
-def _spike_states(state: Any) -> list:
-  return _health._find(state, _spikes.SkipSpikesState)
 
 
 # Findings ------------------------------------------------------------------
@@ -600,20 +584,17 @@ def _doctor_state(state: Any) -> DoctorState:
 
 
 def _group_of(paths: Sequence[str], groups: Any) -> list[Optional[str]]:
+  """Each path's group name, by the groups' own matching (a callable
+  ``match`` would need the tensor's struct, which the state does not keep:
+  such groups are not named)."""
   if groups is None:
     return [None] * len(paths)
   from jadam import _groups  # pylint: disable=g-import-not-at-top
   layout = _groups.as_layout(groups)
-  names = []
-  for path in paths:
-    name = "default"
-    for group in layout.groups:
-      if isinstance(group.match, str) and _groups.re.fullmatch(
-          group.match, path):
-        name = group.name
-        break
-    names.append(name)
-  return names
+  return [layout.name(next(
+      (k for k, group in enumerate(layout.groups)
+       if isinstance(group.match, str) and group.matches(path, None)),
+      len(layout.groups))) for path in paths]
 
 
 def diagnose(state: Any, groups: Any = None) -> Diagnosis:

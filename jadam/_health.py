@@ -144,22 +144,9 @@ def skip_nonfinite(
   def update_fn(updates, state, params=None, **extra_args):
     _check_axis_name("skip_nonfinite", axes)
     finite = all_finite(updates, axes)
-    # Fresh per call, so it cannot leak into another call, thread or trace.
-    decision = _skip.Decision(jnp.logical_not(finite))
-    new_updates, new_inner = inner.update(
-        updates, state.inner_state, params,
-        **{**extra_args, _skip.SKIP: decision})
-    new_updates = jax.tree.map(
-        lambda u: jnp.where(finite, u, jnp.zeros_like(u)), new_updates)
-    # Selected where the old value lives (host memory under offload).
-    select = lambda new, old: _offload.in_memory_of(jnp.where(
-        finite, _offload.on_device(new), _offload.on_device(old)), old)
-    # A state whose update took the decision (given exactly this old state)
-    # is already right; anything else is selected array by array.
-    new_inner = jax.tree.map(
-        lambda new, old: new if decision.taken(new, old) else jax.tree.map(
-            select, new, old),
-        new_inner, state.inner_state, is_leaf=decision.returned)
+    new_updates, new_inner = _skip.apply(
+        inner, jnp.logical_not(finite), updates, state.inner_state, params,
+        extra_args)
     skipped = jnp.where(finite, state.skipped,
                         optax.safe_increment(state.skipped))
     return new_updates, SkipNonfiniteState(new_inner, skipped)
@@ -368,6 +355,20 @@ def _find(tree: Any, node_type: type) -> list[Any]:
   return found
 
 
+def skipped_steps(state: Any) -> Array:
+  """Steps dropped so far by every skipping wrapper inside ``state``
+  (``skip_nonfinite``, ``skip_spikes``, ``optax.apply_if_finite``)."""
+  from jadam import _spikes  # pylint: disable=g-import-not-at-top
+  total = jnp.zeros([], jnp.int32)
+  for node in _find(state, SkipNonfiniteState):
+    total = total + node.skipped
+  for node in _find(state, optax.ApplyIfFiniteState):
+    total = total + node.total_notfinite.astype(jnp.int32)
+  for node in _find(state, _spikes.SkipSpikesState):
+    total = total + node.skipped
+  return total
+
+
 def stats(state: Any) -> dict[str, Array]:
   """The health numbers kept anywhere inside an optax state, for a logger.
 
@@ -394,16 +395,8 @@ def stats(state: Any) -> dict[str, Array]:
     raise ValueError(
         "This optimizer state holds no telemetry; build the optimizer as "
         "jadam.with_telemetry(opt) to record gradient-health numbers.")
-  skipped = jnp.zeros([], jnp.int32)
-  for node in _find(state, SkipNonfiniteState):
-    skipped = skipped + node.skipped
-  for node in _find(state, optax.ApplyIfFiniteState):
-    skipped = skipped + node.total_notfinite.astype(jnp.int32)
-  from jadam import _spikes  # pylint: disable=g-import-not-at-top
-  for node in _find(state, _spikes.SkipSpikesState):
-    skipped = skipped + node.skipped
   out = {"step": telemetry[0].count}
   out.update(telemetry[0].stats._asdict())
-  out["skipped_steps"] = skipped
+  out["skipped_steps"] = skipped_steps(state)
   # Plain arrays even where Flax nnx wraps state leaves in OptArray.
   return {key: jnp.asarray(value) for key, value in out.items()}
