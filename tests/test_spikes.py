@@ -15,6 +15,7 @@ import pytest
 
 import jadam
 from jadam._spikes import SkipSpikesState, skip_spikes
+from conftest import assert_bitwise  # pylint: disable=g-bad-import-order
 
 STATISTICS = ("history", "count", "mean", "var")
 SPIKE_AT = 12  # call number (1-based) of the spiked step in the short streams
@@ -67,17 +68,9 @@ def _run(opt, stream, step=None, losses=None):
   return params, state
 
 
-def _assert_bitwise(a, b):
-  assert jax.tree.structure(a) == jax.tree.structure(b)
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-    x, y = np.asarray(x), np.asarray(y)
-    assert x.dtype == y.dtype and x.shape == y.shape
-    assert x.tobytes() == y.tobytes()
-
-
 def _assert_same_statistics(a, b):
   for field in STATISTICS:
-    _assert_bitwise(getattr(a, field), getattr(b, field))
+    assert_bitwise(getattr(a, field), getattr(b, field))
 
 
 def test_gradient_spike_is_skipped_as_if_never_seen():
@@ -92,8 +85,8 @@ def test_gradient_spike_is_skipped_as_if_never_seen():
   step = _stepper(opt, donate=True)
   params, state = _run(opt, spiked, step)
   expected, expected_state = _run(opt, without, step)
-  _assert_bitwise(params, expected)
-  _assert_bitwise(state.inner_state, expected_state.inner_state)
+  assert_bitwise(params, expected)
+  assert_bitwise(state.inner_state, expected_state.inner_state)
   _assert_same_statistics(state, expected_state)
   assert int(state.count) == 19 and int(state.calls) == 20
   assert int(state.skipped) == 1 and int(expected_state.skipped) == 0
@@ -113,7 +106,7 @@ def test_skipped_step_returns_zero_updates_and_the_old_state():
   spike = _times(_grads(1, seed=1)[0], 100.0)
   updates, new_state = jax.jit(opt.update)(spike, state, params)
   assert all(not np.any(np.asarray(u)) for u in jax.tree.leaves(updates))
-  _assert_bitwise(new_state.inner_state, state.inner_state)
+  assert_bitwise(new_state.inner_state, state.inner_state)
   _assert_same_statistics(new_state, state)
   assert int(new_state.streak) == 1 and int(new_state.calls) == 11
 
@@ -167,8 +160,8 @@ def test_loss_spike_is_skipped():
   keep = [k for k in range(20) if k != SPIKE_AT - 1]
   expected, expected_state = _run(opt, [stream[k] for k in keep],
                                   losses=[losses[k] for k in keep])
-  _assert_bitwise(params, expected)
-  _assert_bitwise(state.inner_state, expected_state.inner_state)
+  assert_bitwise(params, expected)
+  assert_bitwise(state.inner_state, expected_state.inner_state)
   _assert_same_statistics(state, expected_state)
   assert int(state.skipped) == 1 and int(state.last_trigger) == SPIKE_AT
   assert float(state.last_value) == np.float32(2.5)
@@ -202,8 +195,8 @@ def test_nonfinite_signal_is_skipped_and_leaves_the_statistics(on):
   else:
     loss = np.float32(np.nan)
   new_params, new_state = step(params, state, bad, loss=loss)
-  _assert_bitwise(new_params, params)
-  _assert_bitwise(new_state.inner_state, state.inner_state)
+  assert_bitwise(new_params, params)
+  assert_bitwise(new_state.inner_state, state.inner_state)
   _assert_same_statistics(new_state, state)
   assert np.isfinite(float(new_state.mean)) and np.isfinite(
       float(new_state.var))
@@ -338,8 +331,8 @@ def test_skipped_spike_leaves_int8_moments_bitwise():
     assert {x.dtype.itemsize for x in jax.tree.leaves(moment)} == {1, 4}
   spike = _times(_grads(1, seed=3)[0], 100.0)
   new_params, new_state = step(params, state, spike)
-  _assert_bitwise(new_params, params)
-  _assert_bitwise(new_state.inner_state, state.inner_state)
+  assert_bitwise(new_params, params)
+  assert_bitwise(new_state.inner_state, state.inner_state)
   assert int(new_state.skipped) == 1
 
 
@@ -372,8 +365,8 @@ def test_composes_with_skip_nonfinite_and_telemetry(order):
     params, state = step(params, state, grads)
   clean = [g for k, g in enumerate(stream) if k not in (SPIKE_AT - 1, 14)]
   expected, expected_state = _run(opt, clean, step)
-  _assert_bitwise(params, expected)
-  _assert_bitwise(spikes_of(state).inner_state,
+  assert_bitwise(params, expected)
+  assert_bitwise(spikes_of(state).inner_state,
                   spikes_of(expected_state).inner_state)
   _assert_same_statistics(spikes_of(state), spikes_of(expected_state))
   assert (int(spikes_of(state).skipped),
@@ -398,7 +391,7 @@ def test_outer_skip_keeps_the_whole_state_and_is_recorded():
 
   updates, new_state = outer(_grads(1, seed=5)[0], state, params)
   assert all(not np.any(np.asarray(u)) for u in jax.tree.leaves(updates))
-  _assert_bitwise(new_state, state)
+  assert_bitwise(new_state, state)
   assert taken == [True]
 
 
